@@ -15,3 +15,6 @@ __version__ = "0.1.0"
 _ONEDNN_VAR = "ONEDNN_MAX_CPU_ISA"
 _MINDSPORE_WAS_IMPORTED_FIRST = "mindspore" in _sys.modules and _ONEDNN_VAR not in _os.environ
 _os.environ.setdefault(_ONEDNN_VAR, "AVX2")
+# MindSpore logs every unavailable backend plugin as a multi-line WARNING; show errors only
+# (set GLOG_v=2 to see MindSpore's warnings again). ddpm_ms prints its own device warning.
+_os.environ.setdefault("GLOG_v", "3")

@@ -1,0 +1,165 @@
+"""Crash-safe checkpoints that rebuild their own model.
+
+A checkpoint is one MindSpore ``.ckpt`` file (loadable with ``ms.load_checkpoint``)
+holding named groups of tensors -- ``model.*``, ``ema.*``, ``opt.*``, ``state.*`` --
+plus a JSON metadata record (format version, resolved config, step, RNG state) stored
+as a uint8 tensor. ``ms.save_checkpoint`` deletes an existing file before writing
+and does not fsync, so we always write a new name, fsync it, rename it into place,
+fsync the directory, and only then delete old checkpoints (the last ``keep``).
+A CRC32 written by MindSpore is verified on load.
+"""
+
+import glob
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+META_KEY = "meta.json"
+GROUPS = ("model", "ema", "opt", "state")
+_NAME_RE = re.compile(r"ckpt_step(\d+)\.ckpt$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: missing, corrupt, or for another model."""
+
+
+def _fsync_path(path, directory=False):
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _encode_meta(meta):
+    return Tensor(np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8).copy())
+
+
+def save(path, groups, meta):
+    """Atomically write ``groups`` ({group: {name: Parameter|Tensor|ndarray}}) and ``meta``."""
+    meta = dict(meta, format_version=FORMAT_VERSION)
+    entries = [{"name": META_KEY, "data": _encode_meta(meta)}]
+    for group, tensors in groups.items():
+        if group not in GROUPS:
+            raise ValueError(f"unknown checkpoint group {group!r}")
+        for name, value in tensors.items():
+            data = value if isinstance(value, Tensor) else Tensor(np.asarray(value))
+            entries.append({"name": f"{group}.{name}", "data": data})
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    ms.save_checkpoint(entries, tmp, crc_check=True)
+    _fsync_path(tmp)
+    os.replace(tmp, path)
+    _fsync_path(directory, directory=True)
+    return path
+
+
+def load(path):
+    """-> (groups, meta); raises CheckpointError with the reason when the file is unusable."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        raw = ms.load_checkpoint(path, crc_check=True)
+    except Exception as e:  # MindSpore raises ValueError/RuntimeError on corrupt files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({reason})") from None
+    if META_KEY not in raw:
+        raise CheckpointError(f"{path} is not a ddpm_ms checkpoint (no {META_KEY} record)")
+    try:
+        meta = json.loads(raw.pop(META_KEY).asnumpy().tobytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {path} has a damaged metadata record") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {meta.get('format_version')}, "
+                              f"this ddpm_ms reads version {FORMAT_VERSION}")
+    groups = {g: {} for g in GROUPS}
+    for key, value in raw.items():
+        group, _, name = key.partition(".")
+        if group in groups:
+            groups[group][name] = value
+    return groups, meta
+
+
+def named_params(cell):
+    """{name relative to the cell: Parameter}: stable names whatever the cell is nested in."""
+    return dict(cell.parameters_and_names())
+
+
+def assign(params, tensors, what, path):
+    """Copy ``tensors`` into ``params`` ({name: Parameter}); names and shapes must match exactly."""
+    missing = sorted(set(params) - set(tensors))
+    extra = sorted(set(tensors) - set(params))
+    if missing or extra:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the {what}: "
+            + (f"{len(missing)} missing (e.g. {missing[0]})" if missing else "")
+            + (", " if missing and extra else "")
+            + (f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "")
+        )
+    for name, param in params.items():
+        value = tensors[name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise CheckpointError(f"checkpoint {path}: {what} tensor {name} has shape {tuple(value.shape)}, "
+                                  f"expected {tuple(param.shape)}")
+        param.set_data(Tensor(value.asnumpy(), param.dtype))
+
+
+def check_compatible(meta, cfg, keys, path):
+    """Raise CheckpointError naming every key in ``keys`` whose value differs between meta and cfg."""
+    saved = meta.get("config", {})
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was trained with another architecture ({'; '.join(diffs)}); "
+                              "use the matching config or a new output_dir")
+
+
+class CheckpointManager:
+    """Checkpoints ``ckpt_step{N}.ckpt`` in one directory, keeping the newest ``keep``."""
+
+    def __init__(self, directory, keep=3):
+        self.directory = directory
+        self.keep = keep
+
+    def path_for(self, step):
+        return os.path.join(self.directory, f"ckpt_step{step:08d}.ckpt")
+
+    def list(self):
+        """Checkpoint paths, oldest first."""
+        found = []
+        for path in glob.glob(os.path.join(self.directory, "ckpt_step*.ckpt")):
+            m = _NAME_RE.search(os.path.basename(path))
+            if m:
+                found.append((int(m.group(1)), path))
+        return [p for _, p in sorted(found)]
+
+    def save(self, step, groups, meta):
+        os.makedirs(self.directory, exist_ok=True)
+        path = save(self.path_for(step), groups, meta)
+        for old in self.list()[:-self.keep]:
+            try:
+                os.remove(old)
+            except OSError:
+                pass
+        return path
+
+    def load_latest(self):
+        """Newest readable checkpoint -> (path, groups, meta), or None if there is none.
+
+        A corrupt newest checkpoint is reported and the previous one is used.
+        """
+        for path in reversed(self.list()):
+            try:
+                groups, meta = load(path)
+            except CheckpointError as e:
+                print(f"WARNING: {e}; trying the previous checkpoint", file=sys.stderr, flush=True)
+                continue
+            return path, groups, meta
+        return None

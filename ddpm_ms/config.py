@@ -1,0 +1,231 @@
+"""Run configuration: flat YAML files in configs/, overridden by ``key=value`` arguments.
+
+Every key has a default below; a YAML file sets some of them, command-line overrides
+win over the file. Unknown keys and invalid values are errors (UserError) that say
+which key is wrong and what it accepts. The resolved config is saved with every run
+and inside every checkpoint.
+"""
+
+import difflib
+import os
+
+import yaml
+
+from .errors import UserError
+from .schedules import SCHEDULES
+from .diffusion import LOSS_TYPES, VARIANCE_TYPES
+
+SAMPLER_NAMES = ("ddpm", "ddim", "dpm-solver++")
+DEVICES = ("auto", "Ascend", "GPU", "CPU")
+MODES = ("graph", "pynative")
+
+# name: default (the type of the default is the expected type; None means "optional")
+DEFAULTS = {
+    # --- data ---
+    "dataset": "fashion_mnist",
+    "data_dir": None,
+    "image_size": 28,
+    "channels": 1,
+    "random_flip": True,
+    "num_workers": 1,
+    # --- model (U-Net) ---
+    "dim": 28,
+    "init_dim": None,
+    "dim_mults": [1, 2, 4],
+    "block_type": "convnext",
+    "convnext_mult": 2,
+    "resnet_groups": 8,
+    "act": "gelu",
+    "attn_levels": None,
+    "mid_attn": True,
+    "num_classes": None,
+    # --- diffusion ---
+    "timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "loss_type": "l2",
+    # --- optimisation ---
+    "batch_size": 64,
+    "epochs": 10,
+    "max_steps": None,
+    "lr": 0.0002,
+    "min_lr": 1.0e-7,
+    "lr_schedule": "cosine",
+    "warmup_steps": 0,
+    "loss_scale": 65536.0,
+    "loss_scale_factor": 2.0,
+    "loss_scale_window": 1000,
+    "ema_decay": 0.999,
+    "ema_warmup": True,
+    "seed": 0,
+    # --- outputs ---
+    "output_dir": "runs/default",
+    "save_every": 1,
+    "keep_checkpoints": 3,
+    "sample_every": 1,
+    "num_samples": 64,
+    "log_every": 50,
+    # --- sampling (epoch grids and the final samples / GIF) ---
+    "sampler": "ddpm",
+    "sample_steps": None,
+    "eta": 0.0,
+    "variance": "posterior",
+    "clip_denoised": True,
+    "gif_frames": 40,
+    # --- runtime ---
+    "device": "auto",
+    "mode": "graph",
+    "dtype": "auto",
+}
+
+CHOICES = {
+    "dataset": ("fashion_mnist",),
+    "block_type": ("convnext", "resnet"),
+    "act": ("gelu", "silu"),
+    "beta_schedule": SCHEDULES,
+    "loss_type": LOSS_TYPES,
+    "lr_schedule": ("cosine", "constant"),
+    "sampler": SAMPLER_NAMES,
+    "variance": VARIANCE_TYPES,
+    "device": DEVICES,
+    "mode": MODES,
+    "dtype": ("auto", "float32", "float16"),
+}
+
+# keys whose value must be > 0 / >= 0
+POSITIVE = ("image_size", "channels", "num_workers", "dim", "convnext_mult", "resnet_groups", "timesteps",
+            "batch_size", "epochs", "lr", "loss_scale", "loss_scale_window", "save_every", "keep_checkpoints",
+            "num_samples", "log_every", "gif_frames", "init_dim", "max_steps", "sample_steps", "num_classes",
+            "beta_start", "beta_end", "loss_scale_factor")
+NON_NEGATIVE = ("min_lr", "warmup_steps", "sample_every", "seed")
+
+# keys that define the network's architecture (stored in checkpoints, checked on load)
+ARCH_KEYS = ("image_size", "channels", "dim", "init_dim", "dim_mults", "block_type", "convnext_mult",
+             "resnet_groups", "act", "attn_levels", "mid_attn", "num_classes")
+SCHEDULE_KEYS = ("timesteps", "beta_schedule", "beta_start", "beta_end")
+
+
+def _unknown_key(key, where):
+    close = difflib.get_close_matches(key, DEFAULTS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see configs/fashion_mnist.yaml for the keys"
+    return UserError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def load_yaml(path):
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} does not exist; pick one of configs/*.yaml")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of key: value lines")
+    return data
+
+
+def parse_overrides(items):
+    """['lr=1e-3', 'dim_mults=[1,2]'] -> {'lr': 0.001, 'dim_mults': [1, 2]} (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} must look like key=value, e.g. lr=1e-4")
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def _coerce(key, value):
+    default = DEFAULTS[key]
+    if value is None:
+        return None
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if key in ("dim_mults", "attn_levels"):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in value):
+            raise UserError(f"config key {key!r} must be a list of integers, got {value!r}")
+        return [int(v) for v in value]
+    if isinstance(default, float) or key in ("beta_start", "beta_end", "lr", "min_lr", "eta"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, int) or key in ("init_dim", "max_steps", "sample_steps", "num_classes"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config key {key!r} must be an integer, got {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise UserError(f"config key {key!r} must be a string, got {value!r}")
+    return value
+
+
+def validate(cfg):
+    for key in DEFAULTS:
+        if key in CHOICES and cfg[key] not in CHOICES[key]:
+            raise UserError(f"config key {key!r} = {cfg[key]!r} is not one of: {', '.join(CHOICES[key])}")
+    for key in POSITIVE:
+        if cfg[key] is not None and cfg[key] <= 0:
+            raise UserError(f"config key {key!r} must be > 0, got {cfg[key]!r}")
+    for key in NON_NEGATIVE:
+        if cfg[key] < 0:
+            raise UserError(f"config key {key!r} must be >= 0, got {cfg[key]!r}")
+    if not 0.0 <= cfg["eta"] <= 1.0:
+        raise UserError(f"config key 'eta' must be in [0, 1], got {cfg['eta']}")
+    if not 0.0 <= cfg["ema_decay"] < 1.0:
+        raise UserError(f"config key 'ema_decay' must be in [0, 1), got {cfg['ema_decay']}")
+    if cfg["beta_schedule"] != "cosine" and not 0 < cfg["beta_start"] <= cfg["beta_end"] < 1:
+        raise UserError("config keys beta_start/beta_end need 0 < beta_start <= beta_end < 1, "
+                        f"got {cfg['beta_start']} / {cfg['beta_end']}")
+    if not cfg["dim_mults"]:
+        raise UserError("config key 'dim_mults' must not be empty")
+    factor = 2 ** (len(cfg["dim_mults"]) - 1)
+    if cfg["image_size"] % factor:
+        raise UserError(f"image_size {cfg['image_size']} must be divisible by {factor} "
+                        f"(the U-Net downsamples {len(cfg['dim_mults']) - 1} times for dim_mults "
+                        f"{cfg['dim_mults']}); change image_size or dim_mults")
+    if cfg["attn_levels"] is not None and any(not 0 <= i < len(cfg["dim_mults"]) for i in cfg["attn_levels"]):
+        raise UserError(f"attn_levels {cfg['attn_levels']} must index levels 0..{len(cfg['dim_mults']) - 1}")
+    if cfg["sample_steps"] is not None and cfg["sample_steps"] > cfg["timesteps"]:
+        raise UserError(f"sample_steps {cfg['sample_steps']} exceeds timesteps {cfg['timesteps']}")
+    if cfg["block_type"] == "resnet":
+        widths = [cfg["dim"] * m for m in cfg["dim_mults"]] + [cfg["init_dim"] or cfg["dim"] // 3 * 2]
+        if any(w % cfg["resnet_groups"] for w in widths):
+            raise UserError(f"resnet_groups {cfg['resnet_groups']} must divide every U-Net width {widths}")
+    return cfg
+
+
+def resolve(values, where="config"):
+    """Defaults updated with ``values`` (a dict), type-checked and validated."""
+    cfg = dict(DEFAULTS)
+    for key, value in values.items():
+        if key not in DEFAULTS:
+            raise _unknown_key(key, where)
+        cfg[key] = _coerce(key, value)
+    return validate(cfg)
+
+
+def load_config(path=None, overrides=()):
+    """YAML file (optional) + key=value overrides -> validated config dict."""
+    values = load_yaml(path) if path else {}
+    for key in values:
+        if key not in DEFAULTS:
+            raise _unknown_key(key, path)
+    values.update(parse_overrides(overrides))
+    return resolve(values, where=path or "overrides")
+
+
+def arch_config(cfg):
+    return {k: cfg[k] for k in ARCH_KEYS}
+
+
+def save_config(cfg, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,70 @@
+"""Choosing the backend: Ascend, GPU or CPU, with a loud fallback when one is missing."""
+
+import os
+import sys
+
+import mindspore as ms
+
+from . import _MINDSPORE_WAS_IMPORTED_FIRST, _ONEDNN_VAR
+
+FALLBACK_ORDER = ("Ascend", "GPU", "CPU")
+
+
+def backend_available(name):
+    try:
+        return bool(ms.hal.is_available(name))
+    except Exception:  # a broken plugin counts as absent
+        return False
+
+
+def pick_backend(requested="auto", available=backend_available):
+    """The backend to use and a warning (or None).
+
+    'auto' takes the first available of Ascend, GPU, CPU silently. A named backend that
+    is missing falls back along the same order, and the warning says which one is used.
+    """
+    if requested not in ("auto",) + FALLBACK_ORDER:
+        raise ValueError(f"unknown device {requested!r}; choose auto, Ascend, GPU or CPU")
+    if requested != "auto" and available(requested):
+        return requested, None
+    start = 0 if requested == "auto" else FALLBACK_ORDER.index(requested)
+    for name in FALLBACK_ORDER[start:] + FALLBACK_ORDER[:start]:
+        if name != requested and available(name):
+            if requested == "auto":
+                return name, None
+            return name, (f"WARNING: device {requested} requested but no {requested} backend is available "
+                          f"on this machine; falling back to {name}.")
+    return "CPU", None
+
+
+def _cpu_has_avx512():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512f" in f.read()
+    except OSError:
+        return False
+
+
+def setup_device(device="auto", mode="graph", device_id=None, seed=None, quiet=False):
+    """Select the backend and execution mode; returns the backend name actually used."""
+    backend, warning = pick_backend(device)
+    if warning and not quiet:
+        print(warning, file=sys.stderr, flush=True)
+    if device_id is None:
+        device_id = int(os.environ.get("DEVICE_ID", os.environ.get("LOCAL_RANK", 0)))
+    ms.set_device(backend, device_id if backend != "CPU" else None)
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    if backend == "CPU" and _MINDSPORE_WAS_IMPORTED_FIRST and _cpu_has_avx512() and not quiet:
+        print(f"WARNING: mindspore was imported before ddpm_ms without {_ONEDNN_VAR}=AVX2; on this AVX-512 "
+              "CPU convolutions run up to 60x slower. Import ddpm_ms first or export "
+              f"{_ONEDNN_VAR}=AVX2.", file=sys.stderr, flush=True)
+    if seed is not None:
+        ms.set_seed(seed)
+    return backend
+
+
+def compute_dtype(backend, dtype="auto"):
+    """float16 compute on Ascend/GPU, float32 on CPU, unless the config says otherwise."""
+    if dtype == "auto":
+        return ms.float32 if backend == "CPU" else ms.float16
+    return ms.float16 if dtype == "float16" else ms.float32

@@ -1,0 +1,183 @@
+"""Gaussian diffusion (Ho et al. 2020, "Denoising Diffusion Probabilistic Models").
+
+Every coefficient is computed once, in float64 NumPy, by :class:`Schedule`; the
+functions below apply one equation each to MindSpore tensors. ``t`` is always the
+0-based index into the schedule (the paper's t = index + 1).
+
+Equation numbers refer to Ho et al. 2020 unless stated otherwise.
+"""
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from .schedules import make_beta_schedule
+
+LOSS_TYPES = ("l1", "l2", "huber")
+VARIANCE_TYPES = ("posterior", "beta")
+
+
+class NonFiniteError(RuntimeError):
+    """Sampling or training produced NaN/inf values."""
+
+
+class Schedule:
+    """All per-timestep constants of the forward and reverse processes.
+
+    Attributes are float64 NumPy arrays of shape [T]; ``self.tensors`` holds the
+    float32 MindSpore copies used inside compiled graphs.
+    """
+
+    def __init__(self, betas):
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not np.all((betas > 0) & (betas < 1)):
+            raise ValueError("betas must be a 1-D array with values in (0, 1)")
+        self.num_timesteps = len(betas)
+        self.betas = betas
+        alphas = 1.0 - betas
+        self.alphas = alphas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+
+        # q(x_t | x_0), Eq. 4
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+
+        # x_0 from x_t and eps, Eq. 4 solved for x_0
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+
+        # q(x_{t-1} | x_t, x_0), Eqs. 6-7
+        ac, acp = self.alphas_cumprod, self.alphas_cumprod_prev
+        self.posterior_variance = betas * (1.0 - acp) / (1.0 - ac)
+        # the variance is 0 at t = 0; log-variance uses the next value there (improved-diffusion)
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:])
+        )
+        self.posterior_mean_coef1 = betas * np.sqrt(acp) / (1.0 - ac)
+        self.posterior_mean_coef2 = (1.0 - acp) * np.sqrt(alphas) / (1.0 - ac)
+
+        self.tensors = {
+            name: Tensor(getattr(self, name), ms.float32)
+            for name in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+        }
+
+    @classmethod
+    def from_config(cls, beta_schedule="linear", timesteps=1000, beta_start=1e-4, beta_end=0.02):
+        return cls(make_beta_schedule(beta_schedule, timesteps, beta_start, beta_end))
+
+
+def extract(a, t, x_shape):
+    """Gather a[t] for a batch of indices t and reshape to broadcast over x: [N, 1, 1, ...]."""
+    out = ops.gather(a, t, 0)
+    return out.reshape((t.shape[0],) + (1,) * (len(x_shape) - 1))
+
+
+def q_sample(sched, x_start, t, noise):
+    """Eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+    return (
+        extract(sched.tensors["sqrt_alphas_cumprod"], t, x_start.shape) * x_start
+        + extract(sched.tensors["sqrt_one_minus_alphas_cumprod"], t, x_start.shape) * noise
+    )
+
+
+def noise_loss(predicted, target, loss_type="huber"):
+    """Mean loss between predicted and true noise: l1, l2 (Eq. 14) or huber (smooth L1, delta 1)."""
+    diff = predicted - target
+    if loss_type == "l1":
+        return ops.abs(diff).mean()
+    if loss_type == "l2":
+        return (diff * diff).mean()
+    if loss_type == "huber":
+        adiff = ops.abs(diff)
+        return ops.where(adiff < 1.0, 0.5 * diff * diff, adiff - 0.5).mean()
+    raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+
+
+def p_losses(model, sched, x_start, t, noise, loss_type="huber", y=None):
+    """Algorithm 1, one step: the loss between eps and eps_theta(x_t, t)."""
+    x_noisy = q_sample(sched, x_start, t, noise)
+    predicted_noise = model(x_noisy, t) if y is None else model(x_noisy, t, y)
+    return noise_loss(predicted_noise.astype(ms.float32), noise, loss_type)
+
+
+# ----- reverse process: scalar coefficients for one timestep index t (Python int) -----
+
+
+def predict_start_from_noise(sched, x_t, t, eps):
+    """Eq. 4 solved for x_0: x_0 = sqrt(1/alpha_bar_t) x_t - sqrt(1/alpha_bar_t - 1) eps."""
+    return float(sched.sqrt_recip_alphas_cumprod[t]) * x_t - float(sched.sqrt_recipm1_alphas_cumprod[t]) * eps
+
+
+def predict_noise_from_start(sched, x_t, t, x0):
+    """Eq. 4 solved for eps."""
+    return (float(sched.sqrt_recip_alphas_cumprod[t]) * x_t - x0) / float(sched.sqrt_recipm1_alphas_cumprod[t])
+
+
+def q_posterior_mean(sched, x_start, x_t, t):
+    """Eq. 7: mean of q(x_{t-1} | x_t, x_0)."""
+    return float(sched.posterior_mean_coef1[t]) * x_start + float(sched.posterior_mean_coef2[t]) * x_t
+
+
+def reverse_variance(sched, t, variance="posterior"):
+    """sigma_t^2 of p(x_{t-1} | x_t): beta_tilde_t (posterior) or beta_t (Sec. 3.2)."""
+    if variance == "posterior":
+        return float(sched.posterior_variance[t])
+    if variance == "beta":
+        return float(sched.betas[t])
+    raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCE_TYPES)}")
+
+
+def p_mean(sched, x_t, t, eps, clip_denoised=True):
+    """Mean of p_theta(x_{t-1} | x_t) and the predicted x_0.
+
+    With clip_denoised=False this equals Eq. 11; with clipping, x_0 is clipped to
+    [-1, 1] before the posterior mean (Eq. 7) is taken.
+    """
+    x0 = predict_start_from_noise(sched, x_t, t, eps)
+    if clip_denoised:
+        x0 = ops.clamp(x0, -1.0, 1.0)
+    return q_posterior_mean(sched, x0, x_t, t), x0
+
+
+def p_sample(sched, x_t, t, eps, noise, variance="posterior", clip_denoised=True):
+    """Algorithm 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z (no noise at t = 0)."""
+    mean, x0 = p_mean(sched, x_t, t, eps, clip_denoised)
+    if t == 0:
+        return mean, x0
+    return mean + float(np.sqrt(reverse_variance(sched, t, variance))) * noise, x0
+
+
+def check_finite(x, where):
+    if not bool(ops.isfinite(x).all()):
+        raise NonFiniteError(
+            f"sampling produced NaN/inf values at {where}; the model or checkpoint is broken "
+            "(diverged training?) - try the EMA weights, a lower learning rate or float32"
+        )
+
+
+def timestep_tensor(t, batch):
+    return Tensor(np.full((batch,), t, dtype=np.int32))
+
+
+def p_sample_loop(eps_fn, sched, shape, rng, variance="posterior", clip_denoised=True, callback=None,
+                  progress=True, check_every=50):
+    """Algorithm 2: start from x_T ~ N(0, I) and apply p_sample for t = T-1 ... 0.
+
+    eps_fn(x, t_tensor) returns the predicted noise; rng is a numpy Generator that
+    supplies all noise (so results depend only on its seed). callback(t, x_t, x0) is
+    called after every step. Returns the final x_0 as a Tensor.
+    """
+    from tqdm.auto import tqdm
+
+    x = Tensor(rng.standard_normal(shape, dtype=np.float32))
+    steps = range(sched.num_timesteps - 1, -1, -1)
+    for i, t in enumerate(tqdm(steps, desc="DDPM sampling", disable=not progress, leave=False)):
+        eps = eps_fn(x, timestep_tensor(t, shape[0]))
+        noise = Tensor(rng.standard_normal(shape, dtype=np.float32)) if t > 0 else None
+        x, x0 = p_sample(sched, x, t, eps, noise, variance, clip_denoised)
+        if callback is not None:
+            callback(t, x, x0)
+        if (i + 1) % check_every == 0 or t == 0:
+            check_finite(x, f"timestep {t}")
+    return x

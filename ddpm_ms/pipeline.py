@@ -1,0 +1,97 @@
+"""From config or checkpoint to images: model factory, EMA-weight loading, generation."""
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from . import checkpoint as ckpt
+from .config import ARCH_KEYS
+from .diffusion import Schedule
+from .samplers import sample
+from .unet import Unet
+from .visualize import frame_indices
+
+
+def create_model(cfg):
+    """The U-Net described by the architecture keys of ``cfg``."""
+    return Unet(
+        dim=cfg["dim"],
+        init_dim=cfg["init_dim"],
+        dim_mults=tuple(cfg["dim_mults"]),
+        channels=cfg["channels"],
+        block_type=cfg["block_type"],
+        convnext_mult=cfg["convnext_mult"],
+        resnet_groups=cfg["resnet_groups"],
+        act=cfg["act"],
+        attn_levels=cfg["attn_levels"],
+        mid_attn=cfg["mid_attn"],
+        num_classes=cfg["num_classes"],
+    )
+
+
+def create_schedule(cfg):
+    return Schedule.from_config(cfg["beta_schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"])
+
+
+def cast_model(model, dtype):
+    """float16 compute for Ascend/GPU; normalisation layers (and MindSpore's own black list) stay float32.
+
+    Returns the network to call; the parameters are shared with ``model``, so checkpoints keep
+    using ``model``'s parameter names.
+    """
+    if dtype != ms.float16:
+        return model
+    return ms.amp.custom_mixed_precision(model, black_list=ms.amp.get_black_list() + [nn.GroupNorm],
+                                         dtype=ms.float16)
+
+
+def load_model(path, use_ema=True, cfg_overrides=None):
+    """Rebuild the model stored in checkpoint ``path`` -> (model, schedule, config)."""
+    groups, meta = ckpt.load(path)
+    cfg = dict(meta["config"])
+    if cfg_overrides:
+        cfg.update(cfg_overrides)
+    model = create_model(cfg)
+    weights = groups["ema"] if use_ema and groups["ema"] else groups["model"]
+    ckpt.assign(ckpt.named_params(model), weights, "model", path)
+    model.set_train(False)
+    return model, create_schedule(cfg), cfg
+
+
+def make_eps_fn(model, dtype=ms.float32):
+    """eps_theta(x, t[, y]) as a float32 tensor; the model call runs as a compiled graph in GRAPH_MODE."""
+
+    def eps_fn(x, t, y=None):
+        out = model(x.astype(dtype), t) if y is None else model(x.astype(dtype), t, y)
+        return out.astype(ms.float32)
+
+    return eps_fn
+
+
+def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0, dtype=ms.float32,
+             gif_frames=0, gif_source="x", progress=True):
+    """Sample ``num`` images -> (images [N, C, H, W] float32 numpy in [-1, 1], GIF frames).
+
+    Sampler options default to the config's sampler / sample_steps / eta. With gif_frames > 0,
+    frames of x_t (gif_source="x") or of the predicted x_0 ("x0") are collected.
+    """
+    sampler = sampler or cfg["sampler"]
+    steps = steps if steps is not None else cfg["sample_steps"]
+    eta = cfg["eta"] if eta is None else eta
+    shape = (num, cfg["channels"], cfg["image_size"], cfg["image_size"])
+    n_steps = steps or sched.num_timesteps
+    keep = frame_indices(n_steps, gif_frames) if gif_frames else set()
+    frames = []
+
+    def callback(i, t, x, x0):
+        if i in keep:
+            frames.append((x if gif_source == "x" else x0).asnumpy().clip(-1, 1))
+
+    x = sample(make_eps_fn(model, dtype), sched, shape, sampler=sampler, steps=steps, eta=eta, seed=seed,
+               clip_denoised=cfg["clip_denoised"], variance=cfg["variance"],
+               callback=callback if keep else None, progress=progress)
+    return ops.clamp(x, -1.0, 1.0).asnumpy(), frames
+
+
+def check_arch(meta, cfg, path):
+    ckpt.check_compatible(meta, cfg, ARCH_KEYS, path)
+

@@ -1,0 +1,325 @@
+"""Training (Algorithm 1 of Ho et al. 2020) as a compiled MindSpore step plus a plain loop.
+
+    python -m ddpm_ms.train --config configs/quick.yaml [--device CPU] [key=value ...]
+
+The step (forward, backward, loss scaling, Adam, EMA) is one Cell compiled once; the loop
+feeds it batches, logs the loss, writes checkpoints, sample grids, a GIF and a loss curve.
+"""
+
+import argparse
+import csv
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from . import checkpoint as ckpt
+from .cli import run_cli
+from .config import ARCH_KEYS, SCHEDULE_KEYS, load_config, save_config
+from .data import create_dataset, locate_fashion_mnist
+from .device import compute_dtype, setup_device
+from .diffusion import p_losses
+from .ema import EMA
+from .errors import UserError
+from .pipeline import cast_model, create_model, create_schedule, generate
+from .visualize import plot_loss, save_gif, save_grid
+
+CSV_FIELDS = ("step", "epoch", "loss", "lr", "loss_scale", "finite")
+MAX_NONFINITE_LOSSES = 10
+
+
+class TrainStep(nn.Cell):
+    """One optimisation step: loss -> scaled grads -> unscale -> finite? -> Adam + EMA update.
+
+    On overflow (non-finite grads) the update is skipped and the loss scale is reduced.
+    Returns (loss, grads_finite).
+    """
+
+    def __init__(self, net, sched, optimizer, scaler, ema, loss_type):
+        super().__init__(auto_prefix=False)
+        self.net = net
+        self.sched = sched
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.ema = ema
+        self.loss_type = loss_type
+        self.grad_fn = ms.value_and_grad(self.forward, None, optimizer.parameters, has_aux=True)
+
+    def forward(self, x_start, t, noise):
+        loss = p_losses(self.net, self.sched, x_start, t, noise, self.loss_type)
+        return self.scaler.scale(loss), loss
+
+    def construct(self, x_start, t, noise):
+        (_, loss), grads = self.grad_fn(x_start, t, noise)
+        grads = self.scaler.unscale(grads)
+        finite = ms.amp.all_finite(grads)
+        self.scaler.adjust(finite)
+        if finite:
+            self.optimizer(grads)
+            self.ema()
+        return loss, finite
+
+
+def learning_rates(lr, min_lr, total_steps, warmup_steps=0, schedule="cosine"):
+    """Per-step learning rates: linear warm-up, then cosine decay (nn.cosine_decay_lr) or constant."""
+    if schedule == "cosine" and total_steps > 1:
+        rates = nn.cosine_decay_lr(min_lr, lr, total_steps, 1, total_steps)
+    else:
+        rates = [lr] * total_steps
+    warm = min(warmup_steps, total_steps)
+    return [lr * (i + 1) / warm if i < warm else r for i, r in enumerate(rates)]
+
+
+class RunDir:
+    """The output directory of one run and the files in it."""
+
+    def __init__(self, root):
+        self.root = root
+        self.config = os.path.join(root, "config.yaml")
+        self.checkpoints = os.path.join(root, "checkpoints")
+        self.loss_csv = os.path.join(root, "loss.csv")
+        self.loss_png = os.path.join(root, "loss_curve.png")
+        self.samples_dir = os.path.join(root, "samples")
+        self.samples_png = os.path.join(root, "samples.png")
+        self.samples_npy = os.path.join(root, "samples.npy")
+        self.gif = os.path.join(root, "denoising.gif")
+
+    def holds_run(self):
+        return os.path.exists(self.config) or os.path.isdir(self.checkpoints)
+
+    def prepare(self, resume, overwrite):
+        if self.holds_run() and not (resume or overwrite):
+            raise UserError(f"output_dir {self.root} already holds a run; pass --resume to continue it, "
+                            "--overwrite to replace it, or choose another output_dir=...")
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            probe = os.path.join(self.root, f".write-test-{os.getpid()}")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise UserError(f"output_dir {self.root} is not writable ({e.strerror}); "
+                            "choose another output_dir=...") from None
+        if overwrite and not resume:
+            for path in (self.checkpoints, self.samples_dir):
+                shutil.rmtree(path, ignore_errors=True)
+            for path in (self.loss_csv, self.loss_png, self.samples_png, self.samples_npy, self.gif):
+                if os.path.exists(path):
+                    os.remove(path)
+
+
+class LossLog:
+    """loss.csv, one row per step; on resume rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = path
+        rows = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.file = open(path, "a", newline="")
+        self.writer = csv.writer(self.file)
+
+    def write(self, *values):
+        self.writer.writerow(values)
+
+    def close(self):
+        self.file.close()
+
+
+class Trainer:
+    """Owns the model, optimizer, EMA, loss scaler and RNG of one run."""
+
+    def __init__(self, cfg, backend, steps_per_epoch):
+        self.cfg = cfg
+        self.backend = backend
+        self.dtype = compute_dtype(backend, cfg["dtype"])
+        self.sched = create_schedule(cfg)
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = cfg["epochs"] * steps_per_epoch
+        if cfg["max_steps"]:
+            self.total_steps = min(self.total_steps, cfg["max_steps"])
+        self.model = create_model(cfg)
+        self.lrs = learning_rates(cfg["lr"], cfg["min_lr"], self.total_steps, cfg["warmup_steps"],
+                                  cfg["lr_schedule"])
+        self.optimizer = nn.Adam(self.model.trainable_params(), learning_rate=self.lrs)
+        self.scaler = ms.amp.DynamicLossScaler(cfg["loss_scale"], cfg["loss_scale_factor"],
+                                               cfg["loss_scale_window"])
+        self.ema = EMA(self.model.trainable_params(), cfg["ema_decay"], cfg["ema_warmup"])
+        net = cast_model(self.model, self.dtype)
+        self.step_cell = TrainStep(net, self.sched, self.optimizer, self.scaler, self.ema, cfg["loss_type"])
+        self.rng = np.random.default_rng([cfg["seed"], 1])  # timesteps and noise
+        self.step = 0
+        self._sample_model = None
+
+    # ----- one step -----
+    def train_step(self, x_start):
+        batch = x_start.shape[0]
+        t = self.rng.integers(0, self.sched.num_timesteps, size=(batch,)).astype(np.int32)
+        noise = self.rng.standard_normal(x_start.shape, dtype=np.float32)
+        loss, finite = self.step_cell(x_start, Tensor(t), Tensor(noise))
+        self.step += 1
+        return float(loss.asnumpy()), bool(finite.asnumpy())
+
+    # ----- state for checkpoints -----
+    def _param_names(self):
+        return ckpt.named_params(self.model)
+
+    def _opt_state(self):
+        model_ids = {id(p) for p in self.model.trainable_params()}
+        return {name: p for name, p in self.optimizer.parameters_and_names() if id(p) not in model_ids}
+
+    def _ema_state(self):
+        names = [n for n, p in self.model.parameters_and_names() if p.requires_grad]
+        return dict(zip(names, self.ema.shadow))
+
+    def _misc_state(self):
+        return {"scale_value": self.scaler.scale_value, "scale_counter": self.scaler.counter,
+                "ema_num_updates": self.ema.num_updates}
+
+    def state_groups(self):
+        return {"model": self._param_names(), "ema": self._ema_state(), "opt": self._opt_state(),
+                "state": self._misc_state()}
+
+    def save(self, manager, epoch, step_in_epoch):
+        meta = {"config": self.cfg, "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "rng": self.rng.bit_generator.state, "backend": self.backend, "time": time.time()}
+        return manager.save(self.step, self.state_groups(), meta)
+
+    def restore(self, path, groups, meta):
+        ckpt.check_compatible(meta, self.cfg, ARCH_KEYS + SCHEDULE_KEYS + ("loss_type",), path)
+        for group, params in self.state_groups().items():
+            ckpt.assign(params, groups[group], f"{group} state of this run", path)
+        self.rng.bit_generator.state = meta["rng"]
+        self.step = meta["step"]
+        return meta["epoch"], meta["step_in_epoch"]
+
+    # ----- sampling with the EMA weights -----
+    def sample_model(self):
+        if self._sample_model is None:
+            self._sample_model = cast_model(create_model(self.cfg), self.dtype)
+            self._sample_model.set_train(False)
+            self._sample_params = ckpt.named_params(self._sample_model)
+        for name, shadow in self._ema_state().items():
+            self._sample_params[name].set_data(shadow.value().copy())
+        return self._sample_model
+
+    def generate(self, num, seed, gif_frames=0, progress=True):
+        return generate(self.sample_model(), self.sched, self.cfg, num, seed=seed, dtype=self.dtype,
+                        gif_frames=gif_frames, progress=progress)
+
+
+def _epoch_batches(cfg, data_dir, epoch, skip):
+    """The batches of one epoch; the data order and flips depend only on (seed, epoch)."""
+    dataset = create_dataset(data_dir, cfg["batch_size"], usage="train", image_size=cfg["image_size"],
+                             random_flip=cfg["random_flip"], num_parallel_workers=cfg["num_workers"],
+                             seed=cfg["seed"] * 1000 + epoch)
+    for i, (images,) in enumerate(dataset.create_tuple_iterator(num_epochs=1)):
+        if i >= skip:
+            yield images
+
+
+def steps_per_epoch_of(cfg, data_dir):
+    return create_dataset(data_dir, cfg["batch_size"], usage="train", image_size=cfg["image_size"],
+                          random_flip=False, shuffle=False).get_dataset_size()
+
+
+def train(cfg, resume=False, overwrite=False, progress=True):
+    """Train as configured; returns the RunDir with checkpoint, CSV, curve, grids and GIF."""
+    from tqdm.auto import tqdm
+
+    run = RunDir(cfg["output_dir"])
+    run.prepare(resume, overwrite)
+    data_dir = locate_fashion_mnist(cfg["data_dir"])
+    backend = setup_device(cfg["device"], cfg["mode"], seed=cfg["seed"])
+    trainer = Trainer(cfg, backend, steps_per_epoch_of(cfg, data_dir))
+    manager = ckpt.CheckpointManager(run.checkpoints, cfg["keep_checkpoints"])
+
+    epoch, skip = 0, 0
+    latest = manager.load_latest() if resume else None
+    if latest:
+        epoch, skip = trainer.restore(*latest)
+        print(f"resumed from {latest[0]} at step {trainer.step}", file=sys.stderr)
+    save_config(cfg, run.config)
+    log = LossLog(run.loss_csv, resume_step=trainer.step if latest else None)
+    print(f"training on {backend} ({trainer.dtype}), {trainer.steps_per_epoch} steps/epoch, "
+          f"{trainer.total_steps} steps, output in {run.root}", file=sys.stderr)
+
+    nonfinite = 0
+    try:
+        while trainer.step < trainer.total_steps:
+            bar = tqdm(total=min(trainer.steps_per_epoch, trainer.total_steps - trainer.step + skip),
+                       initial=skip, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not progress,
+                       dynamic_ncols=True)
+            t0, done = time.perf_counter(), 0
+            for images in _epoch_batches(cfg, data_dir, epoch, skip):
+                lr = trainer.lrs[min(trainer.step, trainer.total_steps - 1)]
+                loss, finite = trainer.train_step(images)
+                log.write(trainer.step, epoch, f"{loss:.6g}", f"{lr:.6g}",
+                          f"{float(trainer.scaler.scale_value.asnumpy()):g}", int(finite))
+                nonfinite = 0 if np.isfinite(loss) else nonfinite + 1
+                if nonfinite >= MAX_NONFINITE_LOSSES:
+                    raise FloatingPointError(
+                        f"the loss was NaN/inf for {nonfinite} steps in a row (step {trainer.step}); training "
+                        f"stopped, the last good checkpoint is kept in {run.checkpoints}. Lower lr or use "
+                        "dtype=float32")
+                done += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{done * cfg['batch_size'] / (time.perf_counter() - t0):.1f}")
+                if trainer.step >= trainer.total_steps:
+                    break
+            bar.close()
+            epoch_done = trainer.step % trainer.steps_per_epoch == 0
+            epoch, skip = (epoch + 1, 0) if epoch_done else (epoch, skip + done)
+            finished = trainer.step >= trainer.total_steps
+            if finished or (epoch_done and epoch % cfg["save_every"] == 0):
+                trainer.save(manager, epoch, skip)
+            if not finished and epoch_done and cfg["sample_every"] and epoch % cfg["sample_every"] == 0:
+                images, _ = trainer.generate(cfg["num_samples"], seed=cfg["seed"], progress=progress)
+                save_grid(images, os.path.join(run.samples_dir, f"epoch_{epoch:03d}.png"))
+    finally:
+        log.close()
+    plot_loss(run.loss_csv, run.loss_png)
+    images, frames = trainer.generate(cfg["num_samples"], seed=cfg["seed"], gif_frames=cfg["gif_frames"],
+                                      progress=progress)
+    save_grid(images, run.samples_png)
+    np.save(run.samples_npy, images)
+    save_gif(frames, run.gif)
+    print(f"done: {trainer.step} steps; wrote {run.samples_png}, {run.gif}, {run.loss_png}", file=sys.stderr)
+    return run
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="ddpm-train", description="Train a DDPM on Fashion-MNIST.")
+    parser.add_argument("--config", default=None, help="YAML config file (configs/*.yaml)")
+    parser.add_argument("--device", default=None, help="auto, Ascend, GPU or CPU (falls back if missing)")
+    parser.add_argument("--mode", default=None, help="graph (default) or pynative (debugging)")
+    parser.add_argument("--output-dir", default=None, help="where checkpoints, logs and images go")
+    parser.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
+    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in output_dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides)
+    for key in ("device", "mode", "output_dir", "data_dir"):
+        if getattr(args, key) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
+    cfg = load_config(args.config, overrides)
+    train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    run_cli(main)
