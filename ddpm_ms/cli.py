@@ -18,8 +18,3 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-
-
-def entry(module_main):
-    """A console-script function for setup.py."""
-    return lambda: run_cli(module_main)

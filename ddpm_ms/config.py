@@ -54,7 +54,7 @@ DEFAULTS = {
     "lr_schedule": "cosine",
     "warmup_steps": 0,
     "loss_scale": 65536.0,
-    "loss_scale_factor": 2.0,
+    "loss_scale_factor": 2,
     "loss_scale_window": 1000,
     "ema_decay": 0.999,
     "ema_warmup": True,
@@ -62,10 +62,10 @@ DEFAULTS = {
     # --- outputs ---
     "output_dir": "runs/default",
     "save_every": 1,
+    "save_every_steps": None,
     "keep_checkpoints": 3,
     "sample_every": 1,
     "num_samples": 64,
-    "log_every": 50,
     # --- sampling (epoch grids and the final samples / GIF) ---
     "sampler": "ddpm",
     "sample_steps": None,
@@ -96,7 +96,7 @@ CHOICES = {
 # keys whose value must be > 0 / >= 0
 POSITIVE = ("image_size", "channels", "num_workers", "dim", "convnext_mult", "resnet_groups", "timesteps",
             "batch_size", "epochs", "lr", "loss_scale", "loss_scale_window", "save_every", "keep_checkpoints",
-            "num_samples", "log_every", "gif_frames", "init_dim", "max_steps", "sample_steps", "num_classes",
+            "num_samples", "gif_frames", "save_every_steps", "init_dim", "max_steps", "sample_steps", "num_classes",
             "beta_start", "beta_end", "loss_scale_factor")
 NON_NEGATIVE = ("min_lr", "warmup_steps", "sample_every", "seed")
 
@@ -156,7 +156,7 @@ def _coerce(key, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key {key!r} must be a number, got {value!r}")
         return float(value)
-    if isinstance(default, int) or key in ("init_dim", "max_steps", "sample_steps", "num_classes"):
+    if isinstance(default, int) or key in ("init_dim", "max_steps", "sample_steps", "num_classes", "save_every_steps"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"config key {key!r} must be an integer, got {value!r}")
         return value

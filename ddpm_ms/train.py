@@ -174,8 +174,10 @@ class Trainer:
         return ckpt.named_params(self.model)
 
     def _opt_state(self):
+        """Adam's moments, beta powers and step counter (the LR table is rebuilt from the config)."""
         model_ids = {id(p) for p in self.model.trainable_params()}
-        return {name: p for name, p in self.optimizer.parameters_and_names() if id(p) not in model_ids}
+        return {name: p for name, p in self.optimizer.parameters_and_names()
+                if id(p) not in model_ids and not name.startswith("learning_rate")}
 
     def _ema_state(self):
         names = [n for n, p in self.model.parameters_and_names() if p.requires_grad]
@@ -272,6 +274,8 @@ def train(cfg, resume=False, overwrite=False, progress=True):
                         f"stopped, the last good checkpoint is kept in {run.checkpoints}. Lower lr or use "
                         "dtype=float32")
                 done += 1
+                if cfg["save_every_steps"] and trainer.step % cfg["save_every_steps"] == 0:
+                    trainer.save(manager, epoch, skip + done)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{done * cfg['batch_size'] / (time.perf_counter() - t0):.1f}")
                 if trainer.step >= trainer.total_steps:
@@ -321,5 +325,9 @@ def main(argv=None):
     train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
 
 
-if __name__ == "__main__":
+def console_main():
     run_cli(main)
+
+
+if __name__ == "__main__":
+    console_main()

@@ -1,0 +1,92 @@
+"""Sample images from a checkpoint.
+
+    python -m ddpm_ms.sample --checkpoint runs/quick [--sampler ddim --steps 50] [--num 64] [--out DIR]
+
+Writes ``samples.png`` (a grid) and ``samples.npy`` ([N, C, H, W] float32 in [-1, 1]).
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .cli import run_cli
+from .config import SAMPLER_NAMES
+from .errors import UserError
+
+
+def resolve_checkpoint(path):
+    """A checkpoint file, or a run directory (its newest checkpoint)."""
+    if os.path.isdir(path):
+        manager = ckpt.CheckpointManager(os.path.join(path, "checkpoints"))
+        found = manager.list() or ckpt.CheckpointManager(path).list()
+        if not found:
+            raise UserError(f"{path} holds no checkpoints (expected {path}/checkpoints/ckpt_step*.ckpt)")
+        return found[-1]
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; pass a .ckpt file or a run directory")
+    return path
+
+
+def add_sampling_args(parser):
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="default: the run's config")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: config)")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num", type=int, default=64, help="number of images")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--device", default="auto", help="auto, Ascend, GPU or CPU")
+    parser.add_argument("--mode", default="graph", choices=("graph", "pynative"))
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def check_sampling_args(args, cfg):
+    if args.num < 1:
+        raise UserError(f"--num must be >= 1, got {args.num}")
+    if args.steps is not None and not 1 <= args.steps <= cfg["timesteps"]:
+        raise UserError(f"--steps must be in 1..{cfg['timesteps']} (the model's timesteps), got {args.steps}")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
+        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+
+
+def load_for_args(args):
+    """Device set-up and model loading shared by the sampling commands -> (model, sched, cfg, dtype)."""
+    from .device import compute_dtype, setup_device
+    from .pipeline import cast_model, load_model
+
+    path = resolve_checkpoint(args.checkpoint)
+    backend = setup_device(args.device, args.mode)
+    model, sched, cfg = load_model(path, use_ema=not args.no_ema)
+    check_sampling_args(args, cfg)
+    dtype = compute_dtype(backend, cfg.get("dtype", "auto"))
+    return cast_model(model, dtype), sched, cfg, dtype
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="ddpm-sample", description="Sample images from a ddpm_ms checkpoint.")
+    add_sampling_args(parser)
+    parser.add_argument("--out", default=None, help="output directory (default: the run directory)")
+    args = parser.parse_args(argv)
+    from .pipeline import generate
+    from .visualize import save_grid
+
+    model, sched, cfg, dtype = load_for_args(args)
+    out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint))
+    os.makedirs(out, exist_ok=True)
+    images, _ = generate(model, sched, cfg, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                         seed=args.seed, dtype=dtype, progress=not args.no_progress)
+    name = f"samples_{args.sampler or cfg['sampler']}_{args.steps or 'full'}_seed{args.seed}"
+    save_grid(images, os.path.join(out, name + ".png"))
+    np.save(os.path.join(out, name + ".npy"), images)
+    print(f"wrote {os.path.join(out, name)}.png and .npy", file=sys.stderr)
+
+
+def console_main():
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    console_main()

@@ -1,0 +1,453 @@
+"""Noise-prediction U-Net for DDPM, as MindSpore ``nn.Cell``s.
+
+The network eps_theta(x_t, t) of Ho, Jain & Abbeel, "Denoising Diffusion
+Probabilistic Models", NeurIPS 2020 (arXiv:2006.11239): a U-Net whose blocks are
+conditioned on the timestep through sinusoidal position embeddings and an MLP.
+
+The architecture follows MindSpore's DDPM tutorial ("Diffusion Model" in the
+MindSpore generative tutorials), itself a port of Hugging Face's "The Annotated
+Diffusion Model" (Rogge & Rasul, 2022, after Phil Wang's
+denoising-diffusion-pytorch):
+
+* init 7x7 conv, then per resolution level two ConvNeXt (Liu et al. 2022) or
+  ResNet blocks, a pre-normed residual linear attention (Shen et al. 2018) and a
+  strided 4x4 conv down-sampling (none at the coarsest level);
+* middle: block, full softmax attention, block;
+* up path: for every level but the finest, concat the skip, two blocks, linear
+  attention, transposed-conv up-sampling;
+* final block and 1x1 conv to ``out_dim`` channels.
+
+As in the tutorial, convolutions carry no bias (MindSpore's ``nn.Conv2d``
+default ``has_bias=False``, which the tutorial keeps), the final 1x1 conv and the
+down/up-sampling convs included, except ``init_conv`` and the attention output
+projections. Dense and Embedding layers have biases/tables as usual.
+
+Differences from the tutorial code, all deliberate:
+
+* every resolution level is one small Cell with named attributes (``block1``,
+  ``block2``, ``attn``, ``downsample``/``upsample``) inside a single
+  ``nn.CellList``, so parameter names are unique by construction
+  (``downs.0.block1.ds_conv.weight``); the tutorial nests ``CellList``s;
+* ``LinearAttention`` ends in ``GroupNorm(1, dim)`` (as in The Annotated
+  Diffusion Model) and does not divide v by h*w;
+* the first block of the first level has no input norm (``norm=ind != 0``, as in
+  denoising-diffusion-pytorch);
+* GELU is the exact (erf) form, like PyTorch's ``nn.GELU()``; MindSpore's
+  ``nn.GELU()`` default is the tanh approximation;
+* optional class conditioning (``num_classes``) with a learned null class for
+  classifier-free guidance, optional ResNet blocks, selectable attention levels.
+
+Group norms and softmaxes compute in float32 even when the network is cast to
+float16 with ``Cell.to_float``; results are cast back to the input dtype.
+"""
+
+import math
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+__all__ = [
+    "SinusoidalPositionEmbeddings",
+    "GroupNorm",
+    "Residual",
+    "PreNorm",
+    "Attention",
+    "LinearAttention",
+    "ConvNextBlock",
+    "ResnetBlock",
+    "DownLevel",
+    "UpLevel",
+    "Unet",
+    "make_act",
+]
+
+
+def make_act(act):
+    """Return a fresh activation Cell for ``act`` ("gelu" = exact erf GELU, or "silu")."""
+    if act == "gelu":
+        return nn.GELU(approximate=False)
+    if act == "silu":
+        return nn.SiLU()
+    raise ValueError(f"act must be 'gelu' or 'silu', got {act!r}")
+
+
+def _conv(cin, cout, kernel, padding=0, stride=1, group=1, has_bias=False):
+    """Conv2d with explicit (PyTorch-style) zero padding."""
+    if padding:
+        return nn.Conv2d(cin, cout, kernel, stride=stride, pad_mode="pad", padding=padding,
+                         group=group, has_bias=has_bias)
+    return nn.Conv2d(cin, cout, kernel, stride=stride, pad_mode="valid", group=group,
+                     has_bias=has_bias)
+
+
+class SinusoidalPositionEmbeddings(nn.Cell):
+    """Transformer sinusoidal embedding of timesteps: [N] -> [N, dim].
+
+    ``half = dim // 2``; ``freq_j = exp(-j * log(10000) / (half - 1))``;
+    ``out = concat(sin(t * freq), cos(t * freq))``. Computed in float32.
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        if dim < 4 or dim % 2:
+            raise ValueError(f"SinusoidalPositionEmbeddings needs an even dim >= 4, got {dim}")
+        self.dim = dim
+        half = dim // 2
+        freqs = np.exp(np.arange(half, dtype=np.float64) * -(math.log(10000.0) / (half - 1)))
+        self.freqs = Tensor(freqs.astype(np.float32).reshape(1, half))
+
+    def construct(self, t):
+        args = t.astype(ms.float32).reshape(-1, 1) * self.freqs
+        return ops.concat((ops.sin(args), ops.cos(args)), -1)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that always normalises in float32 and returns the input dtype."""
+
+    def _cal_output(self, x):
+        out = ops.group_norm(x.astype(ms.float32), self.num_groups, self.gamma.astype(ms.float32),
+                             self.beta.astype(ms.float32), self.eps)
+        return out.astype(x.dtype)
+
+
+def _softmax32(x, axis):
+    return ops.softmax(x.astype(ms.float32), axis).astype(x.dtype)
+
+
+class Residual(nn.Cell):
+    """``fn(x) + x``."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def construct(self, x):
+        return self.fn(x) + x
+
+
+class PreNorm(nn.Cell):
+    """``fn(GroupNorm(1, dim)(x))``."""
+
+    def __init__(self, dim, fn):
+        super().__init__()
+        self.norm = GroupNorm(1, dim)
+        self.fn = fn
+
+    def construct(self, x):
+        return self.fn(self.norm(x))
+
+
+class Attention(nn.Cell):
+    """Multi-head softmax self-attention over all H*W positions (1x1-conv projections).
+
+    Per head, with q, k, v of shape [d, n] (d = dim_head, n = H*W):
+    ``out = v @ softmax((q * scale)^T @ k, over keys)^T``, heads concatenated on the
+    channel axis, then ``to_out`` (1x1 conv with bias).
+    """
+
+    def __init__(self, dim, heads=4, dim_head=32):
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim_head ** -0.5
+        hidden = heads * dim_head
+        self.to_qkv = _conv(dim, hidden * 3, 1)
+        self.to_out = _conv(hidden, dim, 1, has_bias=True)
+
+    def construct(self, x):
+        b, _, h, w = x.shape
+        qkv = self.to_qkv(x).reshape(b, 3, self.heads, self.dim_head, h * w)
+        q = qkv[:, 0] * self.scale
+        k = qkv[:, 1]
+        v = qkv[:, 2]
+        sim = ops.matmul(q.swapaxes(-1, -2), k)            # [b, heads, n_q, n_k]
+        attn = _softmax32(sim, -1)
+        out = ops.matmul(v, attn.swapaxes(-1, -2))         # [b, heads, d, n_q]
+        return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
+
+
+class LinearAttention(nn.Cell):
+    """Linear attention (Shen et al. 2018): cost linear in H*W.
+
+    Per head: q softmaxed over its dim_head features, k over the positions,
+    ``q = q * scale``, ``context = k @ v^T`` ([d, d]), ``out = context^T @ q``
+    ([d, n]); then ``to_out`` = 1x1 conv (with bias) -> GroupNorm(1, dim).
+    """
+
+    def __init__(self, dim, heads=4, dim_head=32):
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim_head ** -0.5
+        hidden = heads * dim_head
+        self.to_qkv = _conv(dim, hidden * 3, 1)
+        self.to_out = nn.SequentialCell(_conv(hidden, dim, 1, has_bias=True), GroupNorm(1, dim))
+
+    def construct(self, x):
+        b, _, h, w = x.shape
+        qkv = self.to_qkv(x).reshape(b, 3, self.heads, self.dim_head, h * w)
+        q = _softmax32(qkv[:, 0], -2) * self.scale
+        k = _softmax32(qkv[:, 1], -1)
+        v = qkv[:, 2]
+        context = ops.matmul(k, v.swapaxes(-1, -2))        # [b, heads, d, e]
+        out = ops.matmul(context.swapaxes(-1, -2), q)      # [b, heads, e, n]
+        return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
+
+
+class ConvNextBlock(nn.Cell):
+    """ConvNeXt block (Liu et al. 2022) with additive time conditioning.
+
+    ``h = dwconv7x7(x) [+ Dense(act(t))[:, :, None, None]]``;
+    ``h = conv3x3(act(GN(conv3x3(GN(h)))))`` (the first GN only if ``norm``);
+    ``out = h + res_conv(x)`` (1x1 conv when the channel count changes).
+    """
+
+    def __init__(self, dim, dim_out, time_emb_dim=None, mult=2, norm=True, act="gelu"):
+        super().__init__()
+        self.has_time = time_emb_dim is not None
+        if self.has_time:
+            self.mlp = nn.SequentialCell(make_act(act), nn.Dense(time_emb_dim, dim))
+        self.ds_conv = _conv(dim, dim, 7, padding=3, group=dim)
+        self.net = nn.SequentialCell(
+            GroupNorm(1, dim) if norm else nn.Identity(),
+            _conv(dim, dim_out * mult, 3, padding=1),
+            make_act(act),
+            GroupNorm(1, dim_out * mult),
+            _conv(dim_out * mult, dim_out, 3, padding=1),
+        )
+        self.res_conv = _conv(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def construct(self, x, t=None):
+        h = self.ds_conv(x)
+        if self.has_time:
+            h = h + self.mlp(t).astype(h.dtype).expand_dims(-1).expand_dims(-1)
+        return self.net(h) + self.res_conv(x)
+
+
+class _ConvNormAct(nn.Cell):
+    """conv3x3 -> GroupNorm(groups) -> act (the ``Block`` of the ResNet variant)."""
+
+    def __init__(self, dim, dim_out, groups=8, act="gelu"):
+        super().__init__()
+        self.proj = _conv(dim, dim_out, 3, padding=1)
+        self.norm = GroupNorm(groups, dim_out)
+        self.act = make_act(act)
+
+    def construct(self, x):
+        return self.act(self.norm(self.proj(x)))
+
+
+class ResnetBlock(nn.Cell):
+    """Wide-ResNet block of DDPM: ``block2(block1(x) + Dense(act(t))) + res_conv(x)``.
+
+    Two 3x3 convs instead of ConvNeXt's 7x7 depthwise + two wide 3x3 convs, so it
+    is cheaper on CPU for the same width. ``dim_out`` must be divisible by ``groups``.
+    """
+
+    def __init__(self, dim, dim_out, time_emb_dim=None, groups=8, act="gelu"):
+        super().__init__()
+        self.has_time = time_emb_dim is not None
+        if self.has_time:
+            self.mlp = nn.SequentialCell(make_act(act), nn.Dense(time_emb_dim, dim_out))
+        self.block1 = _ConvNormAct(dim, dim_out, groups, act)
+        self.block2 = _ConvNormAct(dim_out, dim_out, groups, act)
+        self.res_conv = _conv(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def construct(self, x, t=None):
+        h = self.block1(x)
+        if self.has_time:
+            h = h + self.mlp(t).astype(h.dtype).expand_dims(-1).expand_dims(-1)
+        return self.block2(h) + self.res_conv(x)
+
+
+class DownLevel(nn.Cell):
+    """One encoder level: block1, block2, attn; returns (skip, downsampled)."""
+
+    def __init__(self, block1, block2, attn, downsample):
+        super().__init__()
+        self.block1 = block1
+        self.block2 = block2
+        self.attn = attn
+        self.downsample = downsample
+
+    def construct(self, x, t=None):
+        x = self.block1(x, t)
+        x = self.block2(x, t)
+        x = self.attn(x)
+        return x, self.downsample(x)
+
+
+class UpLevel(nn.Cell):
+    """One decoder level: concat(x, skip) on channels, block1, block2, attn, upsample."""
+
+    def __init__(self, block1, block2, attn, upsample):
+        super().__init__()
+        self.block1 = block1
+        self.block2 = block2
+        self.attn = attn
+        self.upsample = upsample
+
+    def construct(self, x, skip, t=None):
+        x = ops.concat((x, skip), 1)
+        x = self.block1(x, t)
+        x = self.block2(x, t)
+        x = self.attn(x)
+        return self.upsample(x)
+
+
+class Unet(nn.Cell):
+    """DDPM noise-prediction U-Net: ``construct(x [N,C,H,W], t [N] int, y [N] int | None)``.
+
+    Args:
+        dim: base width; also the sinusoidal embedding size (time MLP width 4*dim).
+        init_dim: width after ``init_conv`` (default ``dim // 3 * 2``).
+        out_dim: output channels (default ``channels``).
+        dim_mults: width multiplier per level; H and W must be divisible by
+            ``2 ** (len(dim_mults) - 1)``.
+        channels: input image channels.
+        with_time_emb: condition on t (False: t is ignored).
+        block_type: "convnext" (tutorial) or "resnet".
+        convnext_mult: ConvNeXt hidden expansion.
+        resnet_groups: GroupNorm groups of ResNet blocks (widths must divide by it).
+        act: "gelu" (exact erf form) or "silu"; used in every block and the time MLP.
+        attn_levels: level indices (0 = full resolution, level i at H / 2**i) that
+            get linear attention: the down level i, and the up stage that runs at
+            level i's resolution (up stages run at levels len(dim_mults)-1 .. 1,
+            so level 0 has attention on the way down only). None = every level
+            (tutorial); () = no linear attention.
+        mid_attn: full attention between the middle blocks.
+        num_classes: if an int, class-conditional: ``y`` in [0, num_classes]
+            selects a learned embedding added to the time embedding; index
+            ``num_classes`` is the null (unconditional) class.
+    """
+
+    def __init__(self, dim, init_dim=None, out_dim=None, dim_mults=(1, 2, 4), channels=1,
+                 with_time_emb=True, block_type="convnext", convnext_mult=2, resnet_groups=8,
+                 act="gelu", attn_levels=None, mid_attn=True, num_classes=None):
+        super().__init__()
+        dim_mults = tuple(int(m) for m in dim_mults)
+        if not dim_mults:
+            raise ValueError("dim_mults must not be empty")
+        if block_type not in ("convnext", "resnet"):
+            raise ValueError(f"block_type must be 'convnext' or 'resnet', got {block_type!r}")
+        make_act(act)  # validates
+        num_levels = len(dim_mults)
+        if attn_levels is None:
+            attn_levels = tuple(range(num_levels))
+        attn_levels = tuple(int(i) for i in attn_levels)
+        for i in attn_levels:
+            if not 0 <= i < num_levels:
+                raise ValueError(f"attn_levels entry {i} is outside 0..{num_levels - 1}")
+        if num_classes is not None:
+            num_classes = int(num_classes)
+            if num_classes < 1:
+                raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            if not with_time_emb:
+                raise ValueError("num_classes needs with_time_emb=True (the class embedding is "
+                                 "added to the time embedding)")
+
+        init_dim = dim // 3 * 2 if init_dim is None else int(init_dim)
+        out_dim = channels if out_dim is None else int(out_dim)
+        self.dim = dim
+        self.channels = channels
+        self.out_dim = out_dim
+        self.dim_mults = dim_mults
+        self.with_time_emb = bool(with_time_emb)
+        self.num_classes = num_classes
+        self.block_type = block_type
+        self.attn_levels = attn_levels
+        self.downsample_factor = 2 ** (num_levels - 1)
+
+        dims = [init_dim] + [dim * m for m in dim_mults]
+        in_out = list(zip(dims[:-1], dims[1:]))
+        time_dim = dim * 4 if self.with_time_emb else None
+
+        def block(cin, cout, temb=time_dim, norm=True):
+            if block_type == "convnext":
+                return ConvNextBlock(cin, cout, temb, mult=convnext_mult, norm=norm, act=act)
+            return ResnetBlock(cin, cout, temb, groups=resnet_groups, act=act)
+
+        def lin_attn(d):
+            return Residual(PreNorm(d, LinearAttention(d)))
+
+        self.init_conv = _conv(channels, init_dim, 7, padding=3, has_bias=True)
+
+        if self.with_time_emb:
+            self.time_mlp = nn.SequentialCell(
+                SinusoidalPositionEmbeddings(dim),
+                nn.Dense(dim, time_dim),
+                make_act(act),
+                nn.Dense(time_dim, time_dim),
+            )
+        if num_classes is not None:
+            self.class_emb = nn.Embedding(num_classes + 1, time_dim)
+
+        downs = []
+        for ind, (d_in, d_out) in enumerate(in_out):
+            is_last = ind == num_levels - 1
+            downs.append(DownLevel(
+                block(d_in, d_out, norm=ind != 0),
+                block(d_out, d_out),
+                lin_attn(d_out) if ind in attn_levels else nn.Identity(),
+                _conv(d_out, d_out, 4, padding=1, stride=2) if not is_last else nn.Identity(),
+            ))
+        self.downs = nn.CellList(downs)
+
+        mid = dims[-1]
+        self.mid_block1 = block(mid, mid)
+        self.mid_attn = Residual(PreNorm(mid, Attention(mid))) if mid_attn else nn.Identity()
+        self.mid_block2 = block(mid, mid)
+
+        # Decoder: stage ind runs at level (num_levels-1-ind)'s resolution, concats
+        # that level's skip and always upsamples (the tutorial's ``is_last`` is
+        # never true on the way up). The full-resolution skip of level 0 is not
+        # consumed (as in the tutorial); the final block takes the last stage's
+        # output, dims[1] channels (== dim for the usual dim_mults[0] == 1).
+        ups = []
+        for ind, (d_in, d_out) in enumerate(reversed(in_out[1:])):
+            level = num_levels - 1 - ind
+            ups.append(UpLevel(
+                block(d_out * 2, d_in),
+                block(d_in, d_in),
+                lin_attn(d_in) if level in attn_levels else nn.Identity(),
+                nn.Conv2dTranspose(d_in, d_in, 4, stride=2, pad_mode="pad", padding=1),
+            ))
+        self.ups = nn.CellList(ups)
+        self.has_ups = len(ups) > 0
+
+        self.final_block = block(dims[1], dim, temb=None)
+        self.final_conv = _conv(dim, out_dim, 1)
+
+    def construct(self, x, t, y=None):
+        x = self.init_conv(x)
+        temb = None
+        if self.with_time_emb:
+            temb = self.time_mlp(t)
+            if self.num_classes is not None:
+                if y is None:
+                    raise ValueError("Unet with num_classes needs class labels y "
+                                     "(use num_classes for the null class)")
+                temb = temb + self.class_emb(y).astype(temb.dtype)
+
+        skips = []
+        for level in self.downs:
+            skip, x = level(x, temb)
+            skips.append(skip)
+
+        x = self.mid_block1(x, temb)
+        x = self.mid_attn(x)
+        x = self.mid_block2(x, temb)
+
+        # Consume skips from the coarsest level up. An index, not ``skips.pop()``:
+        # MindSpore 2.10 graph mode turns pop() inside a loop over a CellList into
+        # a (list, item) tuple.
+        if self.has_ups:
+            i = len(skips) - 1
+            for level in self.ups:
+                x = level(x, skips[i], temb)
+                i = i - 1
+
+        x = self.final_block(x)
+        return self.final_conv(x)
