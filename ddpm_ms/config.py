@@ -153,6 +153,11 @@ def _coerce(key, value):
             raise UserError(f"config key {key!r} must be a list of integers, got {value!r}")
         return [int(v) for v in value]
     if isinstance(default, float) or key in ("beta_start", "beta_end", "lr", "min_lr", "eta"):
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key {key!r} must be a number, got {value!r}")
         return float(value)

@@ -52,7 +52,12 @@ def setup_device(device="auto", mode="graph", device_id=None, seed=None, quiet=F
         print(warning, file=sys.stderr, flush=True)
     if device_id is None:
         device_id = int(os.environ.get("DEVICE_ID", os.environ.get("LOCAL_RANK", 0)))
-    ms.set_device(backend, device_id if backend != "CPU" else None)
+    try:
+        ms.set_device(backend, device_id if backend != "CPU" else None)
+    except RuntimeError:
+        # the runtime is already running in this process (e.g. a notebook or a test): fine if it is ours
+        if ms.get_context("device_target") != backend:
+            raise
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     if backend == "CPU" and _MINDSPORE_WAS_IMPORTED_FIRST and _cpu_has_avx512() and not quiet:
         print(f"WARNING: mindspore was imported before ddpm_ms without {_ONEDNN_VAR}=AVX2; on this AVX-512 "

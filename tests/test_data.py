@@ -17,29 +17,13 @@ import pytest
 import ddpm_ms  # noqa: F401  (before mindspore: sets ONEDNN_MAX_CPU_ISA)
 from ddpm_ms import data
 from ddpm_ms.errors import UserError
+from idx_files import idx_bytes, write_idx  # noqa: F401
 
 N_TRAIN, N_TEST = 40, 16
 REAL_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 # --------------------------------------------------------------------------- helpers
-
-def idx_bytes(arr, magic=None, count=None):
-    arr = np.asarray(arr, dtype=np.uint8)
-    magic = (0x800 | arr.ndim) if magic is None else magic
-    dims = list(arr.shape)
-    if count is not None:
-        dims[0] = count
-    return (struct.pack(">I", magic) + struct.pack(">" + "I" * arr.ndim, *dims)
-            + arr.tobytes())
-
-
-def write_idx(path, arr, gz=False, **kw):
-    payload = idx_bytes(arr, **kw)
-    with open(path, "wb") as f:
-        f.write(gzip.compress(payload) if gz else payload)
-    return str(path)
-
 
 def make_images(n, seed):
     rng = np.random.default_rng(seed)

@@ -1,0 +1,282 @@
+"""Samplers for a trained noise predictor: DDPM, DDIM and DPM-Solver++(2M).
+
+All samplers share :class:`ddpm_ms.diffusion.Schedule` and its x_0 / eps
+conversions; they differ only in the update from timestep index ``t`` to the next
+index ``t_next`` of a descending sequence (see :func:`timestep_sequence`). The index
+after the last one is ``-1``, where alpha_bar = 1 by definition, so every sampler
+ends by returning a data-space sample (for DDIM/DPM-Solver++ the last step returns
+the final x_0 prediction, matching the last step of Algorithm 2 of Ho et al.).
+
+- ``ddpm``: ancestral sampling, Ho et al. 2020, Algorithm 2 (all T steps,
+  :func:`ddpm_ms.diffusion.p_sample_loop`). With ``steps < T`` it is the respaced
+  DDPM of Nichol & Dhariwal 2021 (Sec. 4): betas recomputed from alpha_bar on the
+  sub-sequence, beta'_t = 1 - abar_t / abar_t'. Its posterior-variance form is DDIM
+  with eta = 1 (Song et al. 2021, Sec. 4.1), which is how it is implemented here;
+  ``variance="beta"`` keeps that mean and uses the noise scale sqrt(beta'_t).
+- ``ddim``: Song et al. 2021, Eq. 12 with sigma from Eq. 16 (eta in [0, 1]).
+- ``dpm-solver++``: Lu et al. 2022 (arXiv 2211.01095), Algorithm 2, multistep
+  second order in data (x_0) prediction, with the first and the final step first
+  order. As in the DPM-Solver reference setup, the ``steps`` evaluations are at the
+  first ``steps`` points of ``timestep_sequence(T, steps + 1)`` and the final
+  (first-order, "lower order final") step goes from the last of them straight to
+  alpha_bar = 1 (lambda = +inf, where a 2nd-order step is undefined) and returns the
+  x_0 prediction. DDIM's grid instead ends with an evaluation at t = 0, so its big
+  step is the one into t = 0; a 2nd-order step there, with a tiny step-size ratio
+  r, overshoots badly (tests/test_samplers.py measures this).
+
+Randomness comes only from one NumPy Generator: x_T ~ N(0, I) is drawn first, then
+the per-step noise (DDPM, DDIM with eta > 0), so a seed fixes the result exactly.
+"""
+
+import numpy as np
+from mindspore import Tensor, ops
+
+from .diffusion import (
+    VARIANCE_TYPES,
+    NonFiniteError,
+    check_finite,
+    p_sample_loop,
+    predict_noise_from_start,
+    predict_start_from_noise,
+    timestep_tensor,
+)
+
+__all__ = [
+    "SAMPLERS",
+    "SPACINGS",
+    "NonFiniteError",
+    "timestep_sequence",
+    "sampler_timesteps",
+    "sample",
+    "alpha_bar",
+    "ddim_sigma",
+    "respaced_beta",
+    "ddim_step",
+    "log_snr",
+    "dpm_solver_pp_step",
+]
+
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+SPACINGS = ("uniform", "quadratic")
+CHECK_EVERY = 50  # steps between NaN/inf checks (always checked after the last step)
+
+
+def timestep_sequence(num_timesteps, steps, spacing="uniform"):
+    """Descending int64 timestep indices: ``steps`` unique values from T-1 down to 0.
+
+    uniform: round(linspace(0, T-1, steps)). quadratic: round((T-1) (i/(steps-1))^2)
+    (Song et al. 2021, Sec. D.2: tau_i = floor(c i^2)), raised to at least i so values
+    stay unique - dense near t = 0. ``steps == 1`` gives [T-1]; ``steps == T`` gives
+    every index for either spacing.
+    """
+    T = int(num_timesteps)
+    if isinstance(steps, bool) or int(steps) != steps or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an integer in [1, {T}] (num_timesteps), got {steps!r}")
+    steps = int(steps)
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if steps == 1:
+        return np.array([T - 1], dtype=np.int64)
+    frac = np.linspace(0.0, 1.0, steps)
+    if spacing == "uniform":
+        seq = np.round(frac * (T - 1))
+    else:
+        seq = np.maximum(np.round(frac**2 * (T - 1)), np.arange(steps))
+    return seq.astype(np.int64)[::-1].copy()
+
+
+def sampler_timesteps(num_timesteps, steps=None, sampler="ddim", spacing="uniform"):
+    """The timestep indices at which ``sampler`` evaluates the model (len == steps).
+
+    ddpm/ddim: timestep_sequence(T, steps). dpm-solver++: the first ``steps`` points of
+    timestep_sequence(T, steps + 1) (ending above t = 0; all T indices if steps == T).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    T = int(num_timesteps)
+    steps = T if steps is None else steps
+    ts = timestep_sequence(T, steps, spacing)  # validates
+    if sampler == "dpm-solver++" and len(ts) < T:
+        ts = timestep_sequence(T, len(ts) + 1, spacing)[:-1]
+    return ts
+
+
+# ----- DDIM (Song et al. 2021) -----
+
+
+def alpha_bar(sched, t):
+    """alpha_bar at index t; 1 at t = -1 (the step after the last: x_{-1} = x_0)."""
+    return 1.0 if t < 0 else float(sched.alphas_cumprod[t])
+
+
+def ddim_sigma(sched, t, t_next, eta):
+    """Eq. 16: sigma = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t')."""
+    a_t, a_next = alpha_bar(sched, t), alpha_bar(sched, t_next)
+    var = (1.0 - a_next) / (1.0 - a_t) * (1.0 - a_t / a_next)
+    return float(eta * np.sqrt(max(var, 0.0)))
+
+
+def respaced_beta(sched, t, t_next):
+    """Nichol & Dhariwal 2021, Sec. 4: beta of the respaced chain, 1 - abar_t / abar_t'."""
+    return 1.0 - alpha_bar(sched, t) / alpha_bar(sched, t_next)
+
+
+def ddim_step(sched, x_t, t, t_next, eps, sigma=0.0, noise=None, clip_denoised=True, noise_std=None):
+    """Eq. 12: x_t' = sqrt(abar_t') x0 + sqrt(1 - abar_t' - sigma^2) eps + sigma z.
+
+    With clip_denoised, x0 is clipped to [-1, 1] and eps recomputed from it. noise_std
+    (default sigma) scales z separately from the sigma in the mean (respaced DDPM with
+    variance="beta"). Returns (x_t', x0).
+    """
+    x0 = predict_start_from_noise(sched, x_t, t, eps)
+    if clip_denoised:
+        x0 = ops.clamp(x0, -1.0, 1.0)
+        eps = predict_noise_from_start(sched, x_t, t, x0)
+    a_next = alpha_bar(sched, t_next)
+    x_next = float(np.sqrt(a_next)) * x0 + float(np.sqrt(max(1.0 - a_next - sigma**2, 0.0))) * eps
+    std = sigma if noise_std is None else noise_std
+    if std > 0:
+        x_next = x_next + float(std) * noise
+    return x_next, x0
+
+
+# ----- DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095) -----
+
+
+def log_snr(sched, t):
+    """lambda_t = log(alpha_t / sigma_t), alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t); +inf at t = -1."""
+    if t < 0:
+        return np.inf
+    a = alpha_bar(sched, t)
+    return 0.5 * (np.log(a) - np.log1p(-a))
+
+
+def dpm_solver_pp_step(sched, x_t, t, t_next, x0, x0_prev=None, t_prev=None):
+    """One DPM-Solver++(2M) update (Algorithm 2) from t to t_next, given x0 = x_theta(x_t, t).
+
+    First order (= DDIM, eta = 0) if x0_prev is None, else second order using the x_0
+    prediction x0_prev made at t_prev:
+      h = lambda_t' - lambda_t, r = h_prev / h,
+      D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev,
+      x_t' = (sigma_t' / sigma_t) x_t - alpha_t' (e^{-h} - 1) D.
+    """
+    a_t, a_next = alpha_bar(sched, t), alpha_bar(sched, t_next)
+    h = log_snr(sched, t_next) - log_snr(sched, t)
+    d = x0
+    if x0_prev is not None:
+        r = float((log_snr(sched, t) - log_snr(sched, t_prev)) / h)  # a Python float: never np.float64 * Tensor
+        d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+    coef_x = float(np.sqrt((1.0 - a_next) / (1.0 - a_t)))
+    coef_d = float(-np.sqrt(a_next) * np.expm1(-h))  # = 1 at t_next = -1 (h = inf)
+    return coef_x * x_t + coef_d * d
+
+
+# ----- loops -----
+
+
+def _checked(eps_fn, name):
+    """eps_fn that raises NonFiniteError on NaN/inf output, checked at every step.
+
+    Checking x alone is not enough: with clip_denoised, ops.clamp turns a NaN x_0
+    into -1 on MindSpore CPU, so a broken model would silently give finite garbage.
+    """
+
+    def fn(x, t):
+        eps = eps_fn(x, t)
+        if not bool(ops.isfinite(eps).all()):
+            check_finite(eps, f"the {name} model output (predicted noise) for timestep {int(t.asnumpy()[0])}")
+        return eps
+
+    return fn
+
+
+def _run(name, eps_fn, sched, x, ts, step, callback, progress):
+    """Shared loop: step(i, t, t_next, x, eps) -> (x_next, x0) over ts, then t_next = -1."""
+    from tqdm.auto import tqdm
+
+    batch = x.shape[0]
+    for i in tqdm(range(len(ts)), desc=f"{name} sampling", disable=not progress, leave=False):
+        t = int(ts[i])
+        t_next = int(ts[i + 1]) if i + 1 < len(ts) else -1
+        eps = eps_fn(x, timestep_tensor(t, batch))
+        x, x0 = step(i, t, t_next, x, eps)
+        if callback is not None:
+            callback(i, t, x, x0)
+        if (i + 1) % CHECK_EVERY == 0 or i + 1 == len(ts):
+            check_finite(x, f"{name} step {i + 1}/{len(ts)} (timestep {t})")
+    return x
+
+
+def _ddim_loop(eps_fn, sched, x, ts, rng, eta, clip_denoised, callback, progress, name="DDIM",
+               variance=None):
+    """DDIM (eta) or, with variance set, the respaced DDPM (eta = 1, noise per variance)."""
+
+    def step(i, t, t_next, x_t, eps):
+        sigma = ddim_sigma(sched, t, t_next, eta)
+        noise_std = None
+        if variance == "beta":
+            noise_std = float(np.sqrt(respaced_beta(sched, t, t_next))) if t_next >= 0 else 0.0
+        std = sigma if noise_std is None else noise_std
+        noise = Tensor(rng.standard_normal(tuple(x_t.shape), dtype=np.float32)) if std > 0 else None
+        return ddim_step(sched, x_t, t, t_next, eps, sigma, noise, clip_denoised, noise_std)
+
+    return _run(name, eps_fn, sched, x, ts, step, callback, progress)
+
+
+def _dpm_solver_pp_loop(eps_fn, sched, x, ts, clip_denoised, callback, progress):
+    """Algorithm 2 of Lu et al. 2022; first and final steps first order."""
+    prev = {}
+
+    def step(i, t, t_next, x_t, eps):
+        x0 = predict_start_from_noise(sched, x_t, t, eps)
+        if clip_denoised:  # thresholding (Sec. 5 of the paper) with a fixed [-1, 1] range
+            x0 = ops.clamp(x0, -1.0, 1.0)
+        second_order = bool(prev) and t_next >= 0
+        x_next = dpm_solver_pp_step(sched, x_t, t, t_next, x0,
+                                    prev.get("x0") if second_order else None, prev.get("t"))
+        prev.update(x0=x0, t=t)
+        return x_next, x0
+
+    return _run("DPM-Solver++", eps_fn, sched, x, ts, step, callback, progress)
+
+
+def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rng=None,
+           clip_denoised=True, variance="posterior", spacing="uniform", callback=None, progress=True):
+    """Draw samples of ``shape`` from the reverse process with the chosen sampler.
+
+    eps_fn(x [N, ...] float32 Tensor, t [N] int32 Tensor) -> predicted noise.
+    steps: number of network evaluations, 1..T (None: all T); the timesteps used are
+    sampler_timesteps(T, steps, sampler, spacing), spacing "uniform" or "quadratic".
+    eta: DDIM stochasticity in [0, 1]; must be 0 for the other samplers.
+    variance: "posterior" (beta_tilde) or "beta"; used by ddpm only.
+    clip_denoised: clip each x_0 prediction to [-1, 1] (DDPM/DDIM as in Ho et al.'s
+    code; fixed-range thresholding for DPM-Solver++).
+    seed / rng: all noise comes from rng (default np.random.default_rng(seed)).
+    callback(step_index, t, x, x0_pred) is called after every step.
+    Raises NonFiniteError if the model output or x has NaN/inf. Returns the float32 Tensor x_0.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+    if eta != 0.0 and sampler != "ddim":
+        raise ValueError(f"eta only applies to the ddim sampler, got eta={eta} with sampler {sampler!r}")
+    if variance not in VARIANCE_TYPES:
+        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCE_TYPES)}")
+    T = sched.num_timesteps
+    ts = sampler_timesteps(T, steps, sampler, spacing)  # validates steps and spacing
+    rng = np.random.default_rng(seed) if rng is None else rng
+    shape = tuple(int(s) for s in shape)
+
+    eps_fn = _checked(eps_fn, sampler)
+    if sampler == "ddpm" and len(ts) == T:
+        cb = None if callback is None else (lambda t, x, x0: callback(T - 1 - t, t, x, x0))
+        return p_sample_loop(eps_fn, sched, shape, rng, variance, clip_denoised, cb, progress, CHECK_EVERY)
+
+    x = Tensor(rng.standard_normal(shape, dtype=np.float32))  # x_T ~ N(0, I)
+    if sampler == "ddpm":  # respaced DDPM = DDIM with eta = 1 (module docstring)
+        return _ddim_loop(eps_fn, sched, x, ts, rng, 1.0, clip_denoised, callback, progress,
+                          name="DDPM", variance=variance)
+    if sampler == "ddim":
+        return _ddim_loop(eps_fn, sched, x, ts, rng, eta, clip_denoised, callback, progress)
+    return _dpm_solver_pp_loop(eps_fn, sched, x, ts, clip_denoised, callback, progress)

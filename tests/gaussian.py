@@ -1,0 +1,75 @@
+"""Closed-form diffusion of Gaussian data, for testing samplers without a network.
+
+For x_0 ~ N(mu, s^2) i.i.d. per pixel and x_t = a x_0 + b eps (a = sqrt(abar_t),
+b = sqrt(1 - abar_t)), x_t ~ N(a mu, a^2 s^2 + b^2) and the optimal (MMSE) noise
+predictor is E[eps | x_t] = b (x_t - a mu) / (a^2 s^2 + b^2).
+
+The probability-flow ODE keeps each marginal Gaussian and is linear, so it maps
+x_t -> x_t' = a' mu + sqrt(a'^2 s^2 + b'^2) (x_t - a mu) / sqrt(a^2 s^2 + b^2).
+
+A DDIM step (Song et al. 2021, Eq. 12) with this predictor is linear too:
+x_0_hat = mu + a s^2 (x_t - a mu) / v and eps_hat = b (x_t - a mu) / v (v = a^2 s^2 + b^2),
+so x_t' - a' mu = c (x_t - a mu) + n z with c = (a a' s^2 + b sqrt(b'^2 - sigma^2)) / v:
+the exact output distribution of a discretised chain follows by recursion.
+"""
+
+import numpy as np
+
+from ddpm_ms.diffusion import extract
+
+
+class GaussianEps:
+    """eps_fn(x, t) for data N(mu, s^2), evaluated on MindSpore tensors (float32)."""
+
+    def __init__(self, sched, mu=-0.4, s=0.5):
+        self.sched, self.mu, self.s = sched, float(mu), float(s)
+
+    def __call__(self, x, t):
+        t_np = t.asnumpy()
+        if np.all(t_np == t_np[0]):
+            # one timestep for the whole batch (as in the samplers): Python-float
+            # coefficients, since broadcasting [N,1,1,1] tensors is slow on MindSpore CPU
+            a, b = self._ab(int(t_np[0]))
+            return (x - a * self.mu) * float(b / (a * a * self.s**2 + b * b))
+        a = extract(self.sched.tensors["sqrt_alphas_cumprod"], t, x.shape)
+        b = extract(self.sched.tensors["sqrt_one_minus_alphas_cumprod"], t, x.shape)
+        return b * (x - a * self.mu) / (a * a * self.s**2 + b * b)
+
+    def _ab(self, t):
+        """(a, b) at index t; t = -1 means alpha_bar = 1 (clean data)."""
+        abar = 1.0 if t < 0 else float(self.sched.alphas_cumprod[t])
+        return np.sqrt(abar), np.sqrt(1.0 - abar)
+
+    def marginal_std(self, t):
+        a, b = self._ab(t)
+        return float(np.sqrt(a * a * self.s**2 + b * b))
+
+    def ode_map(self, x, t_from, t_to=-1):
+        """Exact probability-flow ODE solution (float64 NumPy) from index t_from to t_to."""
+        a, _ = self._ab(t_from)
+        a_to, _ = self._ab(t_to)
+        scale = self.marginal_std(t_to) / self.marginal_std(t_from)
+        return a_to * self.mu + scale * (np.asarray(x, dtype=np.float64) - a * self.mu)
+
+    def ddim_chain(self, ts, eta=0.0, noise="sigma", x_T=None):
+        """Exact result of DDIM over the indices ts and a final step to abar = 1.
+
+        noise: "sigma" (noise scale = the sigma of Eq. 16, DDIM) or "beta" (noise scale
+        sqrt(1 - abar_t / abar_t'), the respaced DDPM with variance="beta"; none on the
+        final step). With x_T given (eta = 0 only) returns the mapped samples;
+        otherwise (mean, std) of the output for x_T ~ N(0, I).
+        """
+        ts = [int(t) for t in ts] + [-1]
+        a_T, _ = self._ab(ts[0])
+        dev_mean, dev_var, scale = -a_T * self.mu, 1.0, 1.0
+        for t, t_next in zip(ts[:-1], ts[1:]):
+            (a, b), (a2, b2) = self._ab(t), self._ab(t_next)
+            jump = 1.0 - a * a / (a2 * a2)  # 1 - abar_t / abar_t'
+            sigma2 = eta**2 * (b2 * b2) / (b * b) * jump
+            c = (a * a2 * self.s**2 + b * np.sqrt(max(b2 * b2 - sigma2, 0.0))) / (a * a * self.s**2 + b * b)
+            n2 = sigma2 if noise == "sigma" else (jump if t_next >= 0 else 0.0)
+            dev_mean, dev_var, scale = c * dev_mean, c * c * dev_var + n2, c * scale
+        if x_T is not None:
+            assert eta == 0.0
+            return self.mu + scale * (np.asarray(x_T, dtype=np.float64) - a_T * self.mu)
+        return self.mu + dev_mean, float(np.sqrt(dev_var))

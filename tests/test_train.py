@@ -1,0 +1,110 @@
+"""The compiled training step, the loss scaler, the LR schedule, and exact resume from a checkpoint."""
+
+import ddpm_ms  # noqa: F401
+
+import csv
+import os
+import shutil
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor
+
+from ddpm_ms import checkpoint as ckpt
+from ddpm_ms.config import load_config
+from ddpm_ms.train import Trainer, learning_rates, train
+from idx_files import write_blob_dataset
+
+TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    cfg = load_config(TINY, ["lr=0.003", "ema_decay=0.5", "ema_warmup=false", "max_steps=100"])
+    tr = Trainer(cfg, "CPU", steps_per_epoch=100)
+    yield tr
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def params_np(params):
+    return {n: p.asnumpy().copy() for n, p in params.items()}
+
+
+def test_compiled_step_reduces_loss_on_fixed_batch(trainer):
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.uniform(-1, 1, (8, 1, 28, 28)).astype(np.float32))
+    t = Tensor(rng.integers(0, 20, 8).astype(np.int32))
+    noise = Tensor(rng.standard_normal((8, 1, 28, 28)).astype(np.float32))
+    losses = [float(trainer.step_cell(x, t, noise)[0].asnumpy()) for _ in range(25)]
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_loss_scaler_skips_update_on_overflow(trainer):
+    x = np.zeros((8, 1, 28, 28), np.float32)
+    t = Tensor(np.arange(8, dtype=np.int32))
+    noise = Tensor(np.ones((8, 1, 28, 28), np.float32))
+    before = params_np(ckpt.named_params(trainer.model))
+    ema_before = [s.asnumpy().copy() for s in trainer.ema.shadow]
+    scale_before = float(trainer.scaler.scale_value.asnumpy())
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.inf  # an inf input makes every gradient non-finite
+    loss, finite = trainer.step_cell(Tensor(bad), t, noise)
+    assert not bool(finite.asnumpy())
+    after = params_np(ckpt.named_params(trainer.model))
+    assert all(np.array_equal(before[n], after[n]) for n in before), "update was not skipped"
+    assert all(np.array_equal(a, s.asnumpy()) for a, s in zip(ema_before, trainer.ema.shadow))
+    assert float(trainer.scaler.scale_value.asnumpy()) == scale_before / 2
+    # a finite step afterwards updates the weights and the EMA again
+    loss, finite = trainer.step_cell(Tensor(x), t, noise)
+    assert bool(finite.asnumpy())
+    after = params_np(ckpt.named_params(trainer.model))
+    assert any(not np.array_equal(before[n], after[n]) for n in before)
+
+
+def test_ema_tracks_weights_with_its_decay(trainer):
+    params = trainer.model.trainable_params()
+    shadow_before = [s.asnumpy().astype(np.float64) for s in trainer.ema.shadow]
+    trainer.ema()  # one EMA update with decay 0.5 (warm-up off)
+    for p, s0, s1 in zip(params, shadow_before, trainer.ema.shadow):
+        assert np.allclose(s1.asnumpy(), 0.5 * s0 + 0.5 * p.asnumpy(), atol=1e-6)
+
+
+def test_learning_rates_warmup_then_cosine():
+    lrs = learning_rates(1e-3, 1e-6, 100, warmup_steps=10)
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[50] < lrs[20] < lrs[10] and lrs[-1] < 2e-5
+    assert learning_rates(1e-3, 0, 5, schedule="constant") == [1e-3] * 5
+
+
+def read_losses(path):
+    with open(path) as f:
+        return [(int(r["step"]), r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_resume_continues_from_the_same_state(tmp_path):
+    """An interrupted run resumed from its step-3 checkpoint equals the uninterrupted run."""
+    data_dir = write_blob_dataset(tmp_path / "data", n_train=48)
+    common = [f"data_dir={data_dir}", "max_steps=6", "save_every_steps=3", "keep_checkpoints=5",
+              "num_samples=2", "sample_every=0", "gif_frames=2", "sample_steps=2"]
+    run_a = str(tmp_path / "a")
+    train(load_config(TINY, common + [f"output_dir={run_a}"]), progress=False)
+    # run B: a copy of A that "crashed" after step 3 (its step-6 checkpoint and last rows lost)
+    run_b = str(tmp_path / "b")
+    shutil.copytree(run_a, run_b)
+    os.remove(os.path.join(run_b, "checkpoints", "ckpt_step00000006.ckpt"))
+    train(load_config(TINY, common + [f"output_dir={run_b}"]), resume=True, progress=False)
+
+    assert read_losses(os.path.join(run_a, "loss.csv")) == read_losses(os.path.join(run_b, "loss.csv"))
+    assert [s for s, _ in read_losses(os.path.join(run_b, "loss.csv"))] == [1, 2, 3, 4, 5, 6]
+    ga, ma = ckpt.load(os.path.join(run_a, "checkpoints", "ckpt_step00000006.ckpt"))
+    gb, mb = ckpt.load(os.path.join(run_b, "checkpoints", "ckpt_step00000006.ckpt"))
+    assert ma["rng"] == mb["rng"] and ma["step"] == mb["step"] == 6
+    for group in ("model", "ema", "opt", "state"):
+        assert ga[group].keys() == gb[group].keys() and ga[group]
+        for name in ga[group]:
+            assert np.array_equal(ga[group][name].asnumpy(), gb[group][name].asnumpy()), (group, name)
+    for name in ("samples.png", "samples.npy", "denoising.gif", "loss_curve.png", "config.yaml"):
+        assert os.path.getsize(os.path.join(run_b, name)) > 0
+    assert np.array_equal(np.load(os.path.join(run_a, "samples.npy")), np.load(os.path.join(run_b, "samples.npy")))
