@@ -174,20 +174,35 @@ def dpm_solver_pp_step(sched, x_t, t, t_next, x0, x0_prev=None, t_prev=None):
 # ----- loops -----
 
 
-def _checked(eps_fn, name):
-    """eps_fn that raises NonFiniteError on NaN/inf output, checked at every step.
+class _CheckedEps:
+    """eps_fn wrapper that raises NonFiniteError if the model ever outputs NaN/inf.
 
-    Checking x alone is not enough: with clip_denoised, ops.clamp turns a NaN x_0
-    into -1 on MindSpore CPU, so a broken model would silently give finite garbage.
+    Checking x alone is not enough: with clip_denoised, ops.clamp turns a NaN x_0 into
+    -1 on MindSpore CPU, so a broken model would silently give finite garbage. The
+    flag is accumulated on the device and read (one host sync) after the first call,
+    every CHECK_EVERY calls and by a final check(), so a broken model fails at once.
     """
 
-    def fn(x, t):
-        eps = eps_fn(x, t)
-        if not bool(ops.isfinite(eps).all()):
-            check_finite(eps, f"the {name} model output (predicted noise) for timestep {int(t.asnumpy()[0])}")
+    def __init__(self, eps_fn, name):
+        self.eps_fn, self.name, self.ok, self.calls, self.t = eps_fn, name, None, 0, None
+
+    def __call__(self, x, t):
+        eps = self.eps_fn(x, t)
+        ok = ops.isfinite(eps).all()
+        self.ok = ok if self.ok is None else ops.logical_and(self.ok, ok)
+        self.calls, self.t = self.calls + 1, t
+        if self.calls == 1 or self.calls % CHECK_EVERY == 0:
+            self.check()
         return eps
 
-    return fn
+    def check(self):
+        if self.ok is not None and not bool(self.ok):
+            t = int(self.t.asnumpy()[0])
+            where = f"timestep {t}" if self.calls == 1 else f"one of the first {self.calls} steps (now at timestep {t})"
+            raise NonFiniteError(
+                f"the {self.name} model output (predicted noise) has NaN/inf values at {where}; "
+                "the model or checkpoint is broken (diverged training?) - try the EMA weights"
+            )
 
 
 def _run(name, eps_fn, sched, x, ts, step, callback, progress):
@@ -268,15 +283,18 @@ def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rn
     rng = np.random.default_rng(seed) if rng is None else rng
     shape = tuple(int(s) for s in shape)
 
-    eps_fn = _checked(eps_fn, sampler)
+    eps_fn = _CheckedEps(eps_fn, sampler)
     if sampler == "ddpm" and len(ts) == T:
         cb = None if callback is None else (lambda t, x, x0: callback(T - 1 - t, t, x, x0))
-        return p_sample_loop(eps_fn, sched, shape, rng, variance, clip_denoised, cb, progress, CHECK_EVERY)
-
-    x = Tensor(rng.standard_normal(shape, dtype=np.float32))  # x_T ~ N(0, I)
-    if sampler == "ddpm":  # respaced DDPM = DDIM with eta = 1 (module docstring)
-        return _ddim_loop(eps_fn, sched, x, ts, rng, 1.0, clip_denoised, callback, progress,
-                          name="DDPM", variance=variance)
-    if sampler == "ddim":
-        return _ddim_loop(eps_fn, sched, x, ts, rng, eta, clip_denoised, callback, progress)
-    return _dpm_solver_pp_loop(eps_fn, sched, x, ts, clip_denoised, callback, progress)
+        x = p_sample_loop(eps_fn, sched, shape, rng, variance, clip_denoised, cb, progress, CHECK_EVERY)
+    else:
+        x = Tensor(rng.standard_normal(shape, dtype=np.float32))  # x_T ~ N(0, I)
+        if sampler == "ddpm":  # respaced DDPM = DDIM with eta = 1 (module docstring)
+            x = _ddim_loop(eps_fn, sched, x, ts, rng, 1.0, clip_denoised, callback, progress,
+                           name="DDPM", variance=variance)
+        elif sampler == "ddim":
+            x = _ddim_loop(eps_fn, sched, x, ts, rng, eta, clip_denoised, callback, progress)
+        else:
+            x = _dpm_solver_pp_loop(eps_fn, sched, x, ts, clip_denoised, callback, progress)
+    eps_fn.check()
+    return x

@@ -125,7 +125,7 @@ class LossLog:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        self.file = open(path, "a", newline="")
+        self.file = open(path, "a", newline="", buffering=1)  # line-buffered: readable while training
         self.writer = csv.writer(self.file)
 
     def write(self, *values):

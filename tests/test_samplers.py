@@ -294,7 +294,7 @@ def test_dpm_solver_pp_50_steps_matches_data_and_ode():
 def test_ddim_and_dpm_solver_pp_converge_to_probability_flow_ode():
     shape = (64, 1, 4, 4)
     exact = exact_ode(seed=3, shape=shape)
-    errors = [np.abs(gaussian_run("ddim", n, seed=3, shape=shape) - exact).max() for n in (10, 50, 200, 1000)]
+    errors = [np.abs(gaussian_run("ddim", n, seed=3, shape=shape) - exact).max() for n in (10, 50, 1000)]
     assert errors[-1] < 1e-2, errors
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     dpm = [np.abs(gaussian_run("dpm-solver++", n, seed=3, shape=shape) - exact).max() for n in (10, 20, 50)]
@@ -349,9 +349,23 @@ def test_nan_from_model_raises_non_finite_error(sampler, steps, clip):
         calls.append(t)
         return x * float("nan")
 
-    with pytest.raises(NonFiniteError, match="NaN/inf .*model output.*timestep 29"):
+    with pytest.raises(NonFiniteError, match="model output .*NaN/inf values at timestep 29"):
         sample(nan_eps, sched, (2, 1, 2, 2), sampler, steps, clip_denoised=clip, progress=False)
     assert len(calls) == 1  # fails at the first step, not after the whole chain
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_late_inf_from_model_raises_despite_clipping(sampler):
+    """inf only near t = 0 is hidden from x by the clipping of x_0 but still reported."""
+    sched = Schedule.from_config("linear", 100)
+    eps = GaussianEps(sched, MU, S)
+
+    def late_inf_eps(x, t):
+        out = eps(x, t)
+        return out * float("inf") if int(t.asnumpy()[0]) < 3 else out
+
+    with pytest.raises(NonFiniteError, match="model output .*NaN/inf"):
+        sample(late_inf_eps, sched, (2, 1, 2, 2), sampler, None, clip_denoised=True, progress=False)
 
 
 def test_gaussian_eps_per_sample_timesteps():
