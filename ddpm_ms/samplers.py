@@ -20,9 +20,9 @@ the final x_0 prediction, matching the last step of Algorithm 2 of Ho et al.).
   first ``steps`` points of ``timestep_sequence(T, steps + 1)`` and the final
   (first-order, "lower order final") step goes from the last of them straight to
   alpha_bar = 1 (lambda = +inf, where a 2nd-order step is undefined) and returns the
-  x_0 prediction. DDIM's grid instead ends with an evaluation at t = 0, so its big
-  step is the one into t = 0; a 2nd-order step there, with a tiny step-size ratio
-  r, overshoots badly (tests/test_samplers.py measures this).
+  x_0 prediction. (DDIM's grid ends with an evaluation at t = 0 instead, so its big
+  step is the one into t = 0; a 2nd-order step there, with a small step-size ratio
+  r, overshoots: +39% in std on the Gaussian test data at 10 uniform steps.)
 
 Randomness comes only from one NumPy Generator: x_T ~ N(0, I) is drawn first, then
 the per-step noise (DDPM, DDIM with eta > 0), so a seed fixes the result exactly.
@@ -58,7 +58,7 @@ __all__ = [
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 SPACINGS = ("uniform", "quadratic")
-CHECK_EVERY = 50  # steps between NaN/inf checks (always checked after the last step)
+CHECK_EVERY = 50  # steps between NaN/inf checks of x and of the model output (also after step 1 and the last)
 
 
 def timestep_sequence(num_timesteps, steps, spacing="uniform"):
@@ -262,7 +262,8 @@ def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rn
     eps_fn(x [N, ...] float32 Tensor, t [N] int32 Tensor) -> predicted noise.
     steps: number of network evaluations, 1..T (None: all T); the timesteps used are
     sampler_timesteps(T, steps, sampler, spacing), spacing "uniform" or "quadratic".
-    eta: DDIM stochasticity in [0, 1]; must be 0 for the other samplers.
+    eta: DDIM stochasticity in [0, 1] (validated always, used by ddim only: ddpm is
+    eta = 1 by definition and dpm-solver++ is deterministic).
     variance: "posterior" (beta_tilde) or "beta"; used by ddpm only.
     clip_denoised: clip each x_0 prediction to [-1, 1] (DDPM/DDIM as in Ho et al.'s
     code; fixed-range thresholding for DPM-Solver++).
@@ -274,8 +275,6 @@ def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rn
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
-    if eta != 0.0 and sampler != "ddim":
-        raise ValueError(f"eta only applies to the ddim sampler, got eta={eta} with sampler {sampler!r}")
     if variance not in VARIANCE_TYPES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCE_TYPES)}")
     T = sched.num_timesteps

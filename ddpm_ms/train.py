@@ -39,7 +39,7 @@ class TrainStep(nn.Cell):
     Returns (loss, grads_finite).
     """
 
-    def __init__(self, net, sched, optimizer, scaler, ema, loss_type):
+    def __init__(self, net, sched, optimizer, scaler, ema, loss_type, distributed=False):
         super().__init__(auto_prefix=False)
         self.net = net
         self.sched = sched
@@ -48,6 +48,9 @@ class TrainStep(nn.Cell):
         self.ema = ema
         self.loss_type = loss_type
         self.grad_fn = ms.value_and_grad(self.forward, None, optimizer.parameters, has_aux=True)
+        # data parallel: average the gradients over all devices before the update
+        self.distributed = distributed
+        self.grad_reducer = nn.DistributedGradReducer(optimizer.parameters, mean=True) if distributed else None
 
     def forward(self, x_start, t, noise):
         loss = p_losses(self.net, self.sched, x_start, t, noise, self.loss_type)
@@ -55,6 +58,8 @@ class TrainStep(nn.Cell):
 
     def construct(self, x_start, t, noise):
         (_, loss), grads = self.grad_fn(x_start, t, noise)
+        if self.distributed:
+            grads = self.grad_reducer(grads)
         grads = self.scaler.unscale(grads)
         finite = ms.amp.all_finite(grads)
         self.scaler.adjust(finite)
@@ -138,8 +143,9 @@ class LossLog:
 class Trainer:
     """Owns the model, optimizer, EMA, loss scaler and RNG of one run."""
 
-    def __init__(self, cfg, backend, steps_per_epoch):
+    def __init__(self, cfg, backend, steps_per_epoch, rank=0, world_size=1):
         self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
         self.backend = backend
         self.dtype = compute_dtype(backend, cfg["dtype"])
         self.sched = create_schedule(cfg)
@@ -147,6 +153,7 @@ class Trainer:
         self.total_steps = cfg["epochs"] * steps_per_epoch
         if cfg["max_steps"]:
             self.total_steps = min(self.total_steps, cfg["max_steps"])
+        ms.set_seed(cfg["seed"])  # the same initial weights on every device and in every run
         self.model = create_model(cfg)
         self.lrs = learning_rates(cfg["lr"], cfg["min_lr"], self.total_steps, cfg["warmup_steps"],
                                   cfg["lr_schedule"])
@@ -155,16 +162,18 @@ class Trainer:
                                                cfg["loss_scale_window"])
         self.ema = EMA(self.model.trainable_params(), cfg["ema_decay"], cfg["ema_warmup"])
         net = cast_model(self.model, self.dtype)
-        self.step_cell = TrainStep(net, self.sched, self.optimizer, self.scaler, self.ema, cfg["loss_type"])
-        self.rng = np.random.default_rng([cfg["seed"], 1])  # timesteps and noise
+        self.step_cell = TrainStep(net, self.sched, self.optimizer, self.scaler, self.ema, cfg["loss_type"],
+                                   distributed=world_size > 1)
         self.step = 0
         self._sample_model = None
 
     # ----- one step -----
     def train_step(self, x_start):
         batch = x_start.shape[0]
-        t = self.rng.integers(0, self.sched.num_timesteps, size=(batch,)).astype(np.int32)
-        noise = self.rng.standard_normal(x_start.shape, dtype=np.float32)
+        # timesteps and noise depend only on (seed, step, rank): nothing to save for an exact resume
+        rng = np.random.default_rng([self.cfg["seed"], self.step, self.rank])
+        t = rng.integers(0, self.sched.num_timesteps, size=(batch,)).astype(np.int32)
+        noise = rng.standard_normal(x_start.shape, dtype=np.float32)
         loss, finite = self.step_cell(x_start, Tensor(t), Tensor(noise))
         self.step += 1
         return float(loss.asnumpy()), bool(finite.asnumpy())
@@ -193,14 +202,13 @@ class Trainer:
 
     def save(self, manager, epoch, step_in_epoch):
         meta = {"config": self.cfg, "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "rng": self.rng.bit_generator.state, "backend": self.backend, "time": time.time()}
+                "world_size": self.world_size, "backend": self.backend, "time": time.time()}
         return manager.save(self.step, self.state_groups(), meta)
 
     def restore(self, path, groups, meta):
         ckpt.check_compatible(meta, self.cfg, ARCH_KEYS + SCHEDULE_KEYS + ("loss_type",), path)
         for group, params in self.state_groups().items():
             ckpt.assign(params, groups[group], f"{group} state of this run", path)
-        self.rng.bit_generator.state = meta["rng"]
         self.step = meta["step"]
         return meta["epoch"], meta["step_in_epoch"]
 
@@ -219,30 +227,69 @@ class Trainer:
                         gif_frames=gif_frames, progress=progress)
 
 
-def _epoch_batches(cfg, data_dir, epoch, skip):
-    """The batches of one epoch; the data order and flips depend only on (seed, epoch)."""
-    dataset = create_dataset(data_dir, cfg["batch_size"], usage="train", image_size=cfg["image_size"],
-                             random_flip=cfg["random_flip"], num_parallel_workers=cfg["num_workers"],
-                             seed=cfg["seed"] * 1000 + epoch)
+def init_distributed():
+    """(rank, world_size); under msrun (MS_WORKER_NUM > 1) this joins the data-parallel group."""
+    if int(os.environ.get("MS_WORKER_NUM", "1")) <= 1:
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
+    return get_rank(), get_group_size()
+
+
+def device_batch_size(cfg, world_size):
+    """batch_size is the global batch; each of world_size devices takes an equal share."""
+    if cfg["batch_size"] % world_size:
+        raise UserError(f"batch_size {cfg['batch_size']} (the global batch) must be divisible by the number "
+                        f"of devices {world_size}")
+    return cfg["batch_size"] // world_size
+
+
+def make_dataset(cfg, data_dir, rank, world_size, epoch=0, random_flip=None):
+    """This device's shard of the training set; the order and flips depend only on (seed, epoch)."""
+    return create_dataset(data_dir, device_batch_size(cfg, world_size), usage="train",
+                          image_size=cfg["image_size"],
+                          random_flip=cfg["random_flip"] if random_flip is None else random_flip,
+                          num_parallel_workers=cfg["num_workers"], seed=cfg["seed"] * 1000 + epoch,
+                          num_shards=world_size if world_size > 1 else None,
+                          shard_id=rank if world_size > 1 else None)
+
+
+def _epoch_batches(dataset, skip):
     for i, (images,) in enumerate(dataset.create_tuple_iterator(num_epochs=1)):
         if i >= skip:
             yield images
 
 
-def steps_per_epoch_of(cfg, data_dir):
-    return create_dataset(data_dir, cfg["batch_size"], usage="train", image_size=cfg["image_size"],
-                          random_flip=False, shuffle=False).get_dataset_size()
+def write_final_outputs(trainer, run, cfg, progress):
+    plot_loss(run.loss_csv, run.loss_png)
+    images, frames = trainer.generate(cfg["num_samples"], seed=cfg["seed"], gif_frames=cfg["gif_frames"],
+                                      progress=progress)
+    save_grid(images, run.samples_png)
+    np.save(run.samples_npy, images)
+    save_gif(frames, run.gif)
+    print(f"done: {trainer.step} steps; wrote {run.samples_png}, {run.gif}, {run.loss_png}", file=sys.stderr)
 
 
 def train(cfg, resume=False, overwrite=False, progress=True):
-    """Train as configured; returns the RunDir with checkpoint, CSV, curve, grids and GIF."""
+    """Train as configured; returns the RunDir with checkpoint, CSV, curve, grids and GIF.
+
+    Under msrun every process trains on its shard and gradients are averaged; only rank 0
+    writes files (checkpoints, logs, images).
+    """
     from tqdm.auto import tqdm
 
     run = RunDir(cfg["output_dir"])
-    run.prepare(resume, overwrite)
     data_dir = locate_fashion_mnist(cfg["data_dir"])
     backend = setup_device(cfg["device"], cfg["mode"], seed=cfg["seed"])
-    trainer = Trainer(cfg, backend, steps_per_epoch_of(cfg, data_dir))
+    rank, world_size = init_distributed()
+    main_process = rank == 0
+    if main_process:
+        run.prepare(resume, overwrite)
+    steps_per_epoch = make_dataset(cfg, data_dir, rank, world_size, random_flip=False).get_dataset_size()
+    trainer = Trainer(cfg, backend, steps_per_epoch, rank, world_size)
     manager = ckpt.CheckpointManager(run.checkpoints, cfg["keep_checkpoints"])
 
     epoch, skip = 0, 0
@@ -250,23 +297,30 @@ def train(cfg, resume=False, overwrite=False, progress=True):
     if latest:
         epoch, skip = trainer.restore(*latest)
         print(f"resumed from {latest[0]} at step {trainer.step}", file=sys.stderr)
-    save_config(cfg, run.config)
-    log = LossLog(run.loss_csv, resume_step=trainer.step if latest else None)
-    print(f"training on {backend} ({trainer.dtype}), {trainer.steps_per_epoch} steps/epoch, "
-          f"{trainer.total_steps} steps, output in {run.root}", file=sys.stderr)
+    log = None
+    if main_process:
+        save_config(cfg, run.config)
+        log = LossLog(run.loss_csv, resume_step=trainer.step if latest else None)
+        print(f"training on {backend} ({trainer.dtype}) x {world_size}, {trainer.steps_per_epoch} steps/epoch, "
+              f"{trainer.total_steps} steps, output in {run.root}", file=sys.stderr)
+
+    def save(epoch, step_in_epoch):
+        if main_process:
+            trainer.save(manager, epoch, step_in_epoch)
 
     nonfinite = 0
     try:
         while trainer.step < trainer.total_steps:
             bar = tqdm(total=min(trainer.steps_per_epoch, trainer.total_steps - trainer.step + skip),
-                       initial=skip, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not progress,
-                       dynamic_ncols=True)
+                       initial=skip, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                       disable=not (progress and main_process), dynamic_ncols=True)
             t0, done = time.perf_counter(), 0
-            for images in _epoch_batches(cfg, data_dir, epoch, skip):
+            for images in _epoch_batches(make_dataset(cfg, data_dir, rank, world_size, epoch), skip):
                 lr = trainer.lrs[min(trainer.step, trainer.total_steps - 1)]
                 loss, finite = trainer.train_step(images)
-                log.write(trainer.step, epoch, f"{loss:.6g}", f"{lr:.6g}",
-                          f"{float(trainer.scaler.scale_value.asnumpy()):g}", int(finite))
+                if log:
+                    log.write(trainer.step, epoch, f"{loss:.6g}", f"{lr:.6g}",
+                              f"{float(trainer.scaler.scale_value.asnumpy()):g}", int(finite))
                 nonfinite = 0 if np.isfinite(loss) else nonfinite + 1
                 if nonfinite >= MAX_NONFINITE_LOSSES:
                     raise FloatingPointError(
@@ -275,9 +329,10 @@ def train(cfg, resume=False, overwrite=False, progress=True):
                         "dtype=float32")
                 done += 1
                 if cfg["save_every_steps"] and trainer.step % cfg["save_every_steps"] == 0:
-                    trainer.save(manager, epoch, skip + done)
+                    save(epoch, skip + done)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{done * cfg['batch_size'] / (time.perf_counter() - t0):.1f}")
+                bar.set_postfix(loss=f"{loss:.4f}",
+                                img_s=f"{done * cfg['batch_size'] / (time.perf_counter() - t0):.1f}")
                 if trainer.step >= trainer.total_steps:
                     break
             bar.close()
@@ -285,19 +340,16 @@ def train(cfg, resume=False, overwrite=False, progress=True):
             epoch, skip = (epoch + 1, 0) if epoch_done else (epoch, skip + done)
             finished = trainer.step >= trainer.total_steps
             if finished or (epoch_done and epoch % cfg["save_every"] == 0):
-                trainer.save(manager, epoch, skip)
-            if not finished and epoch_done and cfg["sample_every"] and epoch % cfg["sample_every"] == 0:
+                save(epoch, skip)
+            if (main_process and not finished and epoch_done and cfg["sample_every"]
+                    and epoch % cfg["sample_every"] == 0):
                 images, _ = trainer.generate(cfg["num_samples"], seed=cfg["seed"], progress=progress)
                 save_grid(images, os.path.join(run.samples_dir, f"epoch_{epoch:03d}.png"))
     finally:
-        log.close()
-    plot_loss(run.loss_csv, run.loss_png)
-    images, frames = trainer.generate(cfg["num_samples"], seed=cfg["seed"], gif_frames=cfg["gif_frames"],
-                                      progress=progress)
-    save_grid(images, run.samples_png)
-    np.save(run.samples_npy, images)
-    save_gif(frames, run.gif)
-    print(f"done: {trainer.step} steps; wrote {run.samples_png}, {run.gif}, {run.loss_png}", file=sys.stderr)
+        if log:
+            log.close()
+    if main_process:
+        write_final_outputs(trainer, run, cfg, progress)
     return run
 
 

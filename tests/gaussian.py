@@ -15,7 +15,8 @@ the exact output distribution of a discretised chain follows by recursion.
 
 import numpy as np
 
-from mindspore import ops
+import mindspore as ms
+from mindspore import Tensor, ops
 
 
 class GaussianEps:
@@ -23,16 +24,21 @@ class GaussianEps:
 
     def __init__(self, sched, mu=-0.4, s=0.5):
         self.sched, self.mu, self.s = sched, float(mu), float(s)
+        # eps_hat = c1 x_t - c0 with c1 = b / (a^2 s^2 + b^2), c0 = a mu c1, per timestep
+        a, b = sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod
+        self.c1_np = b / (a * a * self.s**2 + b * b)
+        self.c0_np = a * self.mu * self.c1_np
+        self.c1, self.c0 = Tensor(self.c1_np, ms.float32), Tensor(self.c0_np, ms.float32)
 
     def __call__(self, x, t):
-        # per-sample coefficients c1 = b / (a^2 s^2 + b^2), c0 = a mu c1, gathered by t;
-        # only two ops touch x, and nothing reads t back to the host (no sync per step)
-        a = ops.gather(self.sched.tensors["sqrt_alphas_cumprod"], t, 0)
-        b = ops.gather(self.sched.tensors["sqrt_one_minus_alphas_cumprod"], t, 0)
-        c1 = b / (a * a * self.s**2 + b * b)
-        c0 = a * c1 * self.mu
+        t_np = t.asnumpy()
+        if np.all(t_np == t_np[0]):
+            # one timestep for the batch (as in the samplers): Python-float coefficients,
+            # since ops on broadcast [N,1,1,1] tensors are slow on MindSpore CPU
+            i = int(t_np[0])
+            return x * float(self.c1_np[i]) - float(self.c0_np[i])
         bshape = (-1,) + (1,) * (len(x.shape) - 1)
-        return x * c1.reshape(bshape) - c0.reshape(bshape)
+        return x * ops.gather(self.c1, t, 0).reshape(bshape) - ops.gather(self.c0, t, 0).reshape(bshape)
 
     def _ab(self, t):
         """(a, b) at index t; t = -1 means alpha_bar = 1 (clean data)."""

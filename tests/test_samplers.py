@@ -122,7 +122,7 @@ def test_invalid_arguments():
         with pytest.raises(ValueError, match="eta"):
             sample(eps, sched, (1, 1, 2, 2), "ddim", 10, eta=eta, progress=False)
     with pytest.raises(ValueError, match="eta"):
-        sample(eps, sched, (1, 1, 2, 2), "dpm-solver++", 10, eta=0.5, progress=False)
+        sample(eps, sched, (1, 1, 2, 2), "dpm-solver++", 10, eta=2.0, progress=False)
     with pytest.raises(ValueError, match="variance"):
         sample(eps, sched, (1, 1, 2, 2), "ddpm", 10, variance="learned", progress=False)
     with pytest.raises(ValueError, match="steps"):
@@ -275,9 +275,11 @@ def test_ddim_eta0_std_error_shrinks_with_steps():
     assert errors[0] > errors[1] > errors[2], errors
 
 
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
 @pytest.mark.parametrize("steps", [10, 20])
-def test_dpm_solver_pp_beats_ddim(steps):
-    x, ddim, exact = gaussian_run("dpm-solver++", steps), gaussian_run("ddim", steps), exact_ode()
+def test_dpm_solver_pp_beats_ddim(steps, spacing):
+    x = gaussian_run("dpm-solver++", steps, spacing=spacing)
+    ddim, exact = gaussian_run("ddim", steps, spacing=spacing), exact_ode()
     assert mean_err(x) < TOL, x.mean()
     # same x_T: compare discretisation errors with and without the sampling noise
     assert abs(x.std() - exact.std()) < abs(ddim.std() - exact.std())
@@ -285,10 +287,11 @@ def test_dpm_solver_pp_beats_ddim(steps):
     assert np.abs(x - exact).max() < np.abs(ddim - exact).max()
 
 
-def test_dpm_solver_pp_50_steps_matches_data_and_ode():
-    x = gaussian_run("dpm-solver++", 50)
+@pytest.mark.parametrize("steps,spacing,ode_tol", [(50, "uniform", 1e-2), (20, "quadratic", 5e-2)])
+def test_dpm_solver_pp_matches_data_and_ode(steps, spacing, ode_tol):
+    x = gaussian_run("dpm-solver++", steps, spacing=spacing)
     assert mean_err(x) < TOL and std_err(x) < TOL, (x.mean(), x.std())
-    assert np.abs(x - exact_ode()).max() < 1e-2
+    assert np.abs(x - exact_ode()).max() < ode_tol
 
 
 def test_ddim_and_dpm_solver_pp_converge_to_probability_flow_ode():
@@ -314,6 +317,13 @@ def test_same_seed_is_bit_identical(sampler, eta):
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     np.testing.assert_array_equal(a, run(rng=np.random.default_rng(1)))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm-solver++"])
+def test_eta_is_ignored_by_non_ddim_samplers(sampler):
+    sched, eps = linear_schedule(), gaussian_eps()
+    run = lambda eta: sample(eps, sched, (4, 1, 2, 2), sampler, 10, eta=eta, seed=2, progress=False)  # noqa: E731
+    np.testing.assert_array_equal(run(0.0).asnumpy(), run(0.5).asnumpy())
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

@@ -1,0 +1,229 @@
+"""Score samples offline: FD, IS, precision and recall in the Fashion-MNIST classifier's feature space.
+
+    python -m ddpm_ms.evaluate --samples samples.npy [--out results.json]
+    python -m ddpm_ms.evaluate --checkpoint runs/quick --num 10000 --sampler ddim --steps 50 [--out results.json]
+
+``--samples`` takes an ``.npy`` of images [N, 1, 28, 28] (floats in [-1, 1] or uint8 0..255) or a
+folder of 28x28 PNGs; ``--checkpoint`` (a run directory or a ``.ckpt``) generates ``--num`` images
+first. The first run trains the evaluation classifier (a few minutes on a CPU) and caches it
+(see :mod:`ddpm_ms.classifier`). Prints one line
+
+    FD x (floor y), IS z, precision p, recall r
+
+where the floor is the FD of as many real train images against the test split, and with
+``--out`` writes every number (and the floor's other metrics) as JSON.
+"""
+
+import argparse
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from .cli import run_cli
+from .config import SAMPLER_NAMES
+from .errors import UserError
+
+
+# --------------------------------------------------------------------------- reading samples
+
+def _check_image_array(images, path):
+    if images.ndim == 4 and images.shape[1] == 1:
+        pass
+    elif images.ndim == 3:
+        images = images[:, None]
+    else:
+        raise UserError(f"{path}: expected images of shape [N, 1, 28, 28] (or [N, 28, 28]), "
+                        f"got {list(images.shape)}")
+    if images.shape[2:] != (28, 28):
+        raise UserError(f"{path}: images are {images.shape[2]}x{images.shape[3]}, expected 28x28 (Fashion-MNIST)")
+    if images.shape[0] < 2:
+        raise UserError(f"{path}: holds {images.shape[0]} image(s); at least 2 are needed (thousands for a "
+                        "meaningful FD)")
+    if images.dtype == np.uint8:
+        return images
+    if not np.issubdtype(images.dtype, np.floating):
+        raise UserError(f"{path}: images must be floats in [-1, 1] or uint8, got dtype {images.dtype}")
+    if not np.isfinite(images).all():
+        raise UserError(f"{path}: images contain NaN or infinite values")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1.001 or hi > 1.001:
+        raise UserError(f"{path}: float images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] "
+                        "(save uint8 0..255 images as uint8)")
+    if lo >= 0.0:
+        print(f"WARNING: {path}: no negative values; images in [0, 1] must be rescaled to [-1, 1] "
+              "(x * 2 - 1) or the scores are wrong", file=sys.stderr, flush=True)
+    return images.astype(np.float32)
+
+
+def load_png_folder(path):
+    """All ``*.png`` in ``path`` (sorted), as uint8 [N, 1, 28, 28] grayscale."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(glob.glob(os.path.join(path, "*.png")) + glob.glob(os.path.join(path, "*.PNG")))
+    if not files:
+        raise UserError(f"{path}: folder holds no .png files")
+    images = []
+    for name in files:
+        try:
+            with Image.open(name) as img:
+                if img.size != (28, 28):
+                    raise UserError(f"{name}: image is {img.size[0]}x{img.size[1]}, expected 28x28 (one image per "
+                                    "file; for a sample grid, evaluate the .npy written beside it)")
+                images.append(np.asarray(img.convert("L"), dtype=np.uint8))
+        except (UnidentifiedImageError, OSError) as e:
+            raise UserError(f"{name}: cannot read the image ({e})") from None
+    return np.stack(images)[:, None]
+
+
+def load_samples(path):
+    """Images from an ``.npy`` file or a folder of PNGs -> uint8 or float32 [N, 1, 28, 28]."""
+    if os.path.isdir(path):
+        return _check_image_array(load_png_folder(path), path)
+    if not os.path.exists(path):
+        raise UserError(f"--samples {path} does not exist; pass an .npy file or a folder of PNG images")
+    if not path.endswith(".npy"):
+        raise UserError(f"--samples {path}: expected an .npy file or a folder of PNG images")
+    try:
+        images = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{path}: not a readable .npy array ({' '.join(str(e).split())})") from None
+    return _check_image_array(np.asarray(images), path)
+
+
+# --------------------------------------------------------------------------- shared set-up
+
+def prepare_reference(data_dir=None, cache_dir=None, progress=True):
+    """The cached (or freshly trained) classifier and the real reference -> (net, info, reference)."""
+    from .classifier import load_or_train_classifier
+    from .data import locate_fashion_mnist
+    from .evaluation import RealReference
+
+    data_dir = locate_fashion_mnist(data_dir)
+    net, info = load_or_train_classifier(cache_dir=cache_dir, data_dir=data_dir, progress=progress)
+    return net, info, RealReference.build(net, data_dir)
+
+
+def classifier_record(info):
+    return {k: info.get(k) for k in ("version", "key", "test_accuracy")}
+
+
+def write_json(path, payload):
+    """Write ``payload`` as JSON via a temporary file and ``os.replace``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+def _check_out(path):
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    if os.path.isdir(path):
+        raise UserError(f"--out {path} is a directory; pass a file name such as results.json")
+    if os.path.exists(directory) and not os.access(directory, os.W_OK):
+        raise UserError(f"--out {path}: directory {directory} is not writable")
+
+
+# --------------------------------------------------------------------------- the command
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="ddpm-evaluate",
+        description="FD / IS / precision / recall of samples in a Fashion-MNIST classifier's feature space.")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--samples", help=".npy of images [N, 1, 28, 28] (floats in [-1, 1] or uint8) or a folder of PNGs")
+    src.add_argument("--checkpoint", help="checkpoint file or run directory: generate --num samples first")
+    parser.add_argument("--num", type=int, default=1000, help="images to generate (with --checkpoint)")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="default: the run's config")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's config)")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (and seed of the floor's real subset)")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--save-samples", default=None, help="also save the generated images to this .npy")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--k", type=int, default=3, help="neighbours of the precision/recall manifolds")
+    parser.add_argument("--splits", type=int, default=10, help="splits of the Inception-like score")
+    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files (default: located automatically)")
+    parser.add_argument("--cache-dir", default=None, help="classifier cache (default: ~/.cache/ddpm_ms/classifier)")
+    parser.add_argument("--device", default="auto", help="auto, Ascend, GPU or CPU")
+    parser.add_argument("--mode", default="graph", choices=("graph", "pynative"))
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def generate_samples(args):
+    """Load the checkpoint and generate ``args.num`` images -> (images, source record)."""
+    from .sample import check_sampling_args, resolve_checkpoint
+    from .device import compute_dtype
+    from .pipeline import cast_model, generate, load_model
+
+    path = resolve_checkpoint(args.checkpoint)
+    model, sched, cfg = load_model(path, use_ema=not args.no_ema)
+    check_sampling_args(args, cfg)
+    dtype = compute_dtype(args.backend, cfg.get("dtype", "auto"))
+    sampler = args.sampler or cfg["sampler"]
+    steps = args.steps if args.steps is not None else (cfg["sample_steps"] or sched.num_timesteps)
+    t0 = time.time()
+    images, _ = generate(cast_model(model, dtype), sched, cfg, args.num, sampler=sampler, steps=steps,
+                         eta=args.eta, seed=args.seed, dtype=dtype, progress=not args.no_progress)
+    source = {"checkpoint": os.path.abspath(path), "sampler": sampler, "steps": steps,
+              "eta": cfg["eta"] if args.eta is None else args.eta, "seed": args.seed, "ema": not args.no_ema,
+              "timesteps": sched.num_timesteps, "sampling_seconds": time.time() - t0}
+    return images, source
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .device import setup_device
+    from .evaluation import evaluate_images, summary_line
+
+    _check_out(args.out)
+    if args.k < 1:
+        raise UserError(f"--k must be >= 1, got {args.k}")
+    if args.splits < 1:
+        raise UserError(f"--splits must be >= 1, got {args.splits}")
+    if args.samples is not None:
+        images = load_samples(args.samples)  # check the input before any expensive work
+        source = {"samples": os.path.abspath(args.samples)}
+    else:
+        if args.num < 2:
+            raise UserError(f"--num must be >= 2, got {args.num}")
+        from .sample import resolve_checkpoint
+
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
+    args.backend = setup_device(args.device, args.mode)
+    if args.checkpoint is not None:
+        images, source = generate_samples(args)
+        if args.save_samples:
+            np.save(args.save_samples, images)
+    net, info, reference = prepare_reference(args.data_dir, args.cache_dir, progress=not args.no_progress)
+    t0 = time.time()
+    result = evaluate_images(images, net, reference, k=args.k, splits=args.splits, seed=args.seed)
+    result["eval_seconds"] = time.time() - t0
+    payload = {**result, "source": source, "classifier": classifier_record(info)}
+    print(summary_line(result), flush=True)
+    if args.out:
+        write_json(args.out, payload)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return payload
+
+
+def console_main():
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    console_main()

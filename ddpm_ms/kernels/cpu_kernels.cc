@@ -1,0 +1,395 @@
+// Exact float32 CPU kernels for ddpm_ms (MindSpore "aot" custom operators).
+//
+// Compiled on the machine that runs them (see ddpm_ms/kernels/__init__.py) with
+// g++ -O3 -march=native -fopenmp; never shipped as a binary. Every function has the
+// MindSpore aot signature
+//     int name(int nparam, void **params, int *ndims, int64_t **shapes,
+//              const char **dtypes, void *stream, void *extra)
+// where params holds the inputs followed by the outputs, all contiguous float32.
+//
+// Kernels (all compute the same mathematical function as the MindSpore op they replace):
+//   gelu_fwd(x) -> y                      y = x * Phi(x), Phi = standard normal CDF (erf form)
+//   gelu_bwd(x, dy) -> dx                 dx = dy * (Phi(x) + x * phi(x))
+//   silu_fwd(x) -> y                      y = x * sigmoid(x)
+//   silu_bwd(x, dy) -> dx                 dx = dy * s * (1 + x * (1 - s))
+//   group_norm_fwd(x[N,G,Cg,HW], gamma[C], beta[C]) -> y[N,G,Cg,HW], mean[N,G], rstd[N,G]
+//   group_norm_bwd(dy, x, mean, rstd, gamma) -> dx, dgamma[C], dbeta[C]
+//   dwconv_fwd(x[N,C,H,W], w[C,1,K,K]) -> y          depthwise, stride 1, zero pad K/2
+//   dwconv_bwd_input(dy, w) -> dx
+//   dwconv_bwd_filter(dy, x, w) -> dw[C,1,K,K]  (w only gives the kernel shape)
+// The group norm epsilon is 1e-5 (nn.GroupNorm's default; other values use the built-in op).
+//
+// Elementwise special functions are written branch-free so that the compiler vectorises
+// the loops; their accuracy (relative error of a few float32 ulps, well under 1e-6) is
+// checked against float64 references in tests/test_kernels.py.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+
+namespace {
+
+const float kEps = 1e-5f;
+
+inline float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+// exp(x) for float32, relative error ~2 ulp; x clamped to [-87.3, 88.7].
+inline float exp_f(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.7f ? 88.7f : x;
+  const float round_magic = 12582912.0f;                 // 1.5 * 2^23
+  float n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  float r = x - n * 0.693359375f;                        // Cody-Waite: ln2 = hi + lo
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;                            // minimax polynomial of exp on [-ln2/2, ln2/2]
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  return p * bits_to_float(e);
+}
+
+// erfc(z) for z >= 0, relative error < 1.2e-7 (Chebyshev-fitted form of exp(-z^2) * poly).
+// The z*z rounding error is corrected with an fma so large z keep their relative accuracy.
+inline float erfc_pos(float z) {
+  float t = 1.0f / (1.0f + 0.5f * z);
+  float p = 0.17087277f;
+  p = p * t - 0.82215223f;
+  p = p * t + 1.48851587f;
+  p = p * t - 1.13520398f;
+  p = p * t + 0.27886807f;
+  p = p * t - 0.18628806f;
+  p = p * t + 0.09678418f;
+  p = p * t + 0.37409196f;
+  p = p * t + 1.00002368f;
+  p = p * t - 1.26551223f;
+  float z2 = z * z;
+  float z2_err = std::fma(z, z, -z2);
+  return t * exp_f(p - z2) * (1.0f - z2_err);
+}
+
+const float kInvSqrt2 = 0.70710678118654752f;
+const float kInvSqrt2Pi = 0.39894228040143268f;
+
+// Phi(x) = 0.5 * erfc(-x / sqrt(2)), accurate in both tails.
+inline float norm_cdf(float x) {
+  float z = (x < 0.0f ? -x : x) * kInvSqrt2;
+  float h = 0.5f * erfc_pos(z);
+  return x < 0.0f ? h : 1.0f - h;
+}
+
+inline float sigmoid(float x) {
+  float e = exp_f(x < 0.0f ? x : -x);  // exp(-|x|) never overflows
+  float inv = 1.0f / (1.0f + e);
+  return x < 0.0f ? e * inv : inv;
+}
+
+inline int64_t numel(int nd, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < nd; ++i) n *= shape[i];
+  return n;
+}
+
+bool all_float32(int nparam, const char **dtypes) {
+  for (int i = 0; i < nparam; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0) return false;
+  return true;
+}
+
+}  // namespace
+
+extern "C" {
+
+int gelu_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+             void *, void *) {
+  if (nparam != 2 || !all_float32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  const int64_t n = numel(ndims[0], shapes[0]);
+#pragma omp parallel for simd schedule(static) if (n > 32768)
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * norm_cdf(x[i]);
+  return 0;
+}
+
+int gelu_bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+             void *, void *) {
+  if (nparam != 3 || !all_float32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *dy = static_cast<const float *>(params[1]);
+  float *dx = static_cast<float *>(params[2]);
+  const int64_t n = numel(ndims[0], shapes[0]);
+#pragma omp parallel for simd schedule(static) if (n > 32768)
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i];
+    float pdf = kInvSqrt2Pi * exp_f(-0.5f * v * v);
+    dx[i] = dy[i] * (norm_cdf(v) + v * pdf);
+  }
+  return 0;
+}
+
+int silu_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+             void *, void *) {
+  if (nparam != 2 || !all_float32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  const int64_t n = numel(ndims[0], shapes[0]);
+#pragma omp parallel for simd schedule(static) if (n > 32768)
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * sigmoid(x[i]);
+  return 0;
+}
+
+int silu_bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+             void *, void *) {
+  if (nparam != 3 || !all_float32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *dy = static_cast<const float *>(params[1]);
+  float *dx = static_cast<float *>(params[2]);
+  const int64_t n = numel(ndims[0], shapes[0]);
+#pragma omp parallel for simd schedule(static) if (n > 32768)
+  for (int64_t i = 0; i < n; ++i) {
+    float s = sigmoid(x[i]);
+    dx[i] = dy[i] * s * (1.0f + x[i] * (1.0f - s));
+  }
+  return 0;
+}
+
+// x viewed as [N, G, Cg, HW]; gamma, beta [G*Cg]; outputs y (same view), mean, rstd [N, G].
+int group_norm_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                   void *, void *) {
+  if (nparam != 6 || ndims[0] != 4 || !all_float32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *beta = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  float *mean_out = static_cast<float *>(params[4]);
+  float *rstd_out = static_cast<float *>(params[5]);
+  const int64_t N = shapes[0][0], G = shapes[0][1], Cg = shapes[0][2], HW = shapes[0][3];
+  const int64_t M = Cg * HW;
+  const int64_t total = N * G;
+#pragma omp parallel for schedule(dynamic, 1) if (total * M > 32768)
+  for (int64_t ng = 0; ng < total; ++ng) {
+    const float *xp = x + ng * M;
+    float *yp = y + ng * M;
+    const int64_t g = ng % G;
+    // two-pass mean / variance, double accumulation
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < M; ++i) s += xp[i];
+    const double mean = s / static_cast<double>(M);
+    const float meanf = static_cast<float>(mean);
+    double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < M; ++i) {
+      double d = static_cast<double>(xp[i]) - mean;
+      ss += d * d;
+    }
+    const double var = ss / static_cast<double>(M);
+    const float rstd = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(kEps)));
+    mean_out[ng] = meanf;
+    rstd_out[ng] = rstd;
+    for (int64_t c = 0; c < Cg; ++c) {
+      const int64_t ch = g * Cg + c;
+      const float a = gamma[ch] * rstd;
+      const float b = beta[ch] - meanf * a;
+      const float *xc = xp + c * HW;
+      float *yc = yp + c * HW;
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) yc[i] = xc[i] * a + b;
+    }
+  }
+  return 0;
+}
+
+// inputs dy, x (both [N, G, Cg, HW]), mean, rstd [N, G], gamma [C]; outputs dx, dgamma, dbeta.
+int group_norm_bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                   void *, void *) {
+  if (nparam != 8 || ndims[0] != 4 || !all_float32(nparam, dtypes)) return 1;
+  const float *dy = static_cast<const float *>(params[0]);
+  const float *x = static_cast<const float *>(params[1]);
+  const float *mean = static_cast<const float *>(params[2]);
+  const float *rstd = static_cast<const float *>(params[3]);
+  const float *gamma = static_cast<const float *>(params[4]);
+  float *dx = static_cast<float *>(params[5]);
+  float *dgamma = static_cast<float *>(params[6]);
+  float *dbeta = static_cast<float *>(params[7]);
+  const int64_t N = shapes[0][0], G = shapes[0][1], Cg = shapes[0][2], HW = shapes[0][3];
+  const int64_t C = G * Cg, M = Cg * HW;
+  // per (n, c): s1 = sum dy, s2 = sum dy * x
+  std::vector<double> s1(N * C), s2(N * C);
+  const int64_t total = N * G;
+#pragma omp parallel for schedule(dynamic, 1) if (total * M > 32768)
+  for (int64_t ng = 0; ng < total; ++ng) {
+    const int64_t n = ng / G, g = ng % G;
+    const float *dyp = dy + ng * M;
+    const float *xp = x + ng * M;
+    float *dxp = dx + ng * M;
+    const double mu = mean[ng], rs = rstd[ng];
+    double A = 0.0, B = 0.0;  // sum gamma*dy, sum gamma*dy*xhat over the group
+    for (int64_t c = 0; c < Cg; ++c) {
+      const float *dyc = dyp + c * HW;
+      const float *xc = xp + c * HW;
+      double a = 0.0, b = 0.0;
+#pragma omp simd reduction(+ : a, b)
+      for (int64_t i = 0; i < HW; ++i) {
+        a += dyc[i];
+        b += static_cast<double>(dyc[i]) * xc[i];
+      }
+      const int64_t ch = g * Cg + c;
+      s1[n * C + ch] = a;
+      s2[n * C + ch] = b;
+      A += gamma[ch] * a;
+      B += gamma[ch] * (b - mu * a) * rs;
+    }
+    const float rsf = static_cast<float>(rs);
+    const float k1 = static_cast<float>(A / static_cast<double>(M));
+    const float k2 = static_cast<float>(B / static_cast<double>(M));
+    const float muf = static_cast<float>(mu);
+    for (int64_t c = 0; c < Cg; ++c) {
+      const float gm = gamma[g * Cg + c];
+      const float *dyc = dyp + c * HW;
+      const float *xc = xp + c * HW;
+      float *dxc = dxp + c * HW;
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) {
+        const float xhat = (xc[i] - muf) * rsf;
+        dxc[i] = rsf * (gm * dyc[i] - k1 - xhat * k2);
+      }
+    }
+  }
+  for (int64_t ch = 0; ch < C; ++ch) {
+    const int64_t g = ch / Cg;
+    double dg = 0.0, db = 0.0;
+    for (int64_t n = 0; n < N; ++n) {
+      const double a = s1[n * C + ch], b = s2[n * C + ch];
+      dg += (b - static_cast<double>(mean[n * G + g]) * a) * rstd[n * G + g];
+      db += a;
+    }
+    dgamma[ch] = static_cast<float>(dg);
+    dbeta[ch] = static_cast<float>(db);
+  }
+  return 0;
+}
+
+}  // extern "C"
+
+namespace {
+
+// Copy an H x W plane into the centre of a zeroed (H+2P) x (W+2P) buffer.
+inline void pad_plane(const float *src, int64_t H, int64_t W, int64_t P, float *dst) {
+  const int64_t Wp = W + 2 * P;
+  std::memset(dst, 0, sizeof(float) * (H + 2 * P) * Wp);
+  for (int64_t h = 0; h < H; ++h) std::memcpy(dst + (h + P) * Wp + P, src + h * W, sizeof(float) * W);
+}
+
+// out[h, w] = sum_{i,j} k[i, j] * padded[h + i, w + j]   (k is K x K, row-major)
+inline void correlate_plane(const float *padded, const float *k, int64_t H, int64_t W, int64_t K,
+                            float *out) {
+  const int64_t Wp = W + K - 1;
+  for (int64_t h = 0; h < H; ++h) {
+    float *o = out + h * W;
+    for (int64_t w = 0; w < W; ++w) o[w] = 0.0f;
+    for (int64_t i = 0; i < K; ++i) {
+      const float *row = padded + (h + i) * Wp;
+      for (int64_t j = 0; j < K; ++j) {
+        const float kv = k[i * K + j];
+        const float *r = row + j;
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) o[w] += kv * r[w];
+      }
+    }
+  }
+}
+
+int dwconv_common(void **params, int64_t **shapes, bool flip) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *wt = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t N = shapes[0][0], C = shapes[0][1], H = shapes[0][2], W = shapes[0][3];
+  const int64_t K = shapes[1][3], P = K / 2;
+  if (shapes[1][0] != C || shapes[1][1] != 1 || shapes[1][2] != K || K % 2 == 0) return 1;
+  const int64_t planes = N * C;
+#pragma omp parallel if (planes * H * W * K * K > 200000)
+  {
+    std::vector<float> buf((H + 2 * P) * (W + 2 * P));
+    std::vector<float> kern(K * K);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < planes; ++p) {
+      const int64_t c = p % C;
+      const float *kc = wt + c * K * K;
+      for (int64_t i = 0; i < K * K; ++i) kern[i] = flip ? kc[K * K - 1 - i] : kc[i];
+      pad_plane(x + p * H * W, H, W, P, buf.data());
+      correlate_plane(buf.data(), kern.data(), H, W, K, y + p * H * W);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int dwconv_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+               void *, void *) {
+  if (nparam != 3 || ndims[0] != 4 || ndims[1] != 4 || !all_float32(nparam, dtypes)) return 1;
+  return dwconv_common(params, shapes, false);
+}
+
+// dx = correlation of dy with the 180-degree rotated kernel (same zero padding K/2).
+int dwconv_bwd_input(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                     void *, void *) {
+  if (nparam != 3 || ndims[0] != 4 || ndims[1] != 4 || !all_float32(nparam, dtypes)) return 1;
+  return dwconv_common(params, shapes, true);
+}
+
+// dw[c, 0, i, j] = sum_{n, h, w} dy[n, c, h, w] * xpad[n, c, h + i, w + j]; inputs dy, x, w
+int dwconv_bwd_filter(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                      void *, void *) {
+  if (nparam != 4 || ndims[0] != 4 || ndims[1] != 4 || ndims[3] != 4 || !all_float32(nparam, dtypes))
+    return 1;
+  const float *dy = static_cast<const float *>(params[0]);
+  const float *x = static_cast<const float *>(params[1]);
+  float *dw = static_cast<float *>(params[3]);  // params[2] is w: its shape only
+  const int64_t N = shapes[0][0], C = shapes[0][1], H = shapes[0][2], W = shapes[0][3];
+  const int64_t K = shapes[3][3], P = K / 2;
+  if (shapes[3][0] != C || shapes[3][1] != 1 || shapes[3][2] != K || K % 2 == 0) return 1;
+  const int64_t Wp = W + 2 * P;
+#pragma omp parallel if (N * C * H * W * K * K > 200000)
+  {
+    std::vector<float> buf((H + 2 * P) * Wp);
+    std::vector<double> acc(K * K);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t i = 0; i < K * K; ++i) acc[i] = 0.0;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t p = n * C + c;
+        pad_plane(x + p * H * W, H, W, P, buf.data());
+        const float *g = dy + p * H * W;
+        for (int64_t i = 0; i < K; ++i) {
+          for (int64_t j = 0; j < K; ++j) {
+            float s = 0.0f;
+            for (int64_t h = 0; h < H; ++h) {
+              const float *r = buf.data() + (h + i) * Wp + j;
+              const float *gr = g + h * W;
+#pragma omp simd reduction(+ : s)
+              for (int64_t w = 0; w < W; ++w) s += gr[w] * r[w];
+            }
+            acc[i * K + j] += s;
+          }
+        }
+      }
+      for (int64_t i = 0; i < K * K; ++i) dw[c * K * K + i] = static_cast<float>(acc[i]);
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,52 @@
+"""Run under msrun by tests/test_distributed.py (or directly, as the single-process reference).
+
+    python tests/dist_worker.py steps OUT_DIR   # 3 steps on fixed global batches, weights saved per step
+    python tests/dist_worker.py train OUT_DIR DATA_DIR   # a real train() run
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ddpm_ms  # noqa: E402,F401
+import numpy as np  # noqa: E402
+from mindspore import Tensor  # noqa: E402
+
+from ddpm_ms import checkpoint as ckpt  # noqa: E402
+from ddpm_ms.config import load_config  # noqa: E402
+from ddpm_ms.device import setup_device  # noqa: E402
+from ddpm_ms.train import Trainer, init_distributed, train  # noqa: E402
+
+TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
+GLOBAL_BATCH = 8
+
+
+def fixed_steps(out):
+    cfg = load_config(TINY, ["max_steps=10", "lr=0.003", "batch_size=8"])
+    setup_device("CPU", "graph")
+    rank, world = init_distributed()
+    trainer = Trainer(cfg, "CPU", 100, rank, world)
+    share = GLOBAL_BATCH // world
+    part = slice(rank * share, (rank + 1) * share)
+    for step in range(3):
+        rng = np.random.default_rng([123, step])
+        x = rng.uniform(-1, 1, (GLOBAL_BATCH, 1, 28, 28)).astype(np.float32)
+        t = rng.integers(0, cfg["timesteps"], GLOBAL_BATCH).astype(np.int32)
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        trainer.step_cell(Tensor(x[part]), Tensor(t[part]), Tensor(noise[part]))
+        params = {n: p.asnumpy() for n, p in ckpt.named_params(trainer.model).items()}
+        np.savez(os.path.join(out, f"world{world}_rank{rank}_step{step}.npz"), **params)
+
+
+def real_run(out, data_dir):
+    cfg = load_config(TINY, [f"output_dir={out}", f"data_dir={data_dir}", "max_steps=2", "batch_size=8",
+                             "num_samples=2", "sample_steps=2", "gif_frames=2"])
+    train(cfg, progress=False)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "steps":
+        fixed_steps(sys.argv[2])
+    else:
+        real_run(sys.argv[2], sys.argv[3])
