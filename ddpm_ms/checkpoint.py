@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import re
+import signal
 import sys
 
 import numpy as np
@@ -39,6 +40,15 @@ def _fsync_path(path, directory=False):
         os.close(fd)
 
 
+def fault_point(name, step):
+    """Test hook: SIGKILL this process at a named point when DDPM_MS_KILL_AT == "name:step".
+
+    Used by the crash tests to kill a run inside a training step or inside a checkpoint write.
+    """
+    if os.environ.get("DDPM_MS_KILL_AT") == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _encode_meta(meta):
     return Tensor(np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8).copy())
 
@@ -57,6 +67,7 @@ def save(path, groups, meta):
     tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     ms.save_checkpoint(entries, tmp, crc_check=True)
     _fsync_path(tmp)
+    fault_point("save", meta.get("step"))
     os.replace(tmp, path)
     _fsync_path(directory, directory=True)
     return path
@@ -142,6 +153,8 @@ class CheckpointManager:
 
     def save(self, step, groups, meta):
         os.makedirs(self.directory, exist_ok=True)
+        for stale in glob.glob(os.path.join(self.directory, ".tmp-*")):  # left by a crash mid-save
+            os.remove(stale)
         path = save(self.path_for(step), groups, meta)
         for old in self.list()[:-self.keep]:
             try:

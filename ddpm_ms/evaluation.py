@@ -158,6 +158,7 @@ class RealReference:
         self.test_probs = test_probs
         self.train_images = train_images
         self._test_stats = None
+        self._floors = {}  # (n, k, splits, seed, classifier id) -> metrics of the real train subset
 
     @property
     def test_stats(self):
@@ -204,12 +205,12 @@ def evaluate_images(images, classifier, real_test_feats, real_train_images=None,
     """
     from .classifier import extract
 
-    if isinstance(real_test_feats, RealReference):
-        reference = real_test_feats
-    else:
+    if not isinstance(real_test_feats, RealReference):
         reference = RealReference(real_test_feats, real_test_probs, real_train_images)
-    if real_train_images is not None:
-        reference.train_images = real_train_images
+    elif real_train_images is not None:
+        reference = RealReference(real_test_feats.test_feats, real_test_feats.test_probs, real_train_images)
+    else:
+        reference = real_test_feats
     feats, probs = extract(classifier, images)
     n = feats.shape[0]
     if n < 2:
@@ -218,10 +219,13 @@ def evaluate_images(images, classifier, real_test_feats, real_train_images=None,
     result["fd_floor"] = None
     result["floor"] = None
     if reference.train_images is not None:
-        train = reference.train_images
-        idx = np.random.default_rng([seed, 1]).choice(train.shape[0], min(n, train.shape[0]), replace=False)
-        r_feats, r_probs = extract(classifier, train[np.sort(idx)])
-        result["floor"] = _metrics(r_feats, r_probs, reference, k, splits, seed)
+        key = (n, k, splits, seed, id(classifier))
+        if key not in reference._floors:
+            train = reference.train_images
+            idx = np.random.default_rng([seed, 1]).choice(train.shape[0], min(n, train.shape[0]), replace=False)
+            r_feats, r_probs = extract(classifier, train[np.sort(idx)])
+            reference._floors[key] = _metrics(r_feats, r_probs, reference, k, splits, seed)
+        result["floor"] = dict(reference._floors[key])
         result["fd_floor"] = result["floor"]["fd"]
     return result
 

@@ -318,6 +318,7 @@ def train(cfg, resume=False, overwrite=False, progress=True):
             for images in _epoch_batches(make_dataset(cfg, data_dir, rank, world_size, epoch), skip):
                 lr = trainer.lrs[min(trainer.step, trainer.total_steps - 1)]
                 loss, finite = trainer.train_step(images)
+                ckpt.fault_point("step", trainer.step)
                 if log:
                     log.write(trainer.step, epoch, f"{loss:.6g}", f"{lr:.6g}",
                               f"{float(trainer.scaler.scale_value.asnumpy()):g}", int(finite))

@@ -204,7 +204,7 @@ def test_dpm_solver_pp_first_order_step_is_ddim():
 
 
 def test_dpm_solver_pp_second_order_local_error_is_cubic():
-    """For x_theta linear in lambda the exact solution is known (Lu et al. 2022, Eq. 9);
+    """For x_theta linear in lambda the exact solution of the data-prediction ODE is known;
     the 2M step's local error shrinks ~8x per halving of h, the first-order step's ~4x."""
     sched = linear_schedule()
     lam = lambda t: 0.5 * np.log(sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t]))  # noqa: E731
@@ -367,7 +367,7 @@ def test_nan_from_model_raises_non_finite_error(sampler, steps, clip):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_late_inf_from_model_raises_despite_clipping(sampler):
     """inf only near t = 0 is hidden from x by the clipping of x_0 but still reported."""
-    sched = Schedule.from_config("linear", 100)
+    sched = Schedule.from_config("linear", 30)
     eps = GaussianEps(sched, MU, S)
 
     def late_inf_eps(x, t):

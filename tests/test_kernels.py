@@ -1,0 +1,323 @@
+"""ddpm_ms.kernels: the compiled CPU kernels against float64 NumPy references (forward and
+gradients), and the switch / build-cache / fallback behaviour."""
+
+import ddpm_ms  # noqa: F401  (caps oneDNN at AVX2 before MindSpore is imported)
+
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from ddpm_ms import kernels
+from ddpm_ms import unet as unet_mod
+
+needs_kernels = pytest.mark.skipif(not kernels.enabled(), reason=f"fast kernels unavailable: {kernels.status()}")
+
+RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True, params=["pynative", "graph"])
+def mode(request):
+    ms.set_context(mode=ms.PYNATIVE_MODE if request.param == "pynative" else ms.GRAPH_MODE)
+    yield request.param
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+class _Call(nn.Cell):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def construct(self, *args):
+        return self.fn(*args)
+
+
+def _grads(fn, inputs, dy, positions):
+    """Vector-Jacobian products of fn at inputs for the cotangent dy (via sum(fn * dy))."""
+    dyt = Tensor(dy)
+
+    class Loss(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.fn = fn
+
+        def construct(self, *args):
+            return (self.fn(*args) * dyt).sum()
+
+    out = ms.grad(Loss(), grad_position=positions)(*[Tensor(a) for a in inputs])
+    return [o.asnumpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+
+def _close(got, ref, rtol=RTOL, atol_frac=1e-6):
+    ref = np.asarray(ref, np.float64)
+    atol = atol_frac * max(np.abs(ref).max(), 1e-30)
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------- activations
+
+_erf = np.vectorize(math.erf)
+_erfc = np.vectorize(math.erfc)
+
+
+def _gelu64(x):
+    return 0.5 * x * _erfc(-x / math.sqrt(2.0))
+
+
+def _gelu_grad64(x):
+    return 0.5 * _erfc(-x / math.sqrt(2.0)) + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def _silu64(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _silu_grad64(x):
+    s = 1.0 / (1.0 + np.exp(-x))
+    return s * (1.0 + x * (1.0 - s))
+
+
+def _act_inputs():
+    # both tails, zero, and a random bulk; odd length exercises the vector-loop remainder
+    x = np.concatenate([np.linspace(-12, 12, 241), [0.0, -0.0, 1e-6, -1e-6], _rng(0).standard_normal(300) * 3])
+    return x.astype(np.float32).reshape(1, -1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["gelu", "silu"])
+def test_activation_forward_and_gradient(name):
+    K = kernels.ops()
+    x = _act_inputs()
+    x64 = x.astype(np.float64)
+    f, f64, g64 = (K.gelu, _gelu64, _gelu_grad64) if name == "gelu" else (K.silu, _silu64, _silu_grad64)
+    out = _Call(f)(Tensor(x)).asnumpy()
+    ref = f64(x64)
+    # relative accuracy everywhere the value is a normal float32 (tails included)
+    big = np.abs(ref) > 1e-30
+    np.testing.assert_allclose(out[big], ref[big], rtol=RTOL, atol=1e-30)
+    assert np.abs(out[~big]).max(initial=0.0) < 1e-30
+    dy = _rng(1).standard_normal(x.shape).astype(np.float32)
+    (dx,) = _grads(f, [x], dy, 0)
+    _close(dx, dy.astype(np.float64) * g64(x64), atol_frac=1e-7)
+
+
+@needs_kernels
+def test_activation_cells_use_the_kernels_and_match_builtin():
+    x = Tensor(_act_inputs())
+    for fast_cell, builtin in ((unet_mod.GELU(), nn.GELU(approximate=False)), (unet_mod.SiLU(), nn.SiLU())):
+        assert fast_cell._fast is not None
+        np.testing.assert_allclose(fast_cell(x).asnumpy(), builtin(x).asnumpy(), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- group norm
+
+
+def _gn64(x, G, gamma, beta, eps=1e-5):
+    n, c, h, w = x.shape
+    xg = x.reshape(n, G, -1)
+    mean = xg.mean(-1, keepdims=True)
+    var = xg.var(-1, keepdims=True)
+    xhat = ((xg - mean) / np.sqrt(var + eps)).reshape(x.shape)
+    return xhat * gamma[None, :, None, None] + beta[None, :, None, None]
+
+
+def _gn_grads64(x, G, gamma, beta, dy, eps=1e-5):
+    """Analytic VJP of group norm in float64: (dx, dgamma, dbeta)."""
+    n, c, h, w = x.shape
+    xg = x.reshape(n, G, -1)
+    mean = xg.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(xg.var(-1, keepdims=True) + eps)
+    xhat = ((xg - mean) * rstd).reshape(x.shape)
+    dgamma = (dy * xhat).sum((0, 2, 3))
+    dbeta = dy.sum((0, 2, 3))
+    gdy = (dy * gamma[None, :, None, None]).reshape(n, G, -1)
+    xh = xhat.reshape(n, G, -1)
+    dx = rstd * (gdy - gdy.mean(-1, keepdims=True) - xh * (gdy * xh).mean(-1, keepdims=True))
+    return dx.reshape(x.shape), dgamma, dbeta
+
+
+def _gn_fast(G):
+    K = kernels.ops()
+
+    def f(x, g, b):
+        n, c, h, w = x.shape
+        return K.group_norm(x.reshape(n, G, c // G, h * w), g, b)[0].reshape(n, c, h, w)
+    return f
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,G", [((2, 6, 5, 7), 2), ((3, 4, 3, 3), 1), ((2, 8, 3, 2), 4)])
+def test_group_norm_forward_and_gradients(shape, G):
+    rng = _rng(2)
+    # an offset mean checks that the variance is not computed as E[x^2] - E[x]^2 in float32
+    x = (rng.standard_normal(shape) * 2.0 + 5.0).astype(np.float32)
+    gamma = (1.0 + 0.5 * rng.standard_normal(shape[1])).astype(np.float32)
+    beta = rng.standard_normal(shape[1]).astype(np.float32)
+    x64, g64, b64 = (a.astype(np.float64) for a in (x, gamma, beta))
+    out = _Call(_gn_fast(G))(Tensor(x), Tensor(gamma), Tensor(beta)).asnumpy()
+    _close(out, _gn64(x64, G, g64, b64), atol_frac=1e-6)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    got = _grads(_gn_fast(G), [x, gamma, beta], dy, (0, 1, 2))
+    for a, b in zip(got, _gn_grads64(x64, G, g64, b64, dy.astype(np.float64))):
+        _close(a, b, atol_frac=1e-5)
+
+
+@needs_kernels
+def test_group_norm_cell_uses_the_kernel_and_other_eps_does_not():
+    assert unet_mod.GroupNorm(2, 4)._fast is not None
+    assert unet_mod.GroupNorm(2, 4, eps=1e-6)._fast is None
+
+
+# ----------------------------------------------------------------------------- depthwise conv
+
+
+def _dwconv64(x, w):
+    n, c, h, wd = x.shape
+    k = w.shape[-1]
+    p = k // 2
+    xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+    out = np.zeros(x.shape)
+    for i in range(k):
+        for j in range(k):
+            out += w[None, :, 0, i, j, None, None] * xp[:, :, i:i + h, j:j + wd]
+    return out
+
+
+def _dwconv_grads64(x, w, dy):
+    n, c, h, wd = x.shape
+    k = w.shape[-1]
+    p = k // 2
+    xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+    dxp = np.zeros(xp.shape)
+    dw = np.zeros(w.shape)
+    for i in range(k):
+        for j in range(k):
+            dxp[:, :, i:i + h, j:j + wd] += w[None, :, 0, i, j, None, None] * dy
+            dw[:, 0, i, j] = (dy * xp[:, :, i:i + h, j:j + wd]).sum((0, 2, 3))
+    return dxp[:, :, p:p + h, p:p + wd], dw
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,k", [((2, 3, 6, 5), 7), ((1, 2, 9, 4), 3), ((2, 2, 2, 3), 5)])
+def test_depthwise_conv_forward_and_gradients(shape, k):
+    rng = _rng(3)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((shape[1], 1, k, k)).astype(np.float32)
+    K = kernels.ops()
+    out = _Call(K.dwconv)(Tensor(x), Tensor(w)).asnumpy()
+    _close(out, _dwconv64(x.astype(np.float64), w.astype(np.float64)), atol_frac=1e-6)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dx, dw = _grads(K.dwconv, [x, w], dy, (0, 1))
+    rdx, rdw = _dwconv_grads64(x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64))
+    _close(dx, rdx, atol_frac=1e-6)
+    _close(dw, rdw, atol_frac=1e-6)
+
+
+@needs_kernels
+def test_depthwise_conv_cell_matches_builtin_conv():
+    cell = unet_mod.DepthwiseConv2d(3, 7)
+    assert cell._fast is not None and cell.weight.shape == (3, 1, 7, 7)
+    ref = nn.Conv2d(3, 3, 7, pad_mode="pad", padding=3, group=3, has_bias=False)
+    ref.weight.set_data(cell.weight.value().copy())
+    x = Tensor(_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32))
+    np.testing.assert_allclose(cell(x).asnumpy(), ref(x).asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- switch, cache, fallback
+
+
+@needs_kernels
+def test_whole_unet_same_output_and_grads_with_and_without_kernels(monkeypatch, mode):
+    from ddpm_ms.unet import Unet
+    kw = dict(dim=8, dim_mults=(1, 2), channels=1, num_classes=2)
+    ms.set_seed(5)
+    fast = Unet(**kw)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    slow = Unet(**kw)
+    for a, b in zip(fast.get_parameters(), slow.get_parameters()):
+        b.set_data(a.value().copy())
+    assert fast.downs[0].block1.ds_conv._fast is not None
+    assert slow.downs[0].block1.ds_conv._fast is None
+    x = Tensor(_rng(6).standard_normal((2, 1, 8, 8)).astype(np.float32))
+    t = Tensor(np.array([1, 500], np.int32))
+    y = Tensor(np.array([0, 2], np.int32))
+    np.testing.assert_allclose(fast(x, t, y).asnumpy(), slow(x, t, y).asnumpy(), rtol=1e-4, atol=1e-5)
+    if mode == "pynative":
+        def loss(net):
+            return lambda xx: (net(xx, t, y) ** 2).mean()
+        ga = ms.grad(loss(fast), grad_position=None, weights=fast.trainable_params())(x)
+        gb = ms.grad(loss(slow), grad_position=None, weights=slow.trainable_params())(x)
+        for p, a, b in zip(fast.trainable_params(), ga, gb):
+            scale = max(np.abs(b.asnumpy()).max(), 1e-3)
+            np.testing.assert_allclose(a.asnumpy() / scale, b.asnumpy() / scale, atol=2e-5, err_msg=p.name)
+
+
+def test_switch_off_by_environment(monkeypatch, mode):
+    if mode == "graph":
+        pytest.skip("mode independent")
+    for value in ("0", "false", "off"):
+        monkeypatch.setenv(kernels.ENV_SWITCH, value)
+        assert not kernels.enabled()
+        assert "DDPM_MS_FAST_KERNELS=0" in kernels.status()
+        assert unet_mod.GroupNorm(1, 4)._fast is None
+    monkeypatch.setenv(kernels.ENV_SWITCH, "1")
+    assert kernels.enabled()
+
+
+@needs_kernels
+def test_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch, mode):
+    if mode == "graph":
+        pytest.skip("mode independent")
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
+    path = kernels.build()
+    assert os.path.dirname(path) == str(tmp_path) and os.path.exists(path)
+    mtime = os.path.getmtime(path)
+    assert kernels.build() == path and os.path.getmtime(path) == mtime  # reused, not rebuilt
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "some other cpu")
+    assert kernels.library_path(kernels._compiler()) != path
+
+
+def test_missing_compiler_or_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch, mode):
+    if mode == "graph":
+        pytest.skip("mode independent")
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
+    monkeypatch.setattr(kernels, "_state", {"lib": None, "error": None, "tried": False, "warned": False})
+    monkeypatch.setenv("CXX", "definitely-not-a-compiler")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not kernels.enabled()
+        assert not kernels.enabled()
+        norm = unet_mod.GroupNorm(1, 4)
+    assert norm._fast is None
+    assert len([w for w in caught if "fast CPU kernels disabled" in str(w.message)]) == 1
+    assert "kernel build failed" in kernels.status()
+    x = Tensor(_rng(7).standard_normal((1, 4, 2, 2)).astype(np.float32))
+    np.testing.assert_allclose(norm(x).asnumpy(), ops.group_norm(x, 1, norm.gamma, norm.beta, 1e-5).asnumpy(),
+                               rtol=1e-6, atol=1e-6)
+
+    # a compiler that fails
+    monkeypatch.setattr(kernels, "_state", {"lib": None, "error": None, "tried": False, "warned": False})
+    monkeypatch.setenv("CXX", "false")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert not kernels.enabled()
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".so") or f.endswith(".tmp")] == []
+
+
+def test_other_backends_keep_builtin_ops(monkeypatch, mode):
+    if mode == "graph":
+        pytest.skip("mode independent")
+    monkeypatch.setattr(kernels, "_device_target", lambda: "Ascend")
+    assert not kernels.enabled()
+    assert unet_mod.DepthwiseConv2d(2, 7)._fast is None
+    assert "device Ascend" in kernels.status()
