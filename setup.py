@@ -25,6 +25,7 @@ setup(
             "ddpm-train=ddpm_ms.train:console_main",
             "ddpm-sample=ddpm_ms.sample:console_main",
             "ddpm-gif=ddpm_ms.gif:console_main",
+            "ddpm-figures=ddpm_ms.figures:console_main",
         ]
     },
 )

@@ -161,16 +161,17 @@ def timestep_tensor(t, batch):
 
 
 def p_sample_loop(eps_fn, sched, shape, rng, variance="posterior", clip_denoised=True, callback=None,
-                  progress=True, check_every=50):
+                  progress=True, check_every=50, x_T=None):
     """Algorithm 2: start from x_T ~ N(0, I) and apply p_sample for t = T-1 ... 0.
 
     eps_fn(x, t_tensor) returns the predicted noise; rng is a numpy Generator that
-    supplies all noise (so results depend only on its seed). callback(t, x_t, x0) is
+    supplies all noise (so results depend only on its seed); x_T, if given, replaces the
+    first draw (the starting noise). callback(t, x_t, x0) is
     called after every step. Returns the final x_0 as a Tensor.
     """
     from tqdm.auto import tqdm
 
-    x = Tensor(rng.standard_normal(shape, dtype=np.float32))
+    x = Tensor(rng.standard_normal(shape, dtype=np.float32)) if x_T is None else x_T
     steps = range(sched.num_timesteps - 1, -1, -1)
     for i, t in enumerate(tqdm(steps, desc="DDPM sampling", disable=not progress, leave=False)):
         eps = eps_fn(x, timestep_tensor(t, shape[0]))

@@ -1,10 +1,10 @@
 """From config or checkpoint to images: model factory, EMA-weight loading, generation."""
 
+import numpy as np
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import Tensor, nn, ops
 
 from . import checkpoint as ckpt
-from .config import ARCH_KEYS
 from .diffusion import Schedule
 from .samplers import sample
 from .unet import Unet
@@ -68,11 +68,12 @@ def make_eps_fn(model, dtype=ms.float32):
 
 
 def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0, dtype=ms.float32,
-             gif_frames=0, gif_source="x", progress=True):
+             gif_frames=0, gif_source="x", progress=True, x_T=None):
     """Sample ``num`` images -> (images [N, C, H, W] float32 numpy in [-1, 1], GIF frames).
 
     Sampler options default to the config's sampler / sample_steps / eta. With gif_frames > 0,
-    frames of x_t (gif_source="x") or of the predicted x_0 ("x0") are collected.
+    frames of x_t (gif_source="x") or of the predicted x_0 ("x0") are collected. x_T (a float32
+    array of [num, C, H, W]) replaces the seed's starting noise.
     """
     sampler = sampler or cfg["sampler"]
     steps = steps if steps is not None else cfg["sample_steps"]
@@ -88,10 +89,7 @@ def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0,
 
     x = sample(make_eps_fn(model, dtype), sched, shape, sampler=sampler, steps=steps, eta=eta, seed=seed,
                clip_denoised=cfg["clip_denoised"], variance=cfg["variance"],
-               callback=callback if keep else None, progress=progress)
+               callback=callback if keep else None, progress=progress,
+               x_T=None if x_T is None else Tensor(np.asarray(x_T, np.float32)))
     return ops.clamp(x, -1.0, 1.0).asnumpy(), frames
-
-
-def check_arch(meta, cfg, path):
-    ckpt.check_compatible(meta, cfg, ARCH_KEYS, path)
 

@@ -256,7 +256,8 @@ def _dpm_solver_pp_loop(eps_fn, sched, x, ts, clip_denoised, callback, progress)
 
 
 def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rng=None,
-           clip_denoised=True, variance="posterior", spacing="uniform", callback=None, progress=True):
+           clip_denoised=True, variance="posterior", spacing="uniform", callback=None, progress=True,
+           x_T=None):
     """Draw samples of ``shape`` from the reverse process with the chosen sampler.
 
     eps_fn(x [N, ...] float32 Tensor, t [N] int32 Tensor) -> predicted noise.
@@ -269,6 +270,7 @@ def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rn
     code; fixed-range thresholding for DPM-Solver++).
     seed / rng: all noise comes from rng (default np.random.default_rng(seed)).
     callback(step_index, t, x, x0_pred) is called after every step.
+    x_T: optional starting noise (a Tensor of ``shape``) instead of the first draw from rng.
     Raises NonFiniteError if the model output or x has NaN/inf. Returns the float32 Tensor x_0.
     """
     if sampler not in SAMPLERS:
@@ -285,9 +287,9 @@ def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rn
     eps_fn = _CheckedEps(eps_fn, sampler)
     if sampler == "ddpm" and len(ts) == T:
         cb = None if callback is None else (lambda t, x, x0: callback(T - 1 - t, t, x, x0))
-        x = p_sample_loop(eps_fn, sched, shape, rng, variance, clip_denoised, cb, progress, CHECK_EVERY)
+        x = p_sample_loop(eps_fn, sched, shape, rng, variance, clip_denoised, cb, progress, CHECK_EVERY, x_T)
     else:
-        x = Tensor(rng.standard_normal(shape, dtype=np.float32))  # x_T ~ N(0, I)
+        x = Tensor(rng.standard_normal(shape, dtype=np.float32)) if x_T is None else x_T  # x_T ~ N(0, I)
         if sampler == "ddpm":  # respaced DDPM = DDIM with eta = 1 (module docstring)
             x = _ddim_loop(eps_fn, sched, x, ts, rng, 1.0, clip_denoised, callback, progress,
                            name="DDPM", variance=variance)

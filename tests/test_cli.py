@@ -71,6 +71,20 @@ def test_sample_and_gif_from_checkpoint(trained, tmp_path):
     assert Image.open(gif).n_frames == 4
 
 
+def test_figures_from_checkpoint(trained, tmp_path):
+    _, out, _ = trained
+    interp = str(tmp_path / "interp.png")
+    proc = run([sys.executable, "-m", "ddpm_ms.figures", "interpolate", "--checkpoint", out, "--pairs", "2",
+                "--points", "3", "--steps", "3", "--out", interp, "--no-progress"])
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(interp).size == (2 * (3 * 30 + 2), 2 * (2 * 30 + 2))  # 3 columns x 2 rows, 2x scale
+    steps = str(tmp_path / "steps.png")
+    proc = run([sys.executable, "-m", "ddpm_ms.figures", "compare", "--checkpoint", out, "--num", "3",
+                "--samplers", "ddim,dpm-solver++", "--step-counts", "2,full", "--out", steps, "--no-progress"])
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.getsize(steps) > 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config", TINY, "lr=-1"], "'lr' must be > 0"),
     (["--config", TINY, "learning_rate=1"], "unknown config key 'learning_rate'"),
