@@ -45,6 +45,9 @@ DEFAULTS = {
     "beta_start": 0.0001,
     "beta_end": 0.02,
     "loss_type": "l2",
+    # --- class conditioning (num_classes above; null class = num_classes) ---
+    "label_dropout": 0.1,
+    "guidance": 0.0,
     # --- optimisation ---
     "batch_size": 64,
     "epochs": 10,
@@ -182,6 +185,10 @@ def validate(cfg):
             raise UserError(f"config key {key!r} must be >= 0, got {cfg[key]!r}")
     if not 0.0 <= cfg["eta"] <= 1.0:
         raise UserError(f"config key 'eta' must be in [0, 1], got {cfg['eta']}")
+    if not 0.0 <= cfg["label_dropout"] <= 1.0:
+        raise UserError(f"config key 'label_dropout' must be in [0, 1], got {cfg['label_dropout']}")
+    if cfg["guidance"] < 0.0:
+        raise UserError(f"config key 'guidance' must be >= 0, got {cfg['guidance']}")
     if not 0.0 <= cfg["ema_decay"] < 1.0:
         raise UserError(f"config key 'ema_decay' must be in [0, 1), got {cfg['ema_decay']}")
     if cfg["beta_schedule"] != "cosine" and not 0 < cfg["beta_start"] <= cfg["beta_end"] < 1:

@@ -101,6 +101,11 @@ def p_losses(model, sched, x_start, t, noise, loss_type="huber", y=None):
     return noise_loss(predicted_noise.astype(ms.float32), noise, loss_type)
 
 
+def classifier_free_guidance(eps_cond, eps_uncond, w):
+    """Ho & Salimans 2022, Eq. 6: eps = (1 + w) eps(x, c) - w eps(x, null); w = 0 is the conditional model."""
+    return (1.0 + w) * eps_cond - w * eps_uncond
+
+
 # ----- reverse process: scalar coefficients for one timestep index t (Python int) -----
 
 

@@ -9,7 +9,7 @@ import sys
 
 from .cli import run_cli
 from .errors import UserError
-from .sample import add_sampling_args, load_for_args
+from .sample import add_sampling_args, class_request, load_for_args
 
 
 def main(argv=None):
@@ -28,11 +28,12 @@ def main(argv=None):
     from .visualize import save_gif
 
     model, sched, cfg, dtype = load_for_args(args)
-    _, frames = generate(model, sched, cfg, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
+    classes, num, nrow = class_request(args, cfg)
+    _, frames = generate(model, sched, cfg, num, sampler=args.sampler, steps=args.steps, eta=args.eta,
                          seed=args.seed, dtype=dtype, gif_frames=args.frames, gif_source=args.source,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, classes=classes, guidance=args.guidance)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_gif(frames, args.out, duration=args.duration)
+    save_gif(frames, args.out, nrow=nrow, duration=args.duration)
     print(f"wrote {args.out} ({len(frames)} frames)", file=sys.stderr)
 
 

@@ -5,7 +5,9 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from . import checkpoint as ckpt
-from .diffusion import Schedule
+from .config import DEFAULTS
+from .diffusion import Schedule, classifier_free_guidance
+from .errors import UserError
 from .samplers import sample
 from .unet import Unet
 from .visualize import frame_indices
@@ -47,7 +49,7 @@ def cast_model(model, dtype):
 def load_model(path, use_ema=True, cfg_overrides=None):
     """Rebuild the model stored in checkpoint ``path`` -> (model, schedule, config)."""
     groups, meta = ckpt.load(path)
-    cfg = dict(meta["config"])
+    cfg = dict(DEFAULTS, **meta["config"])  # keys added to ddpm_ms after the checkpoint was written
     if cfg_overrides:
         cfg.update(cfg_overrides)
     model = create_model(cfg)
@@ -55,6 +57,42 @@ def load_model(path, use_ema=True, cfg_overrides=None):
     ckpt.assign(ckpt.named_params(model), weights, "model", path)
     model.set_train(False)
     return model, create_schedule(cfg), cfg
+
+
+def guided_eps_fn(eps_fn, classes, guidance, null_class):
+    """eps(x, t) for fixed class labels, with classifier-free guidance weight ``guidance``.
+
+    For w > 0 the conditional and unconditional predictions come from one network call on a
+    batch of twice the size (Ho & Salimans 2022, Eq. 6); for w = 0 only the conditional one is made.
+    """
+    y = Tensor(np.asarray(classes, np.int32))
+    if guidance == 0:
+        return lambda x, t: eps_fn(x, t, y)
+    y_both = Tensor(np.concatenate([np.asarray(classes, np.int32), np.full(len(classes), null_class, np.int32)]))
+
+    def eps(x, t):
+        both = eps_fn(ops.concat((x, x)), ops.concat((t, t)), y_both)
+        eps_cond, eps_uncond = ops.split(both, x.shape[0])
+        return classifier_free_guidance(eps_cond, eps_uncond, guidance)
+
+    return eps
+
+
+def class_labels(cfg, num, classes=None):
+    """Labels for ``num`` samples of a class-conditional model: the given list, or 0, 1, 2, ... cycling."""
+    if cfg["num_classes"] is None:
+        if classes is not None:
+            raise UserError("this checkpoint is an unconditional model (num_classes is not set); "
+                            "drop --classes / --guidance or use a class-conditional checkpoint")
+        return None
+    if classes is None:
+        return np.arange(num) % cfg["num_classes"]
+    classes = np.asarray(classes, np.int64)
+    if classes.ndim != 1 or len(classes) != num:
+        raise UserError(f"got {len(classes)} class labels for {num} samples")
+    if classes.min() < 0 or classes.max() >= cfg["num_classes"]:
+        raise UserError(f"class labels must be in 0..{cfg['num_classes'] - 1}, got {classes.tolist()}")
+    return classes
 
 
 def make_eps_fn(model, dtype=ms.float32):
@@ -68,13 +106,21 @@ def make_eps_fn(model, dtype=ms.float32):
 
 
 def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0, dtype=ms.float32,
-             gif_frames=0, gif_source="x", progress=True, x_T=None):
+             gif_frames=0, gif_source="x", progress=True, x_T=None, classes=None, guidance=None):
     """Sample ``num`` images -> (images [N, C, H, W] float32 numpy in [-1, 1], GIF frames).
 
     Sampler options default to the config's sampler / sample_steps / eta. With gif_frames > 0,
     frames of x_t (gif_source="x") or of the predicted x_0 ("x0") are collected. x_T (a float32
-    array of [num, C, H, W]) replaces the seed's starting noise.
+    array of [num, C, H, W]) replaces the seed's starting noise. For a class-conditional model,
+    ``classes`` (default 0, 1, 2, ... cycling) and ``guidance`` (default: the config's) apply.
     """
+    labels = class_labels(cfg, num, classes)
+    if labels is None and guidance:
+        raise UserError("guidance needs a class-conditional checkpoint (num_classes is not set in this one)")
+    eps_fn = make_eps_fn(model, dtype)
+    if labels is not None:
+        w = cfg["guidance"] if guidance is None else guidance
+        eps_fn = guided_eps_fn(eps_fn, labels, w, cfg["num_classes"])
     sampler = sampler or cfg["sampler"]
     steps = steps if steps is not None else cfg["sample_steps"]
     eta = cfg["eta"] if eta is None else eta
@@ -87,7 +133,7 @@ def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0,
         if i in keep:
             frames.append((x if gif_source == "x" else x0).asnumpy().clip(-1, 1))
 
-    x = sample(make_eps_fn(model, dtype), sched, shape, sampler=sampler, steps=steps, eta=eta, seed=seed,
+    x = sample(eps_fn, sched, shape, sampler=sampler, steps=steps, eta=eta, seed=seed,
                clip_denoised=cfg["clip_denoised"], variance=cfg["variance"],
                callback=callback if keep else None, progress=progress,
                x_T=None if x_T is None else Tensor(np.asarray(x_T, np.float32)))

@@ -37,13 +37,43 @@ def add_sampling_args(parser):
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num", type=int, default=64, help="number of images")
+    parser.add_argument("--classes", default=None,
+                        help="class-conditional models: comma-separated labels, one per image, e.g. 7,7,9")
+    parser.add_argument("--class-grid", type=int, default=None, metavar="N",
+                        help="class-conditional models: N images of every class, one row per class")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance weight w >= 0 (default: the run's config)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--device", default="auto", help="auto, Ascend, GPU or CPU")
     parser.add_argument("--mode", default="graph", choices=("graph", "pynative"))
     parser.add_argument("--no-progress", action="store_true")
 
 
+def parse_classes(text):
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise UserError(f"--classes must be comma-separated integers, e.g. 7,7,9; got {text!r}") from None
+
+
+def class_request(args, cfg):
+    """(classes or None, number of images, images per grid row) from --classes / --class-grid / --num."""
+    if args.class_grid is not None:
+        if cfg["num_classes"] is None:
+            raise UserError("--class-grid needs a class-conditional checkpoint (num_classes is not set in this one)")
+        if args.class_grid < 1:
+            raise UserError(f"--class-grid must be >= 1, got {args.class_grid}")
+        classes = np.repeat(np.arange(cfg["num_classes"]), args.class_grid).tolist()
+        return classes, len(classes), args.class_grid
+    if args.classes is not None:
+        classes = parse_classes(args.classes)
+        return classes, len(classes), None
+    return None, args.num, None
+
+
 def check_sampling_args(args, cfg):
+    if args.guidance is not None and args.guidance < 0:
+        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
     if args.num < 1:
         raise UserError(f"--num must be >= 1, got {args.num}")
     if args.steps is not None and not 1 <= args.steps <= cfg["timesteps"]:
@@ -76,10 +106,15 @@ def main(argv=None):
     model, sched, cfg, dtype = load_for_args(args)
     out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint))
     os.makedirs(out, exist_ok=True)
-    images, _ = generate(model, sched, cfg, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                         seed=args.seed, dtype=dtype, progress=not args.no_progress)
+    classes, num, nrow = class_request(args, cfg)
+    images, _ = generate(model, sched, cfg, num, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                         seed=args.seed, dtype=dtype, progress=not args.no_progress, classes=classes,
+                         guidance=args.guidance)
     name = f"samples_{args.sampler or cfg['sampler']}_{args.steps or 'full'}_seed{args.seed}"
-    save_grid(images, os.path.join(out, name + ".png"))
+    if cfg["num_classes"] is not None:
+        w = cfg["guidance"] if args.guidance is None else args.guidance
+        name += f"_w{w:g}" + ("_classgrid" if args.class_grid else "")
+    save_grid(images, os.path.join(out, name + ".png"), nrow=nrow)
     np.save(os.path.join(out, name + ".npy"), images)
     print(f"wrote {os.path.join(out, name)}.png and .npy", file=sys.stderr)
 

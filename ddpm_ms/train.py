@@ -52,12 +52,12 @@ class TrainStep(nn.Cell):
         self.distributed = distributed
         self.grad_reducer = nn.DistributedGradReducer(optimizer.parameters, mean=True) if distributed else None
 
-    def forward(self, x_start, t, noise):
-        loss = p_losses(self.net, self.sched, x_start, t, noise, self.loss_type)
+    def forward(self, x_start, t, noise, y=None):
+        loss = p_losses(self.net, self.sched, x_start, t, noise, self.loss_type, y)
         return self.scaler.scale(loss), loss
 
-    def construct(self, x_start, t, noise):
-        (_, loss), grads = self.grad_fn(x_start, t, noise)
+    def construct(self, x_start, t, noise, y=None):
+        (_, loss), grads = self.grad_fn(x_start, t, noise, y)
         if self.distributed:
             grads = self.grad_reducer(grads)
         grads = self.scaler.unscale(grads)
@@ -67,6 +67,12 @@ class TrainStep(nn.Cell):
             self.optimizer(grads)
             self.ema()
         return loss, finite
+
+
+def drop_labels(labels, p, null_class, rng):
+    """Classifier-free guidance training (Ho & Salimans 2022): each label becomes the null class with prob. p."""
+    drop = rng.random(labels.shape[0]) < p
+    return np.where(drop, null_class, labels).astype(np.int32)
 
 
 def learning_rates(lr, min_lr, total_steps, warmup_steps=0, schedule="cosine"):
@@ -168,13 +174,19 @@ class Trainer:
         self._sample_model = None
 
     # ----- one step -----
-    def train_step(self, x_start):
+    def train_step(self, x_start, labels=None):
+        """One step on a batch (and its class labels, for a class-conditional model) -> (loss, applied)."""
         batch = x_start.shape[0]
         # timesteps and noise depend only on (seed, step, rank): nothing to save for an exact resume
         rng = np.random.default_rng([self.cfg["seed"], self.step, self.rank])
         t = rng.integers(0, self.sched.num_timesteps, size=(batch,)).astype(np.int32)
         noise = rng.standard_normal(x_start.shape, dtype=np.float32)
-        loss, finite = self.step_cell(x_start, Tensor(t), Tensor(noise))
+        if self.cfg["num_classes"] is None:
+            loss, finite = self.step_cell(x_start, Tensor(t), Tensor(noise))
+        else:
+            y = drop_labels(np.asarray(labels.asnumpy() if isinstance(labels, Tensor) else labels),
+                            self.cfg["label_dropout"], self.cfg["num_classes"], rng)
+            loss, finite = self.step_cell(x_start, Tensor(t), Tensor(noise), Tensor(y))
         self.step += 1
         return float(loss.asnumpy()), bool(finite.asnumpy())
 
@@ -253,21 +265,23 @@ def make_dataset(cfg, data_dir, rank, world_size, epoch=0, random_flip=None):
                           image_size=cfg["image_size"],
                           random_flip=cfg["random_flip"] if random_flip is None else random_flip,
                           num_parallel_workers=cfg["num_workers"], seed=cfg["seed"] * 1000 + epoch,
+                          with_labels=cfg["num_classes"] is not None,
                           num_shards=world_size if world_size > 1 else None,
                           shard_id=rank if world_size > 1 else None)
 
 
 def _epoch_batches(dataset, skip):
-    for i, (images,) in enumerate(dataset.create_tuple_iterator(num_epochs=1)):
+    """(images, labels or None) for each batch after the first ``skip``."""
+    for i, row in enumerate(dataset.create_tuple_iterator(num_epochs=1)):
         if i >= skip:
-            yield images
+            yield row[0], (row[1] if len(row) > 1 else None)
 
 
 def write_final_outputs(trainer, run, cfg, progress):
     plot_loss(run.loss_csv, run.loss_png)
     images, frames = trainer.generate(cfg["num_samples"], seed=cfg["seed"], gif_frames=cfg["gif_frames"],
                                       progress=progress)
-    save_grid(images, run.samples_png)
+    save_grid(images, run.samples_png, nrow=cfg["num_classes"])  # conditional: one column per class
     np.save(run.samples_npy, images)
     save_gif(frames, run.gif)
     print(f"done: {trainer.step} steps; wrote {run.samples_png}, {run.gif}, {run.loss_png}", file=sys.stderr)
@@ -315,9 +329,9 @@ def train(cfg, resume=False, overwrite=False, progress=True):
                        initial=skip, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
                        disable=not (progress and main_process), dynamic_ncols=True)
             t0, done = time.perf_counter(), 0
-            for images in _epoch_batches(make_dataset(cfg, data_dir, rank, world_size, epoch), skip):
+            for images, labels in _epoch_batches(make_dataset(cfg, data_dir, rank, world_size, epoch), skip):
                 lr = trainer.lrs[min(trainer.step, trainer.total_steps - 1)]
-                loss, finite = trainer.train_step(images)
+                loss, finite = trainer.train_step(images, labels)
                 ckpt.fault_point("step", trainer.step)
                 if log:
                     log.write(trainer.step, epoch, f"{loss:.6g}", f"{lr:.6g}",
@@ -345,7 +359,7 @@ def train(cfg, resume=False, overwrite=False, progress=True):
             if (main_process and not finished and epoch_done and cfg["sample_every"]
                     and epoch % cfg["sample_every"] == 0):
                 images, _ = trainer.generate(cfg["num_samples"], seed=cfg["seed"], progress=progress)
-                save_grid(images, os.path.join(run.samples_dir, f"epoch_{epoch:03d}.png"))
+                save_grid(images, os.path.join(run.samples_dir, f"epoch_{epoch:03d}.png"), nrow=cfg["num_classes"])
     finally:
         if log:
             log.close()

@@ -118,3 +118,5 @@ def test_sample_bad_input(trained, tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = run([sys.executable, "-m", "ddpm_ms.sample", "--checkpoint", out, "--steps", "999"])
     assert proc.returncode == 2 and "--steps must be in 1..20" in proc.stderr
+    proc = run([sys.executable, "-m", "ddpm_ms.sample", "--checkpoint", out, "--classes", "7,7,9", "--no-progress"])
+    assert proc.returncode == 2 and "unconditional model" in proc.stderr and len(proc.stderr.splitlines()) == 1
