@@ -110,7 +110,7 @@ def main(argv=None):
     images, _ = generate(model, sched, cfg, num, sampler=args.sampler, steps=args.steps, eta=args.eta,
                          seed=args.seed, dtype=dtype, progress=not args.no_progress, classes=classes,
                          guidance=args.guidance)
-    name = f"samples_{args.sampler or cfg['sampler']}_{args.steps or 'full'}_seed{args.seed}"
+    name = f"samples_{args.sampler or cfg['sampler']}_{args.steps or cfg['sample_steps'] or 'full'}_seed{args.seed}"
     if cfg["num_classes"] is not None:
         w = cfg["guidance"] if args.guidance is None else args.guidance
         name += f"_w{w:g}" + ("_classgrid" if args.class_grid else "")
