@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ddpm_ms", "ddpm_ms.*"]),
+    package_data={"ddpm_ms.kernels": ["*.cc"]},  # C++ sources, compiled on first use
     python_requires=">=3.9,<3.13",
     install_requires=[
         "mindspore>=2.3",
@@ -18,7 +19,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest"],
-        "bench": ["torch"],
+        "bench": ["torch==2.13.0"],
     },
     entry_points={
         "console_scripts": [

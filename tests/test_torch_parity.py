@@ -95,10 +95,6 @@ def test_gradients_match_pytorch():
     loss.backward()
     tgrads = dict(tnet.named_parameters())
     for p, g in zip(params, grads):
-        name = p.name
-        for old, new in torch_unet._RENAMES:
-            if name.endswith(old):
-                name = name[: -len(old)] + new
-        ref = tgrads[name].grad.numpy()
+        ref = tgrads[torch_unet.torch_name(p.name)].grad.numpy()
         scale = max(np.abs(ref).max(), 1e-3)
         np.testing.assert_allclose(g.asnumpy() / scale, ref / scale, atol=1e-4, err_msg=p.name)

@@ -3,7 +3,7 @@
 MindSpore 2.10's CPU GroupNorm, erf-GELU, SiLU and depthwise convolution (above all its
 weight gradient) are several times slower than they need to be. ``cpu_kernels.cc`` holds
 float32 kernels for the same functions, forward and backward. They are never shipped as a
-binary: on first use the source is compiled with ``g++ -O3 -march=native -fopenmp`` into a
+binary: on first use the source is compiled with ``g++ -O3 -march=native`` into a
 per-user cache (``$DDPM_MS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ddpm_ms/kernels``, else
 ``~/.cache/ddpm_ms/kernels``), under a name keyed by the hash of the source, the compiler
 flags, the compiler version and the CPU's feature flags, so a machine with other vector
@@ -34,7 +34,7 @@ import warnings
 ENV_SWITCH = "DDPM_MS_FAST_KERNELS"
 ENV_CACHE = "DDPM_MS_KERNEL_CACHE"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
-CXXFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
+CXXFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-std=c++17")
 GROUP_NORM_EPS = 1e-5  # the epsilon compiled into the group norm kernel
 
 _state = {"lib": None, "error": None, "tried": False, "warned": False}

@@ -1,11 +1,18 @@
 // Exact float32 CPU kernels for ddpm_ms (MindSpore "aot" custom operators).
 //
 // Compiled on the machine that runs them (see ddpm_ms/kernels/__init__.py) with
-// g++ -O3 -march=native -fopenmp; never shipped as a binary. Every function has the
+// g++ -O3 -march=native -fopenmp-simd -pthread; never shipped as a binary. Every function has the
 // MindSpore aot signature
 //     int name(int nparam, void **params, int *ndims, int64_t **shapes,
 //              const char **dtypes, void *stream, void *extra)
 // where params holds the inputs followed by the outputs, all contiguous float32.
+//
+// Threads: large kernels split their work over std::threads started per call and joined
+// before returning (about 20 us per thread). No OpenMP runtime is used for this: libgomp's
+// spin-waiting worker threads fight MindSpore's own thread pool for the cores and made a
+// whole train step 2x slower. ``#pragma omp simd`` (-fopenmp-simd) only asks for
+// vectorisation. The thread count is the number of CPUs this process may run on, or
+// DDPM_MS_KERNEL_THREADS if set.
 //
 // Kernels (all compute the same mathematical function as the MindSpore op they replace):
 //   gelu_fwd(x) -> y                      y = x * Phi(x), Phi = standard normal CDF (erf form)
@@ -23,13 +30,55 @@
 // the loops; their accuracy (relative error of a few float32 ulps, well under 1e-6) is
 // checked against float64 references in tests/test_kernels.py.
 
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
-#include <omp.h>
 
 namespace {
+
+int num_threads() {
+  const char *env = std::getenv("DDPM_MS_KERNEL_THREADS");  // read per call: cheap, switchable
+  if (env && std::atoi(env) > 0) return std::atoi(env);
+  static const int n = [] {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  }();
+  return n;
+}
+
+// Run fn(begin, end) over [0, n) in chunks of `grain` items, on up to num_threads()
+// threads (the caller included) that take chunks from a shared counter. `work` is the
+// total cost estimate (elements touched): small jobs run on the calling thread only.
+template <class F>
+void parallel_for(int64_t n, int64_t grain, int64_t work, F fn) {
+  const int64_t chunks = (n + grain - 1) / grain;
+  int threads = static_cast<int>(std::min<int64_t>(num_threads(), chunks));
+  if (work < 65536 || threads <= 1) {
+    fn(int64_t(0), n);
+    return;
+  }
+  std::atomic<int64_t> next(0);
+  auto worker = [&] {
+    for (;;) {
+      const int64_t c = next.fetch_add(1);
+      if (c >= chunks) return;
+      fn(c * grain, std::min(n, (c + 1) * grain));
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  for (int i = 1; i < threads; ++i) pool.emplace_back(worker);
+  worker();
+  for (auto &t : pool) t.join();
+}
 
 const float kEps = 1e-5f;
 
@@ -115,8 +164,10 @@ int gelu_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
   const int64_t n = numel(ndims[0], shapes[0]);
-#pragma omp parallel for simd schedule(static) if (n > 32768)
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * norm_cdf(x[i]);
+  parallel_for(n, 16384, n, [&](int64_t lo, int64_t hi) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) y[i] = x[i] * norm_cdf(x[i]);
+  });
   return 0;
 }
 
@@ -127,12 +178,14 @@ int gelu_bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char
   const float *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
   const int64_t n = numel(ndims[0], shapes[0]);
-#pragma omp parallel for simd schedule(static) if (n > 32768)
-  for (int64_t i = 0; i < n; ++i) {
-    float v = x[i];
-    float pdf = kInvSqrt2Pi * exp_f(-0.5f * v * v);
-    dx[i] = dy[i] * (norm_cdf(v) + v * pdf);
-  }
+  parallel_for(n, 16384, n, [&](int64_t lo, int64_t hi) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) {
+      float v = x[i];
+      float pdf = kInvSqrt2Pi * exp_f(-0.5f * v * v);
+      dx[i] = dy[i] * (norm_cdf(v) + v * pdf);
+    }
+  });
   return 0;
 }
 
@@ -142,8 +195,10 @@ int silu_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
   const int64_t n = numel(ndims[0], shapes[0]);
-#pragma omp parallel for simd schedule(static) if (n > 32768)
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * sigmoid(x[i]);
+  parallel_for(n, 16384, n, [&](int64_t lo, int64_t hi) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) y[i] = x[i] * sigmoid(x[i]);
+  });
   return 0;
 }
 
@@ -154,11 +209,13 @@ int silu_bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char
   const float *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
   const int64_t n = numel(ndims[0], shapes[0]);
-#pragma omp parallel for simd schedule(static) if (n > 32768)
-  for (int64_t i = 0; i < n; ++i) {
-    float s = sigmoid(x[i]);
-    dx[i] = dy[i] * s * (1.0f + x[i] * (1.0f - s));
-  }
+  parallel_for(n, 16384, n, [&](int64_t lo, int64_t hi) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) {
+      float s = sigmoid(x[i]);
+      dx[i] = dy[i] * s * (1.0f + x[i] * (1.0f - s));
+    }
+  });
   return 0;
 }
 
@@ -175,8 +232,8 @@ int group_norm_fwd(int nparam, void **params, int *ndims, int64_t **shapes, cons
   const int64_t N = shapes[0][0], G = shapes[0][1], Cg = shapes[0][2], HW = shapes[0][3];
   const int64_t M = Cg * HW;
   const int64_t total = N * G;
-#pragma omp parallel for schedule(dynamic, 1) if (total * M > 32768)
-  for (int64_t ng = 0; ng < total; ++ng) {
+  parallel_for(total, 1, total * M, [&](int64_t lo, int64_t hi) {
+  for (int64_t ng = lo; ng < hi; ++ng) {
     const float *xp = x + ng * M;
     float *yp = y + ng * M;
     const int64_t g = ng % G;
@@ -206,6 +263,7 @@ int group_norm_fwd(int nparam, void **params, int *ndims, int64_t **shapes, cons
       for (int64_t i = 0; i < HW; ++i) yc[i] = xc[i] * a + b;
     }
   }
+  });
   return 0;
 }
 
@@ -226,8 +284,8 @@ int group_norm_bwd(int nparam, void **params, int *ndims, int64_t **shapes, cons
   // per (n, c): s1 = sum dy, s2 = sum dy * x
   std::vector<double> s1(N * C), s2(N * C);
   const int64_t total = N * G;
-#pragma omp parallel for schedule(dynamic, 1) if (total * M > 32768)
-  for (int64_t ng = 0; ng < total; ++ng) {
+  parallel_for(total, 1, total * M, [&](int64_t lo, int64_t hi) {
+  for (int64_t ng = lo; ng < hi; ++ng) {
     const int64_t n = ng / G, g = ng % G;
     const float *dyp = dy + ng * M;
     const float *xp = x + ng * M;
@@ -265,6 +323,7 @@ int group_norm_bwd(int nparam, void **params, int *ndims, int64_t **shapes, cons
       }
     }
   }
+  });
   for (int64_t ch = 0; ch < C; ++ch) {
     const int64_t g = ch / Cg;
     double dg = 0.0, db = 0.0;
@@ -317,19 +376,17 @@ int dwconv_common(void **params, int64_t **shapes, bool flip) {
   const int64_t K = shapes[1][3], P = K / 2;
   if (shapes[1][0] != C || shapes[1][1] != 1 || shapes[1][2] != K || K % 2 == 0) return 1;
   const int64_t planes = N * C;
-#pragma omp parallel if (planes * H * W * K * K > 200000)
-  {
+  parallel_for(planes, 4, planes * H * W * K * K / 8, [&](int64_t lo, int64_t hi) {
     std::vector<float> buf((H + 2 * P) * (W + 2 * P));
     std::vector<float> kern(K * K);
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < planes; ++p) {
+    for (int64_t p = lo; p < hi; ++p) {
       const int64_t c = p % C;
       const float *kc = wt + c * K * K;
       for (int64_t i = 0; i < K * K; ++i) kern[i] = flip ? kc[K * K - 1 - i] : kc[i];
       pad_plane(x + p * H * W, H, W, P, buf.data());
       correlate_plane(buf.data(), kern.data(), H, W, K, y + p * H * W);
     }
-  }
+  });
   return 0;
 }
 
@@ -362,12 +419,10 @@ int dwconv_bwd_filter(int nparam, void **params, int *ndims, int64_t **shapes, c
   const int64_t K = shapes[3][3], P = K / 2;
   if (shapes[3][0] != C || shapes[3][1] != 1 || shapes[3][2] != K || K % 2 == 0) return 1;
   const int64_t Wp = W + 2 * P;
-#pragma omp parallel if (N * C * H * W * K * K > 200000)
-  {
+  parallel_for(C, 1, N * C * H * W * K * K / 8, [&](int64_t lo, int64_t hi) {
     std::vector<float> buf((H + 2 * P) * Wp);
     std::vector<double> acc(K * K);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = lo; c < hi; ++c) {
       for (int64_t i = 0; i < K * K; ++i) acc[i] = 0.0;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t p = n * C + c;
@@ -388,7 +443,7 @@ int dwconv_bwd_filter(int nparam, void **params, int *ndims, int64_t **shapes, c
       }
       for (int64_t i = 0; i < K * K; ++i) dw[c * K * K + i] = static_cast<float>(acc[i]);
     }
-  }
+  });
   return 0;
 }
 
