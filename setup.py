@@ -27,6 +27,7 @@ setup(
             "ddpm-sample=ddpm_ms.sample:console_main",
             "ddpm-gif=ddpm_ms.gif:console_main",
             "ddpm-figures=ddpm_ms.figures:console_main",
+            "ddpm-evaluate=ddpm_ms.evaluate:console_main",
         ]
     },
 )

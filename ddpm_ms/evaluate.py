@@ -19,7 +19,6 @@ import glob
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -112,19 +111,28 @@ def classifier_record(info):
     return {k: info.get(k) for k in ("version", "key", "test_accuracy")}
 
 
-def write_json(path, payload):
-    """Write ``payload`` as JSON via a temporary file and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
+def write_text(path, text):
+    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     return path
+
+
+def write_json(path, payload):
+    """Write ``payload`` as indented JSON, atomically."""
+    return write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _check_out(path):
@@ -151,6 +159,9 @@ def build_parser():
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's config)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (and seed of the floor's real subset)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="class-conditional models: classifier-free guidance weight (default: the run's "
+                             "config); classes cycle 0..9 so every class gets N/10 images")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--save-samples", default=None, help="also save the generated images to this .npy")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
@@ -164,24 +175,36 @@ def build_parser():
     return parser
 
 
+def check_generation_args(args, timesteps):
+    if args.steps is not None and not 1 <= args.steps <= timesteps:
+        raise UserError(f"--steps must be in 1..{timesteps} (the model's timesteps), got {args.steps}")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
+        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+    if args.guidance is not None and args.guidance < 0:
+        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
+
+
 def generate_samples(args):
     """Load the checkpoint and generate ``args.num`` images -> (images, source record)."""
-    from .sample import check_sampling_args, resolve_checkpoint
+    from .sample import resolve_checkpoint
     from .device import compute_dtype
     from .pipeline import cast_model, generate, load_model
 
     path = resolve_checkpoint(args.checkpoint)
     model, sched, cfg = load_model(path, use_ema=not args.no_ema)
-    check_sampling_args(args, cfg)
+    check_generation_args(args, sched.num_timesteps)
     dtype = compute_dtype(args.backend, cfg.get("dtype", "auto"))
     sampler = args.sampler or cfg["sampler"]
     steps = args.steps if args.steps is not None else (cfg["sample_steps"] or sched.num_timesteps)
     t0 = time.time()
+    extra = {} if args.guidance is None else {"guidance": args.guidance}
     images, _ = generate(cast_model(model, dtype), sched, cfg, args.num, sampler=sampler, steps=steps,
-                         eta=args.eta, seed=args.seed, dtype=dtype, progress=not args.no_progress)
+                         eta=args.eta, seed=args.seed, dtype=dtype, progress=not args.no_progress, **extra)
     source = {"checkpoint": os.path.abspath(path), "sampler": sampler, "steps": steps,
               "eta": cfg["eta"] if args.eta is None else args.eta, "seed": args.seed, "ema": not args.no_ema,
               "timesteps": sched.num_timesteps, "sampling_seconds": time.time() - t0}
+    if cfg.get("num_classes"):
+        source["guidance"] = cfg.get("guidance") if args.guidance is None else args.guidance
     return images, source
 
 
@@ -205,11 +228,12 @@ def main(argv=None):
 
         args.checkpoint = resolve_checkpoint(args.checkpoint)
     args.backend = setup_device(args.device, args.mode)
+    # the classifier first: a missing data set or a first-time training shows up before sampling
+    net, info, reference = prepare_reference(args.data_dir, args.cache_dir, progress=not args.no_progress)
     if args.checkpoint is not None:
         images, source = generate_samples(args)
         if args.save_samples:
             np.save(args.save_samples, images)
-    net, info, reference = prepare_reference(args.data_dir, args.cache_dir, progress=not args.no_progress)
     t0 = time.time()
     result = evaluate_images(images, net, reference, k=args.k, splits=args.splits, seed=args.seed)
     result["eval_seconds"] = time.time() - t0

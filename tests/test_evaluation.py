@@ -354,3 +354,32 @@ def test_cli_needs_exactly_one_source(capsys):
     with pytest.raises(SystemExit) as exc:
         run_cli(main, ["--checkpoint", "/nonexistent/run", "--device", "CPU"])
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- scripts/quality_vs_steps.py
+
+@pytest.fixture(scope="module")
+def qvs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_vs_steps", os.path.join(ROOT, "scripts",
+                                                                                    "quality_vs_steps.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_vs_steps_settings_table_and_plot(qvs, tmp_path):
+    todo = qvs.settings(["ddpm", "ddim", "dpm-solver++"], [20, 5], [], 1000)
+    assert todo == [("ddpm", 1000), ("ddim", 5), ("ddim", 20), ("dpm-solver++", 5), ("dpm-solver++", 20)]
+    assert qvs.settings(["ddpm"], [5], [100], 1000) == [("ddpm", 100), ("ddpm", 1000)]
+    with pytest.raises(UserError, match="only 50 timesteps"):
+        qvs.settings(["ddim"], [100], [], 50)
+    rows = [{"sampler": s, "steps": k, "timesteps": 1000, "fd": 10.0 / k ** 0.5, "fd_floor": 0.1, "is": 8.0,
+             "precision": 0.7, "recall": 0.6, "sampling_seconds": 1.0, "num_samples": 100} for s, k in todo]
+    table = qvs.markdown_table(rows, 100, {"key": "k", "test_accuracy": 0.93}, "ckpt")
+    lines = table.strip().splitlines()
+    assert lines[2].startswith("| sampler | steps | FD |") and len(lines) == 4 + len(todo)
+    assert "| ddpm | 1000 (full) |" in table and "| ddim | 5 | 4.472 |" in table
+    png = qvs.plot(rows, str(tmp_path / "q.png"))
+    assert os.path.getsize(png) > 1000
