@@ -17,7 +17,7 @@ LOSS_TYPES = ("l1", "l2", "huber")
 VARIANCE_TYPES = ("posterior", "beta")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(FloatingPointError):
     """Sampling or training produced NaN/inf values."""
 
 

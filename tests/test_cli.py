@@ -120,3 +120,26 @@ def test_sample_bad_input(trained, tmp_path):
     assert proc.returncode == 2 and "--steps must be in 1..20" in proc.stderr
     proc = run([sys.executable, "-m", "ddpm_ms.sample", "--checkpoint", out, "--classes", "7,7,9", "--no-progress"])
     assert proc.returncode == 2 and "unconditional model" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_unwritable_output_dir_is_a_user_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = run([sys.executable, "-m", "ddpm_ms.train", "--config", TINY, "--output-dir", str(blocker / "run")])
+    assert proc.returncode == 2 and "is not writable" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert blocker.read_text() == "not a directory"
+
+
+def test_diverging_run_stops_with_a_clear_message(trained, tmp_path):
+    _, _, data_dir = trained
+    out = tmp_path / "run"
+    proc = run([sys.executable, "-m", "ddpm_ms.train", "--config", TINY, "--output-dir", str(out), "--data-dir",
+                data_dir, "--no-progress", "lr=1e30", "lr_schedule=constant", "epochs=10", "max_steps=40", "sample_every=0",
+                "save_every_steps=1", "keep_checkpoints=40"])
+    assert proc.returncode == 3, proc.stderr
+    assert "NaN/inf for 10 steps in a row" in proc.stderr and "last good checkpoint" in proc.stderr
+    # checkpoints written while the loss was finite are still readable
+    from ddpm_ms import checkpoint as ckpt
+    first = ckpt.CheckpointManager(str(out / "checkpoints")).list()[0]
+    groups, meta = ckpt.load(first)
+    assert all(np.isfinite(v.asnumpy()).all() for v in groups["model"].values())
