@@ -10,7 +10,10 @@ import argparse
 import statistics
 import time
 
-import ddpm_ms  # noqa: F401  (sets ONEDNN_MAX_CPU_ISA before MindSpore loads)
+import os
+import sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import ddpm_ms  # noqa: E402,F401  (sets ONEDNN_MAX_CPU_ISA before MindSpore loads)
 
 from ddpm_ms.device import compute_dtype, setup_device
 from ddpm_ms.pipeline import cast_model, generate, load_model

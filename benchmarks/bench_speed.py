@@ -31,7 +31,8 @@ import sys
 import tempfile
 import time
 
-import ddpm_ms  # noqa: F401  (sets ONEDNN_MAX_CPU_ISA before MindSpore loads)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import ddpm_ms  # noqa: E402,F401  (sets ONEDNN_MAX_CPU_ISA before MindSpore loads)
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
