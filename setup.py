@@ -18,7 +18,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
         "bench": ["torch==2.13.0"],
     },
     entry_points={
