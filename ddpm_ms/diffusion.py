@@ -174,7 +174,7 @@ def p_sample_loop(eps_fn, sched, shape, rng, variance="posterior", clip_denoised
     first draw (the starting noise). callback(t, x_t, x0) is
     called after every step. Returns the final x_0 as a Tensor.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
     x = Tensor(rng.standard_normal(shape, dtype=np.float32)) if x_T is None else x_T
     steps = range(sched.num_timesteps - 1, -1, -1)

@@ -80,16 +80,12 @@ def compare_steps(model, sched, cfg, samplers, step_counts, num=8, seed=0, dtype
 
 def save_comparison(results, path, num_timesteps):
     """One figure: a row of images per (sampler, steps), labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .visualize import make_grid
+    from .visualize import make_grid, new_figure
 
     keys = list(results)
     num = len(next(iter(results.values())))
-    fig, axes = plt.subplots(len(keys), 1, figsize=(0.6 * num + 1.6, 0.75 * len(keys) + 0.3), squeeze=False)
+    fig = new_figure(figsize=(0.6 * num + 1.6, 0.75 * len(keys) + 0.3))
+    axes = fig.subplots(len(keys), 1, squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         sampler, steps = key
         ax.imshow(make_grid(results[key], nrow=num), cmap="gray", vmin=0, vmax=255)
@@ -100,7 +96,6 @@ def save_comparison(results, path, num_timesteps):
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

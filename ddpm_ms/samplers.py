@@ -207,7 +207,7 @@ class _CheckedEps:
 
 def _run(name, eps_fn, sched, x, ts, step, callback, progress):
     """Shared loop: step(i, t, t_next, x, eps) -> (x_next, x0) over ts, then t_next = -1."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
     batch = x.shape[0]
     for i in tqdm(range(len(ts)), desc=f"{name} sampling", disable=not progress, leave=False):

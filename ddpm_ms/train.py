@@ -293,7 +293,7 @@ def train(cfg, resume=False, overwrite=False, progress=True):
     Under msrun every process trains on its shard and gradients are averaged; only rank 0
     writes files (checkpoints, logs, images).
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
     run = RunDir(cfg["output_dir"])
     data_dir = locate_fashion_mnist(cfg["data_dir"])

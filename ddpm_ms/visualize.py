@@ -74,17 +74,13 @@ def frame_indices(num_steps, num_frames):
 
 def plot_loss(csv_path, png_path, smooth=50):
     """Loss per step (light) and its running mean (dark) from a training loss CSV."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps, losses = [], []
     with open(csv_path) as f:
         for row in csv.DictReader(f):
             steps.append(int(row["step"]))
             losses.append(float(row["loss"]))
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = new_figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="loss")
     if len(losses) >= 2:
         k = max(1, min(smooth, len(losses) // 5 or 1))
@@ -97,5 +93,15 @@ def plot_loss(csv_path, png_path, smooth=50):
     ax.legend()
     fig.tight_layout()
     _atomic_save(lambda p: fig.savefig(p), png_path)
-    plt.close(fig)
     return png_path
+
+
+def new_figure(**kw):
+    """A matplotlib Figure drawn with the Agg canvas, without touching pyplot's global backend
+    (so inline plots in a notebook keep working after training)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)
+    return fig
