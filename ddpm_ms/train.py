@@ -147,7 +147,7 @@ class LossLog:
 
 
 class Trainer:
-    """Owns the model, optimizer, EMA, loss scaler and RNG of one run."""
+    """Owns the model, optimizer, EMA and loss scaler of one run (its randomness is derived per step)."""
 
     def __init__(self, cfg, backend, steps_per_epoch, rank=0, world_size=1):
         self.cfg = cfg
@@ -227,9 +227,10 @@ class Trainer:
     # ----- sampling with the EMA weights -----
     def sample_model(self):
         if self._sample_model is None:
-            self._sample_model = cast_model(create_model(self.cfg), self.dtype)
-            self._sample_model.set_train(False)
-            self._sample_params = ckpt.named_params(self._sample_model)
+            model = create_model(self.cfg)
+            model.set_train(False)
+            self._sample_params = ckpt.named_params(model)  # names before any float16 wrapping
+            self._sample_model = cast_model(model, self.dtype)
         for name, shadow in self._ema_state().items():
             self._sample_params[name].set_data(shadow.value().copy())
         return self._sample_model
