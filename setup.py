@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ddpm_ms", "ddpm_ms.*"]),
-    package_data={"ddpm_ms.kernels": ["*.cc"]},  # C++ sources, compiled on first use
+    package_data={"ddpm_ms.kernels": ["*.cc", "*.h"]},  # C++ sources, compiled on first use
     python_requires=">=3.9,<3.13",
     install_requires=[
         "mindspore>=2.3",
@@ -16,6 +16,8 @@ setup(
         "matplotlib",
         "tqdm",
         "pyyaml",
+        # OpenBLAS (AVX-512 aware) for the CPU convolution kernels; optional at run time
+        'scipy-openblas32>=0.3.28; platform_system == "Linux"',
     ],
     extras_require={
         "test": ["pytest", "nbclient", "nbformat", "ipykernel"],

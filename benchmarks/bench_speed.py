@@ -13,6 +13,8 @@ with other work slows them alike and the ratios stay meaningful:
 
 * ``ms``: ddpm_ms as configured (fast CPU kernels unless ``DDPM_MS_FAST_KERNELS=0``);
 * ``ms-builtin`` (``--compare-builtin``): the same network on MindSpore's built-in ops;
+* ``ms-noconv`` (``--compare-noconv``): the fast kernels without the OpenBLAS convolutions
+  (``DDPM_MS_FAST_CONV=0``, MindSpore's own conv ops);
 * ``torch`` (``--torch``): the PyTorch eager reference (benchmarks/torch_unet.py) with
   the same weights, loss, Adam and EMA update, in a child process that runs only while
   this one waits (so neither framework's idle threads slow the other); needs torch
@@ -121,25 +123,27 @@ class Variant:
         self.train_times, self.sample_times = [], []
 
 
-def _with_kernels(on, fn):
-    old = os.environ.get(kernels.ENV_SWITCH)
-    os.environ[kernels.ENV_SWITCH] = "1" if on else "0"
+def _with_env(env, fn):
+    """Run fn() with the environment variables in ``env`` set (the cells read them when built)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         return fn()
     finally:
-        if old is None:
-            del os.environ[kernels.ENV_SWITCH]
-        else:
-            os.environ[kernels.ENV_SWITCH] = old
+        for k, v in old.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
-def ms_variant(name, cfg, backend, batch, sample_batch, fast):
+def ms_variant(name, cfg, backend, batch, sample_batch, env):
     def build():
         trainer = Trainer(cfg, backend, steps_per_epoch=10 ** 6)
         model = create_model(cfg)
         return trainer, model
 
-    trainer, model = _with_kernels(fast, build)
+    trainer, model = _with_env(env, build)
     model.set_train(False)
     for p, q in zip(model.get_parameters(), trainer.model.get_parameters()):
         p.set_data(q.value().copy())
@@ -303,6 +307,8 @@ def main():
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--compare-builtin", action="store_true",
                         help="also time MindSpore's built-in ops (DDPM_MS_FAST_KERNELS=0)")
+    parser.add_argument("--compare-noconv", action="store_true",
+                        help="also time the fast kernels with MindSpore's conv ops (DDPM_MS_FAST_CONV=0)")
     parser.add_argument("--no-fast", action="store_true", help="time only the built-in ops")
     parser.add_argument("--torch", action="store_true", help="also time the PyTorch eager reference")
     parser.add_argument("--torch-threads", type=int, default=None,
@@ -326,9 +332,12 @@ def main():
 
     variants = []
     if not args.no_fast:
-        variants.append(ms_variant("ms", cfg, backend, batch, args.sample_batch, fast=True))
+        variants.append(ms_variant("ms", cfg, backend, batch, args.sample_batch, {kernels.ENV_SWITCH: "1"}))
+    if args.compare_noconv and not args.no_fast:
+        variants.append(ms_variant("ms-noconv", cfg, backend, batch, args.sample_batch,
+                                   {kernels.ENV_SWITCH: "1", kernels.ENV_CONV: "0"}))
     if args.compare_builtin or args.no_fast:
-        variants.append(ms_variant("ms-builtin", cfg, backend, batch, args.sample_batch, fast=False))
+        variants.append(ms_variant("ms-builtin", cfg, backend, batch, args.sample_batch, {kernels.ENV_SWITCH: "0"}))
     tmpdir = tempfile.mkdtemp(prefix="ddpm_ms_bench_")
     tv = None
     try:

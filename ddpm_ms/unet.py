@@ -135,11 +135,54 @@ class DepthwiseConv2d(nn.Conv2d):
         return super().construct(x)
 
 
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (zero padding, PyTorch-style) that runs the OpenBLAS convolution kernels
+    on CPU for float32, when its geometry is one they cover: no groups, and either stride 1
+    with padding K // 2 (odd K) or a 4x4 stride-2 conv with padding 1 on even-sized inputs.
+    Same parameters (``weight`` [Co, Ci, K, K], optional ``bias``) either way."""
+
+    def __init__(self, cin, cout, kernel, padding=0, stride=1, has_bias=False):
+        if padding:
+            super().__init__(cin, cout, kernel, stride=stride, pad_mode="pad", padding=padding,
+                             has_bias=has_bias)
+        else:
+            super().__init__(cin, cout, kernel, stride=stride, pad_mode="valid", has_bias=has_bias)
+        fast = _fast_ops() if _kernels.conv_enabled() else None
+        self._same = fast is not None and stride == 1 and kernel % 2 == 1 and padding == kernel // 2
+        self._down = fast is not None and stride == 2 and kernel == 4 and padding == 1
+        self._fast = fast if (self._same or self._down) else None
+
+    def construct(self, x):
+        if self._fast is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32 \
+                and (self._same or (x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)):
+            y = self._fast.conv_same(x, self.weight) if self._same else self._fast.conv_down(x, self.weight)
+            if self.has_bias:
+                y = y + self.bias.reshape(1, -1, 1, 1)
+            return y
+        return super().construct(x)
+
+
+class ConvTranspose2d(nn.Conv2dTranspose):
+    """``nn.Conv2dTranspose(cin, cout, 4, stride=2, padding=1)`` without bias (the U-Net's
+    up-sampling), on CPU the adjoint of the OpenBLAS 4x4 stride-2 conv kernel."""
+
+    def __init__(self, cin, cout):
+        super().__init__(cin, cout, 4, stride=2, pad_mode="pad", padding=1)
+        self._fast = _fast_ops() if _kernels.conv_enabled() else None
+
+    def construct(self, x):
+        if self._fast is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32:
+            return self._fast.conv_up(x, self.weight)
+        return super().construct(x)
+
+
 def _conv(cin, cout, kernel, padding=0, stride=1, group=1, has_bias=False):
     """Conv2d with explicit (PyTorch-style) zero padding."""
     if group == cin == cout and stride == 1 and not has_bias and kernel % 2 == 1 \
             and padding == kernel // 2 and kernel > 1:
         return DepthwiseConv2d(cin, kernel)
+    if group == 1:
+        return Conv2d(cin, cout, kernel, padding=padding, stride=stride, has_bias=has_bias)
     if padding:
         return nn.Conv2d(cin, cout, kernel, stride=stride, pad_mode="pad", padding=padding,
                          group=group, has_bias=has_bias)
@@ -499,7 +542,7 @@ class Unet(nn.Cell):
                 block(d_out * 2, d_in),
                 block(d_in, d_in),
                 lin_attn(d_in) if level in attn_levels else nn.Identity(),
-                nn.Conv2dTranspose(d_in, d_in, 4, stride=2, pad_mode="pad", padding=1),
+                ConvTranspose2d(d_in, d_in),
             ))
         self.ups = nn.CellList(ups)
         self.has_ups = len(ups) > 0

@@ -232,6 +232,132 @@ def test_depthwise_conv_cell_matches_builtin_conv():
     np.testing.assert_allclose(cell(x).asnumpy(), ref(x).asnumpy(), rtol=1e-5, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- dense conv
+
+needs_conv = pytest.mark.skipif(not kernels.conv_enabled(), reason=f"conv kernels unavailable: {kernels.status()}")
+
+
+def _taps(xp, k, s, ho, wo):
+    """(i, j, view) for every kernel tap: view[n, c, oh, ow] = xp[n, c, oh*s + i, ow*s + j]."""
+    for i in range(k):
+        for j in range(k):
+            yield i, j, xp[:, :, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
+
+
+def _conv64(x, w, s, p):
+    """Cross-correlation with zero padding p and stride s (NCHW, weight [Co, Ci, K, K])."""
+    k = w.shape[-1]
+    xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+    ho, wo = (x.shape[2] + 2 * p - k) // s + 1, (x.shape[3] + 2 * p - k) // s + 1
+    return sum(np.einsum("nchw,oc->nohw", v, w[:, :, i, j]) for i, j, v in _taps(xp, k, s, ho, wo))
+
+
+def _conv_grads64(x, w, dy, s, p):
+    """(dx, dw) of sum(conv(x, w) * dy), written out tap by tap (the adjoint scatter)."""
+    k = w.shape[-1]
+    xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+    ho, wo = dy.shape[2:]
+    dxp, dw = np.zeros(xp.shape), np.zeros(w.shape)
+    for i, j, v in _taps(xp, k, s, ho, wo):
+        dw[:, :, i, j] = np.einsum("nchw,nohw->oc", v, dy)
+        dxp[:, :, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s] += np.einsum("nohw,oc->nchw", dy, w[:, :, i, j])
+    return dxp[:, :, p:p + x.shape[2], p:p + x.shape[3]], dw
+
+
+def _conv_transpose64(x, w, s, p):
+    """PyTorch/MindSpore ConvTranspose2d (weight [Cin, Cout, K, K]): every input pixel scatters
+    its K x K stamp to out[i*s - p + ky, j*s - p + kx]."""
+    n, ci, h, wd = x.shape
+    k = w.shape[-1]
+    full = np.zeros((n, w.shape[1], (h - 1) * s + k, (wd - 1) * s + k))
+    for i in range(k):
+        for j in range(k):
+            full[:, :, i:i + s * (h - 1) + 1:s, j:j + s * (wd - 1) + 1:s] += np.einsum("nchw,co->nohw", x, w[:, :, i, j])
+    return full[:, :, p:full.shape[2] - p, p:full.shape[3] - p]
+
+
+@needs_conv
+@pytest.mark.parametrize("kind,shape,cout,k", [
+    ("same", (2, 3, 7, 5), 4, 3), ("same", (3, 5, 4, 6), 2, 1), ("same", (2, 1, 6, 6), 3, 7),
+    ("down", (2, 3, 8, 6), 5, 4), ("down", (1, 4, 2, 4), 3, 4),
+])
+def test_dense_conv_forward_and_gradients(kind, shape, cout, k):
+    rng = _rng(8)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((cout, shape[1], k, k)).astype(np.float32)
+    s, p = (1, k // 2) if kind == "same" else (2, 1)
+    op = getattr(kernels.ops(), f"conv_{kind}")
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    ref = _conv64(x64, w64, s, p)
+    _close(_Call(op)(Tensor(x), Tensor(w)).asnumpy(), ref, atol_frac=1e-6)
+    dy = rng.standard_normal(ref.shape).astype(np.float32)
+    dx, dw = _grads(op, [x, w], dy, (0, 1))
+    rdx, rdw = _conv_grads64(x64, w64, dy.astype(np.float64), s, p)
+    _close(dx, rdx, atol_frac=1e-6)
+    _close(dw, rdw, atol_frac=1e-6)
+
+
+@needs_conv
+def test_transposed_conv_forward_and_gradients():
+    rng = _rng(9)
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 4, 4)).astype(np.float32)  # [Cin, Cout, K, K]
+    op = kernels.ops().conv_up
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    ref = _conv_transpose64(x64, w64, 2, 1)
+    assert ref.shape == (2, 2, 8, 10)
+    _close(_Call(op)(Tensor(x), Tensor(w)).asnumpy(), ref, atol_frac=1e-6)
+    # the transposed conv is the adjoint of the strided conv: its x-gradient is that conv,
+    # and its w-gradient is the strided conv's w-gradient with the roles of x and dy swapped
+    dy = rng.standard_normal(ref.shape)
+    dx, dw = _grads(op, [x, w], dy.astype(np.float32), (0, 1))
+    _close(dx, _conv64(dy, w64, 2, 1), atol_frac=1e-6)
+    _close(dw, _conv_grads64(dy, w64, x64, 2, 1)[1], atol_frac=1e-6)
+
+
+@needs_conv
+def test_conv_cells_match_builtin_and_fall_back_where_not_covered():
+    rng = _rng(10)
+    x = Tensor(rng.standard_normal((2, 3, 6, 6)).astype(np.float32))
+    x_odd = Tensor(rng.standard_normal((2, 3, 7, 7)).astype(np.float32))
+    cases = [(unet_mod.Conv2d(3, 4, 7, padding=3, has_bias=True), True),
+             (unet_mod.Conv2d(3, 4, 4, padding=1, stride=2), True),
+             (unet_mod.Conv2d(3, 4, 3, padding=0), False)]          # "valid" conv: built-in
+    for cell, covered in cases:
+        assert (cell._fast is not None) == covered
+        ref = nn.Conv2d(3, 4, cell.kernel_size, stride=cell.stride, pad_mode=cell.pad_mode,
+                        padding=cell.padding, has_bias=cell.has_bias, bias_init="normal")
+        ref.weight.set_data(cell.weight.value().copy())
+        if cell.has_bias:
+            cell.bias.set_data(ref.bias.value().copy())
+        for inp in (x, x_odd):  # odd sizes take the built-in path in the strided conv
+            np.testing.assert_allclose(cell(inp).asnumpy(), ref(inp).asnumpy(), rtol=1e-5, atol=1e-5)
+    up = unet_mod.ConvTranspose2d(3, 2)
+    assert up._fast is not None
+    ref = nn.Conv2dTranspose(3, 2, 4, stride=2, pad_mode="pad", padding=1)
+    ref.weight.set_data(up.weight.value().copy())
+    np.testing.assert_allclose(up(x).asnumpy(), ref(x).asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_kernels_left_out_without_openblas(tmp_path, monkeypatch, mode):
+    if mode == "graph":
+        pytest.skip("mode independent")
+    if kernels.conv_enabled():  # the switch: cells built while it is 0 use MindSpore's conv
+        monkeypatch.setenv(kernels.ENV_CONV, "0")
+        assert not kernels.conv_enabled() and unet_mod.Conv2d(2, 3, 3, padding=1)._fast is None
+        assert unet_mod.ConvTranspose2d(2, 2)._fast is None
+        monkeypatch.setenv(kernels.ENV_CONV, "1")
+        assert unet_mod.Conv2d(2, 3, 3, padding=1)._fast is not None
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
+    monkeypatch.setattr(kernels, "_state", {"lib": None, "error": None, "tried": False, "warned": False})
+    monkeypatch.setattr(kernels, "_openblas", lambda: None)
+    if not kernels.enabled():
+        pytest.skip(f"fast kernels unavailable: {kernels.status()}")
+    assert not kernels.conv_enabled() and "convolutions built-in" in kernels.status()
+    assert unet_mod.Conv2d(2, 3, 3, padding=1)._fast is None
+    assert unet_mod.GroupNorm(1, 4)._fast is not None
+
+
 # ----------------------------------------------------------------------------- switch, cache, fallback
 
 

@@ -2,7 +2,12 @@
 
 MindSpore 2.10's CPU GroupNorm, erf-GELU, SiLU and depthwise convolution (above all its
 weight gradient) are several times slower than they need to be. ``cpu_kernels.cc`` holds
-float32 kernels for the same functions, forward and backward. They are never shipped as a
+float32 kernels for the same functions, forward and backward. ``conv_kernels.cc`` adds dense
+convolutions (stride 1 "same", the 4x4 stride-2 down-sampling conv and its transpose) as
+im2col + OpenBLAS sgemm: MindSpore's oneDNN has to be capped at AVX2 on AVX-512 CPUs (see
+``ddpm_ms/__init__.py``), OpenBLAS is not; it comes from the ``scipy-openblas32`` wheel and
+the convolutions are left out (built-in conv ops) when that is not installed or
+``DDPM_MS_FAST_CONV=0``. They are never shipped as a
 binary: on first use the source is compiled with ``g++ -O3 -march=native`` into a
 per-user cache (``$DDPM_MS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ddpm_ms/kernels``, else
 ``~/.cache/ddpm_ms/kernels``), under a name keyed by the hash of the source, the compiler
@@ -33,11 +38,15 @@ import warnings
 
 ENV_SWITCH = "DDPM_MS_FAST_KERNELS"
 ENV_CACHE = "DDPM_MS_KERNEL_CACHE"
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(_HERE, "cpu_kernels.cc")
+CONV_SOURCE = os.path.join(_HERE, "conv_kernels.cc")  # needs OpenBLAS (scipy-openblas32)
+HEADERS = (os.path.join(_HERE, "common.h"),)
 CXXFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-std=c++17")
 GROUP_NORM_EPS = 1e-5  # the epsilon compiled into the group norm kernel
 
-_state = {"lib": None, "error": None, "tried": False, "warned": False}
+ENV_CONV = "DDPM_MS_FAST_CONV"  # 0: leave the OpenBLAS convolutions out (built-in conv ops)
+_state = {"lib": None, "error": None, "tried": False, "warned": False, "conv": False}
 
 
 def cache_dir():
@@ -70,13 +79,38 @@ def _compiler_version(cxx):
         return ""
 
 
-def library_path(cxx):
-    """Cache path of the library for this source, compiler, flags and CPU."""
-    with open(SOURCE, "rb") as f:
-        src = f.read()
+def _off(var):
+    return os.environ.get(var, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _openblas():
+    """(library dir, library name, version) of the scipy-openblas32 wheel, or None if absent."""
+    try:
+        import scipy_openblas32 as sob
+        return sob.get_lib_dir(), sob.get_library(), getattr(sob, "__version__", "")
+    except Exception:  # noqa: BLE001 - not installed or broken: the conv kernels are left out
+        return None
+
+
+def _build_plan():
+    """(sources, extra link flags, has_conv) for this machine."""
+    blas = _openblas()
+    if blas is None:
+        return [SOURCE], [], False
+    libdir, name, _ = blas
+    return [SOURCE, CONV_SOURCE], [f"-L{libdir}", f"-l{name}", f"-Wl,-rpath,{libdir}"], True
+
+
+def library_path(cxx, plan=None):
+    """Cache path of the library for these sources, compiler, flags, OpenBLAS and CPU."""
+    sources, link, _ = plan or _build_plan()
+    src = b""
+    for path in (*sources, *HEADERS):
+        with open(path, "rb") as f:
+            src += f.read() + b"\0"
     key = hashlib.sha256()
-    for part in (src, " ".join(CXXFLAGS).encode(), _compiler_version(cxx).encode(),
-                 _cpu_flags().encode(), platform.machine().encode()):
+    for part in (src, " ".join(CXXFLAGS + tuple(link)).encode(), _compiler_version(cxx).encode(),
+                 _cpu_flags().encode(), platform.machine().encode(), str(_openblas()).encode()):
         key.update(part)
         key.update(b"\0")
     return os.path.join(cache_dir(), f"ddpm_ms_kernels_{key.hexdigest()[:20]}.so")
@@ -87,15 +121,17 @@ def build(force=False):
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
-    path = library_path(cxx)
+    plan = _build_plan()
+    _state["conv"] = plan[2]
+    path = library_path(cxx, plan)
     if os.path.exists(path) and not force:
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *CXXFLAGS, "-o", tmp, SOURCE], capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run([cxx, *CXXFLAGS, "-o", tmp, *plan[0], *plan[1]], capture_output=True,
+                              text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"{os.path.basename(cxx)} failed:\n{proc.stderr.strip()[-2000:]}")
         os.chmod(tmp, 0o755)
@@ -122,7 +158,7 @@ def _warn(msg):
 
 
 def switched_off():
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+    return _off(ENV_SWITCH)
 
 
 def enabled():
@@ -150,14 +186,21 @@ def status():
     if switched_off():
         return f"built-in MindSpore ops ({ENV_SWITCH}=0)"
     if enabled():
-        return f"fast CPU kernels ({_state['lib']})"
+        conv = "with OpenBLAS convolutions" if conv_enabled() else \
+            f"convolutions built-in (scipy-openblas32 absent or {ENV_CONV}=0)"
+        return f"fast CPU kernels, {conv} ({_state['lib']})"
     if _state["error"]:
         return f"built-in MindSpore ops (kernel build failed: {_state['error'].splitlines()[0]})"
     return f"built-in MindSpore ops (device {_device_target()})"
+
+
+def conv_enabled():
+    """True if the dense convolution kernels (im2col + OpenBLAS sgemm) are in the library."""
+    return enabled() and bool(_state.get("conv")) and not _off(ENV_CONV)
 
 
 @functools.lru_cache(maxsize=None)
 def ops():
     """The Custom primitives (call only when ``enabled()``); see ``_ops.py``."""
     from ._ops import make_ops
-    return make_ops(_state["lib"])
+    return make_ops(_state["lib"], conv=_state["conv"])

@@ -17,8 +17,53 @@ def _stats_dtype(x, gamma, beta):
     return x, x, x
 
 
-def make_ops(lib):
-    """Custom ops for the library at ``lib``: gelu, silu, group_norm, dwconv (all differentiable)."""
+def _conv_ops(custom):
+    """Dense convs (im2col + OpenBLAS), weight w [Co, Ci, K, K], no bias, all differentiable:
+
+    * ``conv_same(x, w)``: stride 1, zero padding K // 2 (odd K);
+    * ``conv_down(x, w)``: stride 2, zero padding 1, even H and W (output H/2 x W/2);
+    * ``conv_up(x, w)``: the transposed conv of ``conv_down`` (MindSpore/PyTorch
+      ``Conv2dTranspose(k, stride=2, padding=1)`` with weight [Cin, Cout, K, K]), output 2H x 2W.
+    """
+    def out_same(x, w):
+        return [x[0], w[0], x[2], x[3]]
+
+    def out_down(x, w):
+        return [x[0], w[0], x[2] // 2, x[3] // 2]
+
+    def in_same(dy, w):
+        return [dy[0], w[1], dy[2], dy[3]]
+
+    def in_down(dy, w):
+        return [dy[0], w[1], 2 * dy[2], 2 * dy[3]]
+
+    def weight_shape(dy, x, w):
+        return w
+
+    same_in = custom("conv_same_bwd_input", in_same, _same)
+    same_w = custom("conv_same_bwd_filter", weight_shape, lambda dy, x, w: w)
+    down_in = custom("conv_down_bwd_input", in_down, _same)
+    down_w = custom("conv_down_bwd_filter", weight_shape, lambda dy, x, w: w)
+
+    def same_bprop(x, w, out, dout):
+        return same_in(dout, w), same_w(dout, x, w)
+
+    def down_bprop(x, w, out, dout):
+        return down_in(dout, w), down_w(dout, x, w)
+
+    down = custom("conv_down_fwd", out_down, _same, down_bprop)
+
+    def up_bprop(x, w, out, dout):
+        # conv_up(x) = down_in(x): its adjoint in x is conv_down, in w the roles of x and dy swap
+        return down(dout, w), down_w(x, dout, w)
+
+    return dict(conv_same=custom("conv_same_fwd", out_same, _same, same_bprop), conv_down=down,
+                conv_up=custom("conv_down_bwd_input", in_down, _same, up_bprop))
+
+
+def make_ops(lib, conv=False):
+    """Custom ops for the library at ``lib``: gelu, silu, group_norm, dwconv (all differentiable),
+    and with ``conv`` the dense convolutions of :func:`_conv_ops`."""
 
     def custom(name, out_shape, out_dtype, bprop=None):
         return ops.Custom(f"{lib}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot",
@@ -58,4 +103,5 @@ def make_ops(lib):
 
     return SimpleNamespace(gelu=gelu, silu=silu, group_norm=group_norm, dwconv=dwconv,
                            gelu_bwd=gelu_bwd, silu_bwd=silu_bwd, group_norm_bwd=gn_bwd,
-                           dwconv_bwd_input=dw_bwd_input, dwconv_bwd_filter=dw_bwd_filter)
+                           dwconv_bwd_input=dw_bwd_input, dwconv_bwd_filter=dw_bwd_filter,
+                           **(_conv_ops(custom) if conv else {}))

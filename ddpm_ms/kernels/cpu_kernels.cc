@@ -30,7 +30,7 @@
 // the loops; their accuracy (relative error of a few float32 ulps, well under 1e-6) is
 // checked against float64 references in tests/test_kernels.py.
 
-#include <sched.h>
+#include "common.h"
 
 #include <algorithm>
 #include <atomic>
@@ -42,43 +42,6 @@
 #include <vector>
 
 namespace {
-
-int num_threads() {
-  const char *env = std::getenv("DDPM_MS_KERNEL_THREADS");  // read per call: cheap, switchable
-  if (env && std::atoi(env) > 0) return std::atoi(env);
-  static const int n = [] {
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
-    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  }();
-  return n;
-}
-
-// Run fn(begin, end) over [0, n) in chunks of `grain` items, on up to num_threads()
-// threads (the caller included) that take chunks from a shared counter. `work` is the
-// total cost estimate (elements touched): small jobs run on the calling thread only.
-template <class F>
-void parallel_for(int64_t n, int64_t grain, int64_t work, F fn) {
-  const int64_t chunks = (n + grain - 1) / grain;
-  int threads = static_cast<int>(std::min<int64_t>(num_threads(), chunks));
-  if (work < 65536 || threads <= 1) {
-    fn(int64_t(0), n);
-    return;
-  }
-  std::atomic<int64_t> next(0);
-  auto worker = [&] {
-    for (;;) {
-      const int64_t c = next.fetch_add(1);
-      if (c >= chunks) return;
-      fn(c * grain, std::min(n, (c + 1) * grain));
-    }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int i = 1; i < threads; ++i) pool.emplace_back(worker);
-  worker();
-  for (auto &t : pool) t.join();
-}
 
 const float kEps = 1e-5f;
 
@@ -140,18 +103,6 @@ inline float sigmoid(float x) {
   float e = exp_f(x < 0.0f ? x : -x);  // exp(-|x|) never overflows
   float inv = 1.0f / (1.0f + e);
   return x < 0.0f ? e * inv : inv;
-}
-
-inline int64_t numel(int nd, const int64_t *shape) {
-  int64_t n = 1;
-  for (int i = 0; i < nd; ++i) n *= shape[i];
-  return n;
-}
-
-bool all_float32(int nparam, const char **dtypes) {
-  for (int i = 0; i < nparam; ++i)
-    if (std::strcmp(dtypes[i], "float32") != 0) return false;
-  return true;
 }
 
 }  // namespace
