@@ -80,6 +80,7 @@ DEFAULTS = {
     "device": "auto",
     "mode": "graph",
     "dtype": "auto",
+    "jit_level": "O0",
 }
 
 CHOICES = {
@@ -94,6 +95,7 @@ CHOICES = {
     "device": DEVICES,
     "mode": MODES,
     "dtype": ("auto", "float32", "float16"),
+    "jit_level": ("O0", "O1"),
 }
 
 # keys whose value must be > 0 / >= 0

@@ -68,6 +68,17 @@ def setup_device(device="auto", mode="graph", device_id=None, seed=None, quiet=F
     return backend
 
 
+def set_jit_level(cell, level="O0"):
+    """Compile ``cell`` (a top-level Cell run in GRAPH_MODE) at MindSpore's ``jit_level``.
+
+    "O0" (MindSpore's default): no optimisation beyond what is needed, kernel-by-kernel
+    execution. "O1": adds MindSpore's automatic operator fusion (experimental in 2.x).
+    Returns ``cell``.
+    """
+    cell.set_jit_config(ms.JitConfig(jit_level=level))
+    return cell
+
+
 def compute_dtype(backend, dtype="auto"):
     """float16 compute on Ascend/GPU, float32 on CPU, unless the config says otherwise."""
     if dtype == "auto":

@@ -6,6 +6,7 @@ from mindspore import Tensor, nn, ops
 
 from . import checkpoint as ckpt
 from .config import DEFAULTS
+from .device import set_jit_level
 from .diffusion import Schedule, classifier_free_guidance
 from .errors import UserError
 from .samplers import sample
@@ -56,6 +57,7 @@ def load_model(path, use_ema=True, cfg_overrides=None):
     weights = groups["ema"] if use_ema and groups["ema"] else groups["model"]
     ckpt.assign(ckpt.named_params(model), weights, "model", path)
     model.set_train(False)
+    set_jit_level(model, cfg["jit_level"])
     return model, create_schedule(cfg), cfg
 
 

@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from .cli import run_cli
 from .config import ARCH_KEYS, SCHEDULE_KEYS, load_config, save_config
 from .data import create_dataset, locate_fashion_mnist
-from .device import compute_dtype, setup_device
+from .device import compute_dtype, set_jit_level, setup_device
 from .diffusion import p_losses
 from .ema import EMA
 from .errors import UserError
@@ -168,8 +168,9 @@ class Trainer:
                                                cfg["loss_scale_window"])
         self.ema = EMA(self.model.trainable_params(), cfg["ema_decay"], cfg["ema_warmup"])
         net = cast_model(self.model, self.dtype)
-        self.step_cell = TrainStep(net, self.sched, self.optimizer, self.scaler, self.ema, cfg["loss_type"],
-                                   distributed=world_size > 1)
+        self.step_cell = set_jit_level(
+            TrainStep(net, self.sched, self.optimizer, self.scaler, self.ema, cfg["loss_type"],
+                      distributed=world_size > 1), cfg["jit_level"])
         self.step = 0
         self._sample_model = None
 
@@ -230,7 +231,7 @@ class Trainer:
             model = create_model(self.cfg)
             model.set_train(False)
             self._sample_params = ckpt.named_params(model)  # names before any float16 wrapping
-            self._sample_model = cast_model(model, self.dtype)
+            self._sample_model = set_jit_level(cast_model(model, self.dtype), self.cfg["jit_level"])
         for name, shadow in self._ema_state().items():
             self._sample_params[name].set_data(shadow.value().copy())
         return self._sample_model

@@ -108,3 +108,21 @@ def test_resume_continues_from_the_same_state(tmp_path):
     for name in ("samples.png", "samples.npy", "denoising.gif", "loss_curve.png", "config.yaml"):
         assert os.path.getsize(os.path.join(run_b, name)) > 0
     assert np.array_equal(np.load(os.path.join(run_a, "samples.npy")), np.load(os.path.join(run_b, "samples.npy")))
+
+
+def test_jit_level_reaches_the_compiled_cells_and_o1_trains_alike():
+    """jit_level=O1 (MindSpore's automatic operator fusion) is set on the train step and the
+    sampling model, and on CPU it computes the same first steps as the default O0."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        x = Tensor(np.random.default_rng(1).uniform(-1, 1, (4, 1, 28, 28)).astype(np.float32))
+        losses = {}
+        for level in ("O0", "O1"):
+            cfg = load_config(TINY, [f"jit_level={level}", "batch_size=4"])
+            tr = Trainer(cfg, "CPU", steps_per_epoch=10)
+            assert tr.step_cell._jit_config_dict["jit_level"] == level
+            assert tr.sample_model()._jit_config_dict["jit_level"] == level
+            losses[level] = [float(tr.train_step(x)[0]) for _ in range(2)]
+        np.testing.assert_allclose(losses["O1"], losses["O0"], rtol=1e-5)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
