@@ -1,13 +1,24 @@
 from setuptools import find_packages, setup
 
+# The YAML files stay in the top-level configs/ directory and are installed as the data files of
+# ddpm_ms.configs, a package that package_dir maps onto configs/ (so load_config("quick") works
+# after a non-editable install). configs/ needs no __init__.py: a package listed explicitly in
+# `packages` is built from its directory whether or not it has one, and at run time
+# ddpm_ms/configs/ is only read as a directory (ddpm_ms.config.packaged_config_dir), never imported.
+CONFIGS_PACKAGE = "ddpm_ms.configs"
+
 setup(
     name="ddpm_ms",
     version="0.1.0",
     description="Denoising Diffusion Probabilistic Models in MindSpore (Ascend, GPU, CPU)",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["ddpm_ms", "ddpm_ms.*"]),
-    package_data={"ddpm_ms.kernels": ["*.cc", "*.h"]},  # C++ sources, compiled on first use
+    packages=find_packages(include=["ddpm_ms", "ddpm_ms.*"]) + [CONFIGS_PACKAGE],
+    package_dir={CONFIGS_PACKAGE: "configs"},
+    package_data={
+        "ddpm_ms.kernels": ["*.cc", "*.h"],  # C++ sources, compiled on first use
+        CONFIGS_PACKAGE: ["*.yaml"],
+    },
     python_requires=">=3.9,<3.13",
     install_requires=[
         "mindspore>=2.3",

@@ -1,6 +1,7 @@
 """Run configuration: flat YAML files in configs/, overridden by ``key=value`` arguments.
 
-Every key has a default below; a YAML file sets some of them, command-line overrides
+Every key has a default below; a YAML file sets some of them (a path, or the name of a
+config shipped with the package: ``quick``), overrides (``key=value`` strings or a dict)
 win over the file. Unknown keys and invalid values are errors (UserError) that say
 which key is wrong and what it accepts. The resolved config is saved with every run
 and inside every checkpoint.
@@ -15,6 +16,7 @@ from .errors import UserError
 from .schedules import SCHEDULES
 from .diffusion import LOSS_TYPES, VARIANCE_TYPES
 
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm-solver++")
 DEVICES = ("auto", "Ascend", "GPU", "CPU")
 MODES = ("graph", "pynative")
@@ -117,6 +119,42 @@ def _unknown_key(key, where):
     return UserError(f"unknown config key {key!r} in {where}{hint}")
 
 
+def packaged_config_dir(package_dir=PACKAGE_DIR):
+    """The directory of the configs shipped with ddpm_ms, or None.
+
+    An installed package has them in ddpm_ms/configs/ (setup.py installs the top-level
+    configs/*.yaml there); a checkout or an editable install has them in configs/ next to
+    the package directory.
+    """
+    for path in (os.path.join(package_dir, "configs"), os.path.join(os.path.dirname(package_dir), "configs")):
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def packaged_configs():
+    """Names of the packaged configs, sorted: ['fashion_mnist', ..., 'quick']."""
+    folder = packaged_config_dir()
+    if folder is None:
+        return []
+    return sorted(name[:-len(".yaml")] for name in os.listdir(folder) if name.endswith(".yaml"))
+
+
+def find_config(path):
+    """A config file: ``path`` if that file exists, else the packaged config it names (``quick``, ``quick.yaml``)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    names = packaged_configs()
+    available = ", ".join(names) or "none installed"
+    if os.path.basename(path) != path:
+        raise UserError(f"config file {path} does not exist; give a YAML file or a packaged config: {available}")
+    name = path[:-len(".yaml")] if path.endswith(".yaml") else path
+    if name not in names:
+        raise UserError(f"config {path!r} is neither a file nor a packaged config; packaged configs: {available}")
+    return os.path.join(packaged_config_dir(), name + ".yaml")
+
+
 def load_yaml(path):
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist; pick one of configs/*.yaml")
@@ -130,17 +168,29 @@ def load_yaml(path):
     return data
 
 
+def _override_key(key):
+    return str(key).strip().replace("-", "_")
+
+
 def parse_overrides(items):
-    """['lr=1e-3', 'dim_mults=[1,2]'] -> {'lr': 0.001, 'dim_mults': [1, 2]} (values parsed as YAML)."""
+    """Overrides as a dict of config values.
+
+    ['lr=1e-3', 'dim_mults=[1,2]'] -> {'lr': 0.001, 'dim_mults': [1, 2]} (values parsed as YAML);
+    a dict ({'lr': 1e-3}) already holds typed values and is only copied. Keys may use '-' for '_'.
+    """
+    if isinstance(items, dict):
+        return {_override_key(key): value for key, value in items.items()}
+    if isinstance(items, str):
+        items = [items]
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r} must look like key=value, e.g. lr=1e-4")
         try:
-            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+            out[_override_key(key)] = yaml.safe_load(value)
         except yaml.YAMLError:
-            out[key.strip()] = value
+            out[_override_key(key)] = value
     return out
 
 
@@ -225,7 +275,13 @@ def resolve(values, where="config"):
 
 
 def load_config(path=None, overrides=()):
-    """YAML file (optional) + key=value overrides -> validated config dict."""
+    """YAML file (optional) + overrides -> validated config dict.
+
+    ``path`` is a YAML file or the name of a packaged config (``quick`` or ``quick.yaml``, see
+    :func:`packaged_configs`); a file that exists wins. ``overrides`` are ``key=value`` strings
+    or a dict of typed values (``{"lr": 1e-3}``); both are checked like the file's keys.
+    """
+    path = find_config(path) if path else None
     values = load_yaml(path) if path else {}
     for key in values:
         if key not in DEFAULTS:

@@ -1,8 +1,9 @@
 """Gaussian diffusion (Ho et al. 2020, "Denoising Diffusion Probabilistic Models").
 
 Every coefficient is computed once, in float64 NumPy, by :class:`Schedule`; the
-functions below apply one equation each to MindSpore tensors. ``t`` is always the
-0-based index into the schedule (the paper's t = index + 1).
+functions below apply one equation each to MindSpore tensors (``q_sample`` and
+``p_losses`` also take NumPy arrays). ``t`` is always the 0-based index into the
+schedule (the paper's t = index + 1).
 
 Equation numbers refer to Ho et al. 2020 unless stated otherwise.
 """
@@ -73,8 +74,28 @@ def extract(a, t, x_shape):
     return out.reshape((t.shape[0],) + (1,) * (len(x_shape) - 1))
 
 
+def as_tensor(value, dtype):
+    """A NumPy array as a Tensor of ``dtype``; anything else (a Tensor) is returned unchanged.
+
+    Inside a compiled graph the inputs are Tensors and the check is resolved at compile time.
+    """
+    if isinstance(value, np.ndarray):
+        return Tensor(value, dtype)
+    return value
+
+
+def as_inputs(x_start, t, noise):
+    """(x_start, t, noise) with NumPy arrays converted to float32, int32 and float32 Tensors."""
+    return as_tensor(x_start, ms.float32), as_tensor(t, ms.int32), as_tensor(noise, ms.float32)
+
+
 def q_sample(sched, x_start, t, noise):
-    """Eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+    """Eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
+
+    x_start, t and noise are Tensors or NumPy arrays; arrays are converted to float32
+    (x_start, noise) and int32 (t) Tensors. Returns a Tensor.
+    """
+    x_start, t, noise = as_inputs(x_start, t, noise)
     return (
         extract(sched.tensors["sqrt_alphas_cumprod"], t, x_start.shape) * x_start
         + extract(sched.tensors["sqrt_one_minus_alphas_cumprod"], t, x_start.shape) * noise
@@ -95,7 +116,13 @@ def noise_loss(predicted, target, loss_type="huber"):
 
 
 def p_losses(model, sched, x_start, t, noise, loss_type="huber", y=None):
-    """Algorithm 1, one step: the loss between eps and eps_theta(x_t, t)."""
+    """Algorithm 1, one step: the loss between eps and eps_theta(x_t, t).
+
+    As in :func:`q_sample`, x_start / t / noise (and class labels y) may be NumPy arrays:
+    they are converted to float32 / int32 / float32 (int32) Tensors before the model sees them.
+    """
+    x_start, t, noise = as_inputs(x_start, t, noise)
+    y = as_tensor(y, ms.int32)
     x_noisy = q_sample(sched, x_start, t, noise)
     predicted_noise = model(x_noisy, t) if y is None else model(x_noisy, t, y)
     return noise_loss(predicted_noise.astype(ms.float32), noise, loss_type)

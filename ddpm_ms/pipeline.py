@@ -48,7 +48,14 @@ def cast_model(model, dtype):
 
 
 def load_model(path, use_ema=True, cfg_overrides=None):
-    """Rebuild the model stored in checkpoint ``path`` -> (model, schedule, config)."""
+    """Rebuild the model stored in ``path`` -> (model, schedule, config).
+
+    ``path`` is a checkpoint file or a run directory (then its newest checkpoint, as for
+    ``ddpm-sample --checkpoint``).
+    """
+    from .sample import resolve_checkpoint  # at call time: sample.py imports this module (no import cycle)
+
+    path = resolve_checkpoint(path)
     groups, meta = ckpt.load(path)
     cfg = dict(DEFAULTS, **meta["config"])  # keys added to ddpm_ms after the checkpoint was written
     if cfg_overrides:

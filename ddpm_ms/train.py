@@ -372,7 +372,8 @@ def train(cfg, resume=False, overwrite=False, progress=True):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="ddpm-train", description="Train a DDPM on Fashion-MNIST.")
-    parser.add_argument("--config", default=None, help="YAML config file (configs/*.yaml)")
+    parser.add_argument("--config", default=None,
+                        help="YAML config file, or a packaged config's name (quick, fashion_mnist, ...)")
     parser.add_argument("--device", default=None, help="auto, Ascend, GPU or CPU (falls back if missing)")
     parser.add_argument("--mode", default=None, help="graph (default) or pynative (debugging)")
     parser.add_argument("--output-dir", default=None, help="where checkpoints, logs and images go")

@@ -10,6 +10,7 @@ from mindspore import Parameter, Tensor
 
 from ddpm_ms import checkpoint as ckpt
 from ddpm_ms.config import ARCH_KEYS, resolve
+from ddpm_ms.errors import UserError
 from ddpm_ms.pipeline import create_model, load_model
 
 
@@ -55,9 +56,13 @@ def test_truncated_and_foreign_files_are_clear_errors(tmp_path):
         ckpt.load(str(tmp_path / "nope.ckpt"))
 
 
+def tiny_config():
+    return resolve({"dim": 8, "init_dim": 8, "dim_mults": [1, 2], "block_type": "resnet", "resnet_groups": 4,
+                    "attn_levels": [], "timesteps": 10})
+
+
 def test_model_rebuilt_from_checkpoint_and_architecture_checked(tmp_path):
-    cfg = resolve({"dim": 8, "init_dim": 8, "dim_mults": [1, 2], "block_type": "resnet", "resnet_groups": 4,
-                   "attn_levels": [], "timesteps": 10})
+    cfg = tiny_config()
     model = create_model(cfg)
     params = ckpt.named_params(model)
     path = str(tmp_path / "m.ckpt")
@@ -75,3 +80,27 @@ def test_model_rebuilt_from_checkpoint_and_architecture_checked(tmp_path):
     deeper = create_model(dict(cfg, dim_mults=[1, 2, 2]))
     with pytest.raises(ckpt.CheckpointError, match="does not match the model: .* missing"):
         ckpt.assign(ckpt.named_params(deeper), saved, "model", path)
+
+
+def test_load_model_takes_a_run_directory_and_uses_its_newest_checkpoint(tmp_path):
+    cfg = tiny_config()
+    params = ckpt.named_params(create_model(cfg))
+    run = tmp_path / "run"
+    manager = ckpt.CheckpointManager(str(run / "checkpoints"))
+    saved = {}
+    for step in (1, 2):  # step 2's weights are step 1's + 1
+        saved[step] = {name: p.asnumpy() for name, p in params.items()}
+        manager.save(step, {"model": params, "ema": params}, {"config": cfg, "step": step})
+        for p in params.values():
+            p.set_data(Tensor(p.asnumpy() + 1))
+    for path in (run, run / "checkpoints"):
+        model, sched, cfg2 = load_model(str(path))
+        assert cfg2 == cfg and sched.num_timesteps == 10
+        loaded = {name: p.asnumpy() for name, p in ckpt.named_params(model).items()}
+        assert all(np.array_equal(loaded[n], saved[2][n]) for n in saved[2])
+        assert not any(np.array_equal(loaded[n], saved[1][n]) for n in saved[1])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no checkpoints"):
+        load_model(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="does not exist; pass a .ckpt file or a run directory"):
+        load_model(str(tmp_path / "missing"))

@@ -2,10 +2,14 @@
 
 import glob
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
-from ddpm_ms.config import DEFAULTS, load_config, parse_overrides, resolve
+from ddpm_ms.config import (DEFAULTS, load_config, packaged_config_dir, packaged_configs, parse_overrides,
+                            resolve)
 from ddpm_ms.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,3 +75,86 @@ def test_bad_files_and_overrides(tmp_path):
         load_config(str(unknown))
     with pytest.raises(UserError, match="key=value"):
         load_config(None, ["lr"])
+
+
+def test_packaged_configs_are_the_configs_directory():
+    names = sorted(os.path.basename(p)[:-len(".yaml")] for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+    assert packaged_configs() == names
+    assert os.path.samefile(packaged_config_dir(), os.path.join(ROOT, "configs"))
+
+
+def test_packaged_config_dir_prefers_the_installed_layout(tmp_path):
+    package = tmp_path / "site" / "ddpm_ms"
+    (package / "configs").mkdir(parents=True)
+    (tmp_path / "site" / "configs").mkdir()
+    assert packaged_config_dir(str(package)) == str(package / "configs")  # installed wheel
+    os.rmdir(package / "configs")
+    assert packaged_config_dir(str(package)) == str(tmp_path / "site" / "configs")  # checkout
+    os.rmdir(tmp_path / "site" / "configs")
+    assert packaged_config_dir(str(package)) is None
+
+
+@pytest.mark.parametrize("name", ["quick", "quick.yaml", "fashion_mnist"])
+def test_a_bare_name_loads_the_packaged_config(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the name must resolve to the package's copy
+    stem = name[:-len(".yaml")] if name.endswith(".yaml") else name
+    assert load_config(name) == load_config(os.path.join(ROOT, "configs", stem + ".yaml"))
+
+
+def test_an_existing_file_wins_over_a_packaged_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    packaged = load_config("quick")
+    (tmp_path / "quick.yaml").write_text(f"lr: {packaged['lr'] * 2}\n")
+    assert load_config("quick.yaml")["lr"] == packaged["lr"] * 2
+    assert load_config("quick") == packaged  # no file named "quick"
+
+
+def test_unknown_config_name_lists_the_packaged_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="neither a file nor a packaged config") as info:
+        load_config("quik")
+    assert str(info.value).endswith("packaged configs: " + ", ".join(packaged_configs()))
+    with pytest.raises(UserError, match="quik.yaml does not exist.*packaged config: .*quick"):
+        load_config(os.path.join("sub", "quik.yaml"))
+
+
+def test_dict_overrides_equal_string_overrides():
+    strings = ["lr=3e-4", "dim_mults=[1, 2]", "max_steps=5", "random_flip=false", "output-dir=x"]
+    typed = {"lr": 3e-4, "dim_mults": [1, 2], "max_steps": 5, "random_flip": False, "output-dir": "x"}
+    cfg = load_config("fashion_mnist", typed)
+    assert cfg == load_config("fashion_mnist", strings)
+    base = load_config("fashion_mnist")
+    changed = {k for k in cfg if cfg[k] != base[k]}
+    assert changed == {"lr", "dim_mults", "max_steps", "random_flip", "output_dir"}
+    assert load_config(None, "max_steps=5")["max_steps"] == 5  # one string, not its characters
+
+
+@pytest.mark.parametrize("typed, strings", [
+    ({"lrr": 1e-3}, ["lrr=1e-3"]),
+    ({"sampler": "euler"}, ["sampler=euler"]),
+    ({"batch_size": 2.5}, ["batch_size=2.5"]),
+    ({"random_flip": "maybe"}, ["random_flip=maybe"]),
+    ({"dim_mults": [1, 2, 4], "image_size": 30}, ["dim_mults=[1, 2, 4]", "image_size=30"]),
+])
+def test_dict_overrides_are_validated_like_string_overrides(typed, strings):
+    errors = []
+    for overrides in (typed, strings):
+        with pytest.raises(UserError) as info:
+            load_config("quick", overrides)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+
+
+def test_setup_installs_the_configs_as_package_data(tmp_path):
+    # build_py lays the package out as a wheel or `pip install .` does; run it on a copy of the
+    # sources so that no build/ or egg-info directory lands in the checkout
+    src = tmp_path / "src"
+    for name in ("ddpm_ms", "configs"):
+        shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "lib")],
+                   cwd=src, check=True, capture_output=True)
+    installed = tmp_path / "lib" / "ddpm_ms" / "configs"
+    assert sorted(p.name for p in installed.glob("*.yaml")) == [n + ".yaml" for n in packaged_configs()]
+    assert packaged_config_dir(str(tmp_path / "lib" / "ddpm_ms")) == str(installed)

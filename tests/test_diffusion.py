@@ -94,6 +94,21 @@ def test_q_sample_matches_equation_and_statistics():
     assert xt.std() == pytest.approx(math.sqrt(1 - abar), rel=0.01)
 
 
+def test_q_sample_takes_numpy_arrays():
+    sched = Schedule.from_config("linear", 100)
+    rng = np.random.default_rng(3)
+    x0 = rng.uniform(-1, 1, (3, 1, 4, 4))  # float64 and int64: converted to float32 / int32
+    noise = rng.standard_normal(x0.shape)
+    t = np.array([0, 42, 99])
+    expected = q_sample(sched, Tensor(x0, ms.float32), Tensor(t, ms.int32), Tensor(noise, ms.float32))
+    for args in [(x0, t, noise), (Tensor(x0, ms.float32), t, noise.astype(np.float32))]:
+        xt = q_sample(sched, *args)
+        assert isinstance(xt, Tensor) and xt.dtype == ms.float32
+        assert np.array_equal(xt.asnumpy(), expected.asnumpy())
+    abar = sched.alphas_cumprod[t][:, None, None, None]
+    assert np.allclose(expected.asnumpy(), np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise, atol=1e-6)
+
+
 @pytest.mark.parametrize("loss_type", ["l1", "l2", "huber"])
 def test_noise_loss_types(loss_type):
     rng = np.random.default_rng(1)
@@ -130,6 +145,28 @@ def test_p_losses_feeds_noisy_input_and_compares_with_noise():
     assert np.allclose(seen["x"], np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise, atol=1e-6)
     assert seen["t"].tolist() == t.tolist()
     assert loss == pytest.approx((noise.astype(np.float64) ** 2).mean(), rel=1e-5)
+
+
+def test_p_losses_takes_numpy_arrays():
+    sched = Schedule.from_config("linear", 50)
+    seen = []
+
+    def model(x, t, y):  # predicts x_t as the noise; remembers what it was given
+        seen.append((x, t, y))
+        return x
+
+    rng = np.random.default_rng(4)
+    x0 = rng.uniform(-1, 1, (3, 1, 4, 4))
+    noise = rng.standard_normal(x0.shape)
+    t, y = np.array([1, 20, 49]), np.array([0, 5, 9])
+    from_numpy = p_losses(model, sched, x0, t, noise, "l2", y=y)
+    from_tensors = p_losses(model, sched, Tensor(x0, ms.float32), Tensor(t, ms.int32), Tensor(noise, ms.float32),
+                            "l2", y=Tensor(y, ms.int32))
+    assert float(from_numpy.asnumpy()) == float(from_tensors.asnumpy())
+    x, t_seen, y_seen = seen[0]
+    assert [type(v) for v in seen[0]] == [Tensor] * 3
+    assert (x.dtype, t_seen.dtype, y_seen.dtype) == (ms.float32, ms.int32, ms.int32)
+    assert t_seen.asnumpy().tolist() == t.tolist() and y_seen.asnumpy().tolist() == y.tolist()
 
 
 def test_p_losses_rejects_unknown_loss():
