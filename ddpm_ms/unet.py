@@ -40,9 +40,11 @@ Differences from the tutorial code, all deliberate:
 Group norms and softmaxes compute in float32 even when the network is cast to
 float16 with ``Cell.to_float``; results are cast back to the input dtype.
 
-On CPU, GroupNorm, GELU, SiLU and the ConvNeXt depthwise 7x7 convolution run as
-compiled C++ kernels (``ddpm_ms.kernels``: same functions, forward and backward;
-MindSpore's own CPU versions are 3-60x slower, the depthwise weight gradient most).
+On CPU, GroupNorm, GELU, SiLU, the ConvNeXt depthwise 7x7 convolution, the attention
+softmaxes and the blocks' time shift run as compiled C++ kernels (``ddpm_ms.kernels``:
+same functions, forward and backward; MindSpore's own CPU versions are 3-60x slower,
+the depthwise weight gradient most), and the dense convolutions as im2col + OpenBLAS
+sgemm when the scipy-openblas32 wheel is installed.
 Each cell decides when it is built: the kernels are used when the device target is
 CPU, ``DDPM_MS_FAST_KERNELS`` is not ``0`` and the kernels compiled; otherwise, and
 for non-float32 inputs, the built-in MindSpore ops run. Parameter names and values
@@ -156,9 +158,7 @@ class Conv2d(nn.Conv2d):
         if self._fast is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32 \
                 and (self._same or (x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)):
             y = self._fast.conv_same(x, self.weight) if self._same else self._fast.conv_down(x, self.weight)
-            if self.has_bias:
-                y = y + self.bias.reshape(1, -1, 1, 1)
-            return y
+            return ops.bias_add(y, self.bias) if self.has_bias else y
         return super().construct(x)
 
 
@@ -245,7 +245,16 @@ def _split_qkv(qkv, heads, dim_head, b, n):
             v.reshape(b, heads, dim_head, n))
 
 
-def _softmax32(x, axis):
+# Batched a^T b and a b^T with the transpose folded into the matmul: an explicit swapaxes
+# is a full copy (a Transpose kernel) on MindSpore's CPU backend.
+_matmul_ta = ops.BatchMatMul(transpose_a=True)
+_matmul_tb = ops.BatchMatMul(transpose_b=True)
+
+
+def _softmax32(x, axis, fast=None):
+    """Softmax over ``axis`` (-1 or -2) computed in float32; the compiled kernel when ``fast``."""
+    if fast is not None and x.dtype == ms.float32:
+        return fast.softmax_last(x) if axis == -1 else fast.softmax_second(x)
     return ops.softmax(x.astype(ms.float32), axis).astype(x.dtype)
 
 
@@ -288,14 +297,15 @@ class Attention(nn.Cell):
         hidden = heads * dim_head
         self.to_qkv = _conv(dim, hidden * 3, 1)
         self.to_out = _conv(hidden, dim, 1, has_bias=True)
+        self._fast = _fast_ops()
 
     def construct(self, x):
         b, _, h, w = x.shape
         q, k, v = _split_qkv(self.to_qkv(x), self.heads, self.dim_head, b, h * w)
         q = q * self.scale
-        sim = ops.matmul(q.swapaxes(-1, -2), k)            # [b, heads, n_q, n_k]
-        attn = _softmax32(sim, -1)
-        out = ops.matmul(v, attn.swapaxes(-1, -2))         # [b, heads, d, n_q]
+        sim = _matmul_ta(q, k)                             # q^T k: [b, heads, n_q, n_k]
+        attn = _softmax32(sim, -1, self._fast)
+        out = _matmul_tb(v, attn)                          # v attn^T: [b, heads, d, n_q]
         return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
 
 
@@ -315,15 +325,31 @@ class LinearAttention(nn.Cell):
         hidden = heads * dim_head
         self.to_qkv = _conv(dim, hidden * 3, 1)
         self.to_out = nn.SequentialCell(_conv(hidden, dim, 1, has_bias=True), GroupNorm(1, dim))
+        self._fast = _fast_ops()
 
     def construct(self, x):
         b, _, h, w = x.shape
         q, k, v = _split_qkv(self.to_qkv(x), self.heads, self.dim_head, b, h * w)
-        q = _softmax32(q, -2) * self.scale
-        k = _softmax32(k, -1)
-        context = ops.matmul(k, v.swapaxes(-1, -2))        # [b, heads, d, e]
-        out = ops.matmul(context.swapaxes(-1, -2), q)      # [b, heads, e, n]
+        q = _softmax32(q, -2, self._fast) * self.scale
+        k = _softmax32(k, -1, self._fast)
+        context = _matmul_tb(k, v)                         # k v^T: [b, heads, d, e]
+        out = _matmul_ta(context, q)                       # context^T q: [b, heads, e, n]
         return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
+
+
+class TimeShift(nn.Cell):
+    """``h + emb[:, :, None, None]``: a per-sample, per-channel shift (the blocks' time and
+    class conditioning); a compiled kernel on CPU for float32."""
+
+    def __init__(self):
+        super().__init__()
+        self._fast = _fast_ops()
+
+    def construct(self, h, emb):
+        emb = emb.astype(h.dtype)
+        if self._fast is not None and h.dtype == ms.float32:
+            return self._fast.plane_add(h, emb)
+        return h + emb.expand_dims(-1).expand_dims(-1)
 
 
 class ConvNextBlock(nn.Cell):
@@ -339,6 +365,7 @@ class ConvNextBlock(nn.Cell):
         self.has_time = time_emb_dim is not None
         if self.has_time:
             self.mlp = nn.SequentialCell(make_act(act), nn.Dense(time_emb_dim, dim))
+            self.shift = TimeShift()
         self.ds_conv = _conv(dim, dim, 7, padding=3, group=dim)
         self.net = nn.SequentialCell(
             GroupNorm(1, dim) if norm else nn.Identity(),
@@ -352,7 +379,7 @@ class ConvNextBlock(nn.Cell):
     def construct(self, x, t=None):
         h = self.ds_conv(x)
         if self.has_time:
-            h = h + self.mlp(t).astype(h.dtype).expand_dims(-1).expand_dims(-1)
+            h = self.shift(h, self.mlp(t))
         return self.net(h) + self.res_conv(x)
 
 
@@ -381,6 +408,7 @@ class ResnetBlock(nn.Cell):
         self.has_time = time_emb_dim is not None
         if self.has_time:
             self.mlp = nn.SequentialCell(make_act(act), nn.Dense(time_emb_dim, dim_out))
+            self.shift = TimeShift()
         self.block1 = _ConvNormAct(dim, dim_out, groups, act)
         self.block2 = _ConvNormAct(dim_out, dim_out, groups, act)
         self.res_conv = _conv(dim, dim_out, 1) if dim != dim_out else nn.Identity()
@@ -388,7 +416,7 @@ class ResnetBlock(nn.Cell):
     def construct(self, x, t=None):
         h = self.block1(x)
         if self.has_time:
-            h = h + self.mlp(t).astype(h.dtype).expand_dims(-1).expand_dims(-1)
+            h = self.shift(h, self.mlp(t))
         return self.block2(h) + self.res_conv(x)
 
 

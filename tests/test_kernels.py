@@ -177,6 +177,44 @@ def test_group_norm_cell_uses_the_kernel_and_other_eps_does_not():
     assert unet_mod.GroupNorm(2, 4, eps=1e-6)._fast is None
 
 
+# ----------------------------------------------------------------------------- softmax
+
+
+def _softmax64(x, axis):
+    e = np.exp(x - x.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("axis,shape", [(-1, (2, 3, 5, 7)), (-2, (2, 3, 5, 7)), (-1, (4, 1)),
+                                        (-2, (3, 6, 1)), (-2, (2, 4, 9, 33))])
+def test_softmax_forward_and_gradient(axis, shape):
+    rng = _rng(11)
+    x = (rng.standard_normal(shape) * 30).astype(np.float32)  # large logits: needs the max shift
+    op = kernels.ops().softmax_last if axis == -1 else kernels.ops().softmax_second
+    y64 = _softmax64(x.astype(np.float64), axis)
+    _close(_Call(op)(Tensor(x)).asnumpy(), y64, atol_frac=1e-6)
+    dy = rng.standard_normal(shape)
+    (dx,) = _grads(op, [x], dy.astype(np.float32), (0,))
+    _close(dx, y64 * (dy - (dy * y64).sum(axis, keepdims=True)), atol_frac=2e-6)
+
+
+@needs_kernels
+def test_time_shift_forward_and_gradients():
+    rng = _rng(12)
+    x = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    b = rng.standard_normal((3, 4)).astype(np.float32)
+    op = kernels.ops().plane_add
+    _close(_Call(op)(Tensor(x), Tensor(b)).asnumpy(), x.astype(np.float64) + b[:, :, None, None], atol_frac=1e-7)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dx, db = _grads(op, [x, b], dy, (0, 1))
+    _close(dx, dy, atol_frac=0)
+    _close(db, dy.astype(np.float64).sum((2, 3)), atol_frac=1e-6)
+    cell = unet_mod.TimeShift()
+    assert cell._fast is not None
+    np.testing.assert_allclose(cell(Tensor(x), Tensor(b)).asnumpy(), x + b[:, :, None, None], rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- depthwise conv
 
 

@@ -62,7 +62,8 @@ def _conv_ops(custom):
 
 
 def make_ops(lib, conv=False):
-    """Custom ops for the library at ``lib``: gelu, silu, group_norm, dwconv (all differentiable),
+    """Custom ops for the library at ``lib``: gelu, silu, group_norm, dwconv, softmax over the last
+    (``softmax_last``) or second-to-last axis (``softmax_second``), all differentiable,
     and with ``conv`` the dense convolutions of :func:`_conv_ops`."""
 
     def custom(name, out_shape, out_dtype, bprop=None):
@@ -101,7 +102,25 @@ def make_ops(lib, conv=False):
     # depthwise conv, stride 1, zero padding K // 2, no bias: x [N, C, H, W], w [C, 1, K, K]
     dwconv = custom("dwconv_fwd", _same, _same, dw_bprop)
 
-    return SimpleNamespace(gelu=gelu, silu=silu, group_norm=group_norm, dwconv=dwconv,
+    def softmax(axis_name):
+        # the bprop needs only the output: dx = y * (dy - sum(dy * y))
+        bwd = custom(f"softmax_{axis_name}_bwd", _same, _same)
+
+        def bprop(x, out, dout):
+            return (bwd(out, dout),)
+
+        return custom(f"softmax_{axis_name}_fwd", _same, _same, bprop)
+
+    plane_sum = custom("plane_sum_fwd", lambda dy: [dy[0], dy[1]], _same)
+
+    def plane_add_bprop(x, b, out, dout):
+        return dout, plane_sum(dout)
+
+    # x [N, C, H, W] + b [N, C] broadcast over H, W
+    plane_add = custom("plane_add_fwd", lambda x, b: x, lambda x, b: x, plane_add_bprop)
+
+    return SimpleNamespace(gelu=gelu, silu=silu, group_norm=group_norm, dwconv=dwconv, plane_add=plane_add,
+                           softmax_last=softmax("last"), softmax_second=softmax("second"),
                            gelu_bwd=gelu_bwd, silu_bwd=silu_bwd, group_norm_bwd=gn_bwd,
                            dwconv_bwd_input=dw_bwd_input, dwconv_bwd_filter=dw_bwd_filter,
                            **(_conv_ops(custom) if conv else {}))
