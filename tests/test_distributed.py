@@ -13,6 +13,7 @@ from idx_files import write_blob_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "dist_worker.py")
+LR = 0.003  # the learning rate dist_worker.py trains with
 
 pytestmark = pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun (MindSpore's launcher) not found")
 
@@ -46,11 +47,17 @@ def test_two_workers_match_single_process_on_the_same_global_batch(tmp_path):
         r0 = np.load(tmp_path / f"world2_rank0_step{step}.npz")
         r1 = np.load(tmp_path / f"world2_rank1_step{step}.npz")
         single = np.load(tmp_path / f"world1_rank0_step{step}.npz")
-        changed = 0
+        changed = off = total = 0
         for name in single.files:
             assert np.array_equal(r0[name], r1[name]), f"ranks differ at step {step}: {name}"
-            assert np.allclose(r0[name], single[name], rtol=1e-4, atol=1e-5), f"step {step}: {name}"
+            # Adam's first steps move every weight by about lr * sign(grad): a weight whose summed
+            # gradient cancels to float-rounding level (the two runs add the images' terms in a
+            # different order) may move differently. Allow a few such weights, by a small amount.
+            assert np.allclose(r0[name], single[name], rtol=1e-4, atol=0.02 * LR), f"step {step}: {name}"
+            off += (~np.isclose(r0[name], single[name], rtol=1e-4, atol=1e-5)).sum()
+            total += single[name].size
             changed += not np.allclose(single[name], np.load(tmp_path / "world1_rank0_step0.npz")[name]) if step else 0
+        assert off <= 1e-3 * total, f"step {step}: {off} of {total} weights differ"
         assert step == 0 or changed > 0
 
 

@@ -267,6 +267,11 @@ int run(Pass pass, int nparam, void **params, int *ndims, int64_t **shapes, cons
   const float *a = static_cast<const float *>(params[0]);
   const float *b = static_cast<const float *>(params[1]);
   float *out = static_cast<float *>(params[nparam - 1]);
+  if (g.N == 0 || g.hwo() == 0) {  // empty batch or image: nothing to sum, dw = 0
+    if (pass == kBackwardFilter) std::memset(out, 0, sizeof(float) * g.Co * g.rows());
+    if (pass == kBackwardInput) std::memset(out, 0, sizeof(float) * g.N * g.Ci * g.H * g.W);
+    return 0;
+  }
   if (pass == kForward) forward(a, b, out, g);
   if (pass == kBackwardInput) backward_input(a, b, out, g);
   if (pass == kBackwardFilter) backward_filter(a, b, out, g);
