@@ -245,7 +245,13 @@ def _dwconv_grads64(x, w, dy):
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape,k", [((2, 3, 6, 5), 7), ((1, 2, 9, 4), 3), ((2, 2, 2, 3), 5)])
+# The kernels pick a layout by shape (cpu_kernels.cc, use_lanes): small batches run on flat
+# padded planes (blocks of 64 outputs and a tail of 16 / 32 / 48 / 64; the filter gradient sums
+# groups of planes, the last one partial at (3, 2, 20, 18)), batches of 16+ small planes in
+# batch lanes (a full group, a partial group, H and W smaller than K).
+@pytest.mark.parametrize("shape,k", [((2, 3, 6, 5), 7), ((1, 2, 9, 4), 3), ((2, 2, 2, 3), 5),
+                                     ((2, 2, 10, 7), 3), ((1, 2, 11, 7), 3), ((3, 2, 20, 18), 5),
+                                     ((16, 3, 7, 7), 7), ((18, 2, 5, 7), 7), ((16, 2, 3, 2), 7)])
 def test_depthwise_conv_forward_and_gradients(shape, k):
     rng = _rng(3)
     x = rng.standard_normal(shape).astype(np.float32)
