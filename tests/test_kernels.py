@@ -323,6 +323,7 @@ def _conv_transpose64(x, w, s, p):
 @needs_conv
 @pytest.mark.parametrize("kind,shape,cout,k", [
     ("same", (2, 3, 7, 5), 4, 3), ("same", (3, 5, 4, 6), 2, 1), ("same", (2, 1, 6, 6), 3, 7),
+    ("same", (3, 2, 5, 3), 2, 7),  # W <= K // 2: the general (not flat-shift) stride-1 path
     ("down", (2, 3, 8, 6), 5, 4), ("down", (1, 4, 2, 4), 3, 4),
 ])
 def test_dense_conv_forward_and_gradients(kind, shape, cout, k):
