@@ -113,67 +113,61 @@ inline float sigmoid(float x) {
 
 }  // namespace
 
+namespace {
+
+// Elementwise kernels: y[i] = f(x[i]) (2 tensors) or dx[i] = f(x[i], dy[i]) (3 tensors), all of
+// the first tensor's size, split over threads in chunks; f must be vectorisable.
+template <class F>
+int unary(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, F f) {
+  if (nparam != 2 || !all_float32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  const int64_t n = numel(ndims[0], shapes[0]);
+  parallel_for(n, 16384, n, [&](int64_t lo, int64_t hi) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) y[i] = f(x[i]);
+  });
+  return 0;
+}
+
+template <class F>
+int binary(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, F f) {
+  if (nparam != 3 || !all_float32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *dy = static_cast<const float *>(params[1]);
+  float *dx = static_cast<float *>(params[2]);
+  const int64_t n = numel(ndims[0], shapes[0]);
+  parallel_for(n, 16384, n, [&](int64_t lo, int64_t hi) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) dx[i] = f(x[i], dy[i]);
+  });
+  return 0;
+}
+
+}  // namespace
+
 extern "C" {
 
-int gelu_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-             void *, void *) {
-  if (nparam != 2 || !all_float32(nparam, dtypes)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  float *y = static_cast<float *>(params[1]);
-  const int64_t n = numel(ndims[0], shapes[0]);
-  parallel_for(n, 16384, n, [&](int64_t lo, int64_t hi) {
-#pragma omp simd
-    for (int64_t i = lo; i < hi; ++i) y[i] = x[i] * norm_cdf(x[i]);
-  });
-  return 0;
+int gelu_fwd(int np, void **p, int *nd, int64_t **sh, const char **dt, void *, void *) {
+  return unary(np, p, nd, sh, dt, [](float v) { return v * norm_cdf(v); });
 }
 
-int gelu_bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-             void *, void *) {
-  if (nparam != 3 || !all_float32(nparam, dtypes)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *dy = static_cast<const float *>(params[1]);
-  float *dx = static_cast<float *>(params[2]);
-  const int64_t n = numel(ndims[0], shapes[0]);
-  parallel_for(n, 16384, n, [&](int64_t lo, int64_t hi) {
-#pragma omp simd
-    for (int64_t i = lo; i < hi; ++i) {
-      float v = x[i];
-      float pdf = kInvSqrt2Pi * exp_f(-0.5f * v * v);
-      dx[i] = dy[i] * (norm_cdf(v) + v * pdf);
-    }
+int gelu_bwd(int np, void **p, int *nd, int64_t **sh, const char **dt, void *, void *) {
+  return binary(np, p, nd, sh, dt, [](float v, float g) {
+    const float pdf = kInvSqrt2Pi * exp_f(-0.5f * v * v);
+    return g * (norm_cdf(v) + v * pdf);
   });
-  return 0;
 }
 
-int silu_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-             void *, void *) {
-  if (nparam != 2 || !all_float32(nparam, dtypes)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  float *y = static_cast<float *>(params[1]);
-  const int64_t n = numel(ndims[0], shapes[0]);
-  parallel_for(n, 16384, n, [&](int64_t lo, int64_t hi) {
-#pragma omp simd
-    for (int64_t i = lo; i < hi; ++i) y[i] = x[i] * sigmoid(x[i]);
-  });
-  return 0;
+int silu_fwd(int np, void **p, int *nd, int64_t **sh, const char **dt, void *, void *) {
+  return unary(np, p, nd, sh, dt, [](float v) { return v * sigmoid(v); });
 }
 
-int silu_bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-             void *, void *) {
-  if (nparam != 3 || !all_float32(nparam, dtypes)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *dy = static_cast<const float *>(params[1]);
-  float *dx = static_cast<float *>(params[2]);
-  const int64_t n = numel(ndims[0], shapes[0]);
-  parallel_for(n, 16384, n, [&](int64_t lo, int64_t hi) {
-#pragma omp simd
-    for (int64_t i = lo; i < hi; ++i) {
-      float s = sigmoid(x[i]);
-      dx[i] = dy[i] * s * (1.0f + x[i] * (1.0f - s));
-    }
+int silu_bwd(int np, void **p, int *nd, int64_t **sh, const char **dt, void *, void *) {
+  return binary(np, p, nd, sh, dt, [](float v, float g) {
+    const float sg = sigmoid(v);
+    return g * sg * (1.0f + v * (1.0f - sg));
   });
-  return 0;
 }
 
 }  // extern "C"
