@@ -215,6 +215,24 @@ def test_time_shift_forward_and_gradients():
     np.testing.assert_allclose(cell(Tensor(x), Tensor(b)).asnumpy(), x + b[:, :, None, None], rtol=1e-6)
 
 
+@needs_kernels
+def test_all_finite_finds_any_inf_or_nan_in_any_tensor():
+    rng = _rng(13)
+    tensors = [rng.standard_normal(shape).astype(np.float32) * 1e30 for shape in ((3, 4), (5,), (2, 3, 4, 5), (1,))]
+    op = kernels.ops().all_finite
+
+    def check(arrays):
+        return float(_Call(op)(*[Tensor(a) for a in arrays]).asnumpy()[0])
+
+    assert check(tensors) == 1.0  # large but finite
+    assert check([np.array([np.finfo(np.float32).max, -np.finfo(np.float32).max], np.float32)]) == 1.0
+    for k in range(len(tensors)):
+        for bad in (np.inf, -np.inf, np.nan):
+            arrays = [a.copy() for a in tensors]
+            arrays[k].flat[-1] = bad
+            assert check(arrays) == 0.0, (k, bad)
+
+
 # ----------------------------------------------------------------------------- depthwise conv
 
 

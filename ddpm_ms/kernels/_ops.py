@@ -119,7 +119,11 @@ def make_ops(lib, conv=False):
     # x [N, C, H, W] + b [N, C] broadcast over H, W
     plane_add = custom("plane_add_fwd", lambda x, b: x, lambda x, b: x, plane_add_bprop)
 
+    # all_finite(*tensors) -> float32 [1]: 1.0 if every element of every tensor is finite
+    all_finite = custom("all_finite", lambda *shapes: [1], lambda *dtypes: dtypes[0])
+
     return SimpleNamespace(gelu=gelu, silu=silu, group_norm=group_norm, dwconv=dwconv, plane_add=plane_add,
+                           all_finite=all_finite,
                            softmax_last=softmax("last"), softmax_second=softmax("second"),
                            gelu_bwd=gelu_bwd, silu_bwd=silu_bwd, group_norm_bwd=gn_bwd,
                            dwconv_bwd_input=dw_bwd_input, dwconv_bwd_filter=dw_bwd_filter,
