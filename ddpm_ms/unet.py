@@ -143,13 +143,10 @@ class Conv2d(nn.Conv2d):
     with padding K // 2 (odd K) or a 4x4 stride-2 conv with padding 1 on even-sized inputs.
     Same parameters (``weight`` [Co, Ci, K, K], optional ``bias``) either way."""
 
-    def __init__(self, cin, cout, kernel, padding=0, stride=1, has_bias=False):
-        if padding:
-            super().__init__(cin, cout, kernel, stride=stride, pad_mode="pad", padding=padding,
-                             has_bias=has_bias)
-        else:
-            super().__init__(cin, cout, kernel, stride=stride, pad_mode="valid", has_bias=has_bias)
-        fast = _fast_ops() if _kernels.conv_enabled() else None
+    def __init__(self, cin, cout, kernel, padding=0, stride=1, group=1, has_bias=False):
+        super().__init__(cin, cout, kernel, stride=stride, pad_mode="pad" if padding else "valid",
+                         padding=padding, group=group, has_bias=has_bias)
+        fast = _fast_ops() if _kernels.conv_enabled() and group == 1 else None
         self._same = fast is not None and stride == 1 and kernel % 2 == 1 and padding == kernel // 2
         self._down = fast is not None and stride == 2 and kernel == 4 and padding == 1
         self._fast = fast if (self._same or self._down) else None
@@ -181,13 +178,7 @@ def _conv(cin, cout, kernel, padding=0, stride=1, group=1, has_bias=False):
     if group == cin == cout and stride == 1 and not has_bias and kernel % 2 == 1 \
             and padding == kernel // 2 and kernel > 1:
         return DepthwiseConv2d(cin, kernel)
-    if group == 1:
-        return Conv2d(cin, cout, kernel, padding=padding, stride=stride, has_bias=has_bias)
-    if padding:
-        return nn.Conv2d(cin, cout, kernel, stride=stride, pad_mode="pad", padding=padding,
-                         group=group, has_bias=has_bias)
-    return nn.Conv2d(cin, cout, kernel, stride=stride, pad_mode="valid", group=group,
-                     has_bias=has_bias)
+    return Conv2d(cin, cout, kernel, padding=padding, stride=stride, group=group, has_bias=has_bias)
 
 
 class SinusoidalPositionEmbeddings(nn.Cell):

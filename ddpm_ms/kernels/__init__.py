@@ -93,24 +93,24 @@ def _openblas():
 
 
 def _build_plan():
-    """(sources, extra link flags, has_conv) for this machine."""
+    """(sources, extra link flags, OpenBLAS wheel or None) for this machine."""
     blas = _openblas()
     if blas is None:
-        return [SOURCE], [], False
+        return [SOURCE], [], None
     libdir, name, _ = blas
-    return [SOURCE, CONV_SOURCE], [f"-L{libdir}", f"-l{name}", f"-Wl,-rpath,{libdir}"], True
+    return [SOURCE, CONV_SOURCE], [f"-L{libdir}", f"-l{name}", f"-Wl,-rpath,{libdir}"], blas
 
 
 def library_path(cxx, plan=None):
     """Cache path of the library for these sources, compiler, flags, OpenBLAS and CPU."""
-    sources, link, _ = plan or _build_plan()
+    sources, link, blas = plan or _build_plan()
     src = b""
     for path in (*sources, *HEADERS):
         with open(path, "rb") as f:
             src += f.read() + b"\0"
     key = hashlib.sha256()
     for part in (src, " ".join(CXXFLAGS + tuple(link)).encode(), _compiler_version(cxx).encode(),
-                 _cpu_flags().encode(), platform.machine().encode(), str(_openblas()).encode()):
+                 _cpu_flags().encode(), platform.machine().encode(), str(blas).encode()):
         key.update(part)
         key.update(b"\0")
     return os.path.join(cache_dir(), f"ddpm_ms_kernels_{key.hexdigest()[:20]}.so")
@@ -122,7 +122,7 @@ def build(force=False):
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
     plan = _build_plan()
-    _state["conv"] = plan[2]
+    _state["conv"] = plan[2] is not None
     path = library_path(cxx, plan)
     if os.path.exists(path) and not force:
         return path

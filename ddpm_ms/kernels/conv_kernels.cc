@@ -147,9 +147,9 @@ void scatter_images(const float *in, int64_t C, int64_t hwo, int64_t n0, int64_t
       std::memcpy(t + ((n0 + j) * C + c) * hwo, in + c * nb * hwo + j * hwo, sizeof(float) * hwo);
 }
 
-// Images per GEMM: enough columns for an efficient GEMM, and at least one chunk per thread.
-int64_t images_per_chunk(const Geo &g) {
-  const int64_t want = std::max<int64_t>(1, (512 + g.hwo() - 1) / g.hwo());
+// Images per GEMM: about `columns` GEMM columns (nb * Ho * Wo), and at least one chunk per thread.
+int64_t images_per_chunk(const Geo &g, int64_t columns) {
+  const int64_t want = std::max<int64_t>(1, (columns + g.hwo() - 1) / g.hwo());
   const int64_t per_thread = std::max<int64_t>(1, (g.N + num_threads() - 1) / num_threads());
   return std::min(want, per_thread);
 }
@@ -178,7 +178,7 @@ bool read_geo(int64_t **shapes, int xi, int wi, int yi, int64_t S, Geo *g) {
 
 void forward(const float *x, const float *w, float *y, const Geo &g) {
   single_threaded_blas();
-  const int64_t nb_max = images_per_chunk(g), hwo = g.hwo(), R = g.rows();
+  const int64_t nb_max = images_per_chunk(g, 512), hwo = g.hwo(), R = g.rows();
   over_chunks(g, nb_max, [&](int, int64_t lo, int64_t hi) {
     std::vector<float> col(g.pointwise() && nb_max == 1 ? 0 : R * nb_max * hwo);
     std::vector<float> out(nb_max > 1 ? g.Co * nb_max * hwo : 0);
@@ -201,7 +201,7 @@ void forward(const float *x, const float *w, float *y, const Geo &g) {
 
 void backward_input(const float *dy, const float *w, float *dx, const Geo &g) {
   single_threaded_blas();
-  const int64_t nb_max = images_per_chunk(g), hwo = g.hwo(), R = g.rows();
+  const int64_t nb_max = images_per_chunk(g, 512), hwo = g.hwo(), R = g.rows();
   over_chunks(g, nb_max, [&](int, int64_t lo, int64_t hi) {
     std::vector<float> col(R * nb_max * hwo);
     std::vector<float> dyc(nb_max > 1 ? g.Co * nb_max * hwo : 0);
@@ -221,13 +221,9 @@ void backward_input(const float *dy, const float *w, float *dx, const Geo &g) {
 
 void backward_filter(const float *dy, const float *x, float *dw, const Geo &g) {
   single_threaded_blas();
-  const int64_t hwo = g.hwo(), R = g.rows();
   // more columns per GEMM here: they are its inner (reduction) dimension
-  const int64_t per_thread = std::max<int64_t>(1, (g.N + num_threads() - 1) / num_threads());
-  const int64_t nb_max = std::min(per_thread, std::max<int64_t>(1, (2048 + hwo - 1) / hwo));
-  const int64_t chunks = (g.N + nb_max - 1) / nb_max;
-  const int workers = static_cast<int>(std::min<int64_t>(num_threads(), chunks));
-  std::vector<std::vector<float>> part(workers);
+  const int64_t nb_max = images_per_chunk(g, 2048), hwo = g.hwo(), R = g.rows();
+  std::vector<std::vector<float>> part(num_threads());  // workers 1.. sum into their own
   over_chunks(g, nb_max, [&](int t, int64_t lo, int64_t hi) {
     std::vector<float> col(R * nb_max * hwo);
     std::vector<float> dyc(nb_max > 1 ? g.Co * nb_max * hwo : 0);
@@ -236,8 +232,7 @@ void backward_filter(const float *dy, const float *x, float *dw, const Geo &g) {
       part[t].assign(g.Co * R, 0.0f);
       acc = part[t].data();
     }
-    float beta = 0.0f;
-    if (lo >= hi) std::memset(acc, 0, sizeof(float) * g.Co * R);
+    float beta = 0.0f;  // every worker has at least one chunk: its first GEMM overwrites acc
     for (int64_t n0 = lo; n0 < hi; n0 += nb_max) {
       const int64_t nb = std::min(nb_max, hi - n0), L = nb * hwo;
       const float *a = image_rows(dy, g.Co, hwo, n0, nb, dyc.data());
@@ -246,8 +241,9 @@ void backward_filter(const float *dy, const float *x, float *dw, const Geo &g) {
       beta = 1.0f;
     }
   });
-  for (int t = 1; t < workers; ++t) {
-    const float *p = part[t].data();
+  for (const auto &w : part) {
+    const float *p = w.data();
+    if (w.empty()) continue;
 #pragma omp simd
     for (int64_t i = 0; i < g.Co * R; ++i) dw[i] += p[i];
   }
