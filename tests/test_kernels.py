@@ -342,6 +342,9 @@ def _conv_transpose64(x, w, s, p):
 @pytest.mark.parametrize("kind,shape,cout,k", [
     ("same", (2, 3, 7, 5), 4, 3), ("same", (3, 5, 4, 6), 2, 1), ("same", (2, 1, 6, 6), 3, 7),
     ("same", (3, 2, 5, 3), 2, 7),  # W <= K // 2: the general (not flat-shift) stride-1 path
+    # >= 8 channels: the direct kernels (all passes when Co <= Ci, else the filter gradient),
+    # channel counts that fill 1, 2 and 3 vectors partly, pixel counts that fill tiles partly
+    ("same", (3, 40, 5, 9), 35, 3), ("same", (2, 9, 3, 2), 20, 7), ("same", (5, 20, 7, 7), 19, 5),
     ("down", (2, 3, 8, 6), 5, 4), ("down", (1, 4, 2, 4), 3, 4),
 ])
 def test_dense_conv_forward_and_gradients(kind, shape, cout, k):
