@@ -513,3 +513,59 @@ def test_other_backends_keep_builtin_ops(monkeypatch, mode):
     assert not kernels.enabled()
     assert unet_mod.DepthwiseConv2d(2, 7)._fast is None
     assert "device Ascend" in kernels.status()
+
+
+# ----------------------------------------------------------------------------- worker pool
+
+_POOL_CHECK = r"""
+#include "common.h"
+#include <cstdio>
+#include <random>
+// Two client threads post jobs of 1..4 workers to a pool of 3 threads (so some jobs leave
+// workers idle and some find the pool busy and must run elsewhere); every index of every
+// job must run exactly once.
+int main() {
+  ddpm_ms_pool::Pool pool(3);
+  std::atomic<long> done{0}, declined{0};
+  auto client = [&](unsigned seed) {
+    std::mt19937 rng(seed);
+    for (int it = 0; it < 3000; ++it) {
+      const int workers = 1 + rng() % 4;
+      const bool slow = rng() % 200 == 0;
+      std::vector<std::atomic<int>> hits(workers);
+      std::function<void(int)> job = [&](int t) {
+        hits[t].fetch_add(1);
+        if (slow) std::this_thread::sleep_for(std::chrono::microseconds(200));
+      };
+      if (!pool.run(workers, job)) {
+        declined++;
+        for (int t = 0; t < workers; ++t) job(t);
+      }
+      for (int t = 0; t < workers; ++t)
+        if (hits[t].load() != 1) { std::printf("index %d ran %d times\n", t, hits[t].load()); std::fflush(stdout); _exit(1); }
+      done++;
+      if (rng() % 300 == 0) std::this_thread::sleep_for(std::chrono::microseconds(300));  // workers fall asleep
+    }
+  };
+  std::thread a(client, 1u), b(client, 2u);
+  a.join();
+  b.join();
+  std::printf("%ld %ld\n", done.load(), declined.load());
+  std::fflush(stdout);
+  _exit(0);  // the pool's threads are never joined (as in the library)
+}
+"""
+
+
+@pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler")
+def test_worker_pool_runs_every_index_of_every_job_once(tmp_path):
+    import subprocess
+    src = tmp_path / "pool_check.cc"
+    src.write_text(_POOL_CHECK)
+    exe = tmp_path / "pool_check"
+    subprocess.run([kernels._compiler(), "-O2", "-std=c++17", "-pthread", "-march=native",
+                    f"-I{os.path.dirname(kernels.SOURCE)}", str(src), "-o", str(exe)], check=True, timeout=300)
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    done, declined = map(int, proc.stdout.split())
+    assert done == 6000 and 0 < declined < done  # both the pool and the fallback were exercised

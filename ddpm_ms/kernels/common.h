@@ -1,15 +1,104 @@
 // Helpers shared by the ddpm_ms CPU kernel sources (see cpu_kernels.cc for the threading notes).
 #pragma once
 
+#include <immintrin.h>
 #include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <thread>
 #include <vector>
+
+// The worker threads shared by every kernel of the library: started on first use and kept,
+// so a kernel call costs a wake-up (a few us) instead of starting and joining a std::thread
+// (about 30 us, paid by every threaded kernel call: several ms per training step). After a
+// job a worker spins for kSpinUs (the next kernel of a step usually comes sooner), then
+// sleeps on a condition variable: no busy thread stays beside MindSpore's own pool. One
+// pool per process (an inline function's static, shared by all the library's sources); not
+// used in a child process after fork (the threads did not survive it).
+namespace ddpm_ms_pool {
+
+class Pool {
+ public:
+  explicit Pool(int threads) : pid_(getpid()), size_(threads), tickets_(threads + 1) {
+    for (int i = 1; i <= threads; ++i) std::thread([this, i] { loop(i); }).detach();
+  }
+
+  // Run job(t), t in [0, workers), with the caller as t = 0; false (nothing run) if the pool
+  // is in use, too small, or inherited through fork.
+  bool run(int workers, const std::function<void(int)> &job) {
+    if (workers - 1 > size_ || getpid() != pid_ || busy_.exchange(true, std::memory_order_acquire)) return false;
+    job_ = &job;
+    pending_.store(workers - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);  // a worker about to sleep sees its ticket move
+      for (int i = 1; i < workers; ++i) tickets_[i].value.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    job(0);
+    // wait for the workers: spin briefly, then yield the core (a descheduled worker needs it)
+    const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinUs);
+    for (int i = 0; pending_.load(std::memory_order_acquire) != 0; ++i) {
+      _mm_pause();
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() > spin_until) std::this_thread::yield();
+    }
+    busy_.store(false, std::memory_order_release);
+    return true;
+  }
+
+ private:
+  static constexpr int64_t kSpinUs = 50;
+  struct alignas(64) Ticket {  // worker i runs a job each time its own ticket moves
+    std::atomic<uint64_t> value{0};
+  };
+
+  void loop(int index) {
+    std::atomic<uint64_t> &ticket = tickets_[index].value;
+    uint64_t seen = 0;
+    for (;;) {
+      if (!spin_until_moved(ticket, seen)) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return ticket.load(std::memory_order_acquire) != seen; });
+      }
+      ++seen;  // one job per move: run() waits for this worker before it posts the next
+      (*job_)(index);
+      pending_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+  static bool spin_until_moved(const std::atomic<uint64_t> &ticket, uint64_t seen) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinUs);
+    for (int i = 0;; ++i) {
+      if (ticket.load(std::memory_order_acquire) != seen) return true;
+      _mm_pause();
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) return false;
+    }
+  }
+
+  const pid_t pid_;
+  const int size_;
+  std::vector<Ticket> tickets_;
+  std::atomic<bool> busy_{false};
+  std::atomic<int> pending_{0};
+  const std::function<void(int)> *job_ = nullptr;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+};
+
+inline Pool &pool() {
+  static Pool *p = new Pool(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) - 1));
+  return *p;  // never destroyed: its threads run until the process exits
+}
+
+}  // namespace ddpm_ms_pool
 
 namespace {
 
@@ -24,32 +113,6 @@ int num_threads() {
   return n;
 }
 
-// Run fn(begin, end) over [0, n) in chunks of `grain` items, on up to num_threads()
-// threads (the caller included) that take chunks from a shared counter. `work` is the
-// total cost estimate (elements touched): small jobs run on the calling thread only.
-template <class F>
-void parallel_for(int64_t n, int64_t grain, int64_t work, F fn) {
-  const int64_t chunks = (n + grain - 1) / grain;
-  int threads = static_cast<int>(std::min<int64_t>(num_threads(), chunks));
-  if (work < 65536 || threads <= 1) {
-    fn(int64_t(0), n);
-    return;
-  }
-  std::atomic<int64_t> next(0);
-  auto worker = [&] {
-    for (;;) {
-      const int64_t c = next.fetch_add(1);
-      if (c >= chunks) return;
-      fn(c * grain, std::min(n, (c + 1) * grain));
-    }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int i = 1; i < threads; ++i) pool.emplace_back(worker);
-  worker();
-  for (auto &t : pool) t.join();
-}
-
 inline int64_t numel(int nd, const int64_t *shape) {
   int64_t n = 1;
   for (int i = 0; i < nd; ++i) n *= shape[i];
@@ -62,14 +125,42 @@ bool all_float32(int nparam, const char **dtypes) {
   return true;
 }
 
-// Run fn(t) for t in [0, workers) on `workers` threads (the caller is worker 0).
+// Run fn(t) for t in [0, workers) on `workers` threads (the caller is worker 0): on the
+// process-wide pool's threads, or on std::threads started for this call when the pool is
+// busy (another kernel running on another MindSpore thread) or has too few threads.
 template <class F>
 void run_workers(int workers, F fn) {
-  std::vector<std::thread> pool;
-  pool.reserve(workers > 1 ? workers - 1 : 0);
-  for (int t = 1; t < workers; ++t) pool.emplace_back(fn, t);
+  if (workers <= 1) {
+    fn(0);
+    return;
+  }
+  if (ddpm_ms_pool::pool().run(workers, [&](int t) { fn(t); })) return;
+  std::vector<std::thread> threads;
+  threads.reserve(workers - 1);
+  for (int t = 1; t < workers; ++t) threads.emplace_back(fn, t);
   fn(0);
-  for (auto &th : pool) th.join();
+  for (auto &th : threads) th.join();
+}
+
+// Run fn(begin, end) over [0, n) in chunks of `grain` items, on up to num_threads()
+// threads (the caller included) that take chunks from a shared counter. `work` is the
+// total cost estimate (elements touched): small jobs run on the calling thread only.
+template <class F>
+void parallel_for(int64_t n, int64_t grain, int64_t work, F fn) {
+  const int64_t chunks = (n + grain - 1) / grain;
+  int threads = static_cast<int>(std::min<int64_t>(num_threads(), chunks));
+  if (work < 65536 || threads <= 1) {
+    fn(int64_t(0), n);
+    return;
+  }
+  std::atomic<int64_t> next(0);
+  run_workers(threads, [&](int) {
+    for (;;) {
+      const int64_t c = next.fetch_add(1);
+      if (c >= chunks) return;
+      fn(c * grain, std::min(n, (c + 1) * grain));
+    }
+  });
 }
 
 }  // namespace

@@ -8,8 +8,8 @@
 // the CPU it finds (SkylakeX / Cooperlake / Haswell / Zen ...), AVX-512 included.
 //
 // Built only when scipy_openblas32 is importable (ddpm_ms/kernels/__init__.py links it).
-// OpenBLAS runs single-threaded here; work is split over images with the same std::thread
-// helper as the other kernels (no spinning thread pool beside MindSpore's).
+// OpenBLAS runs single-threaded here; work is split over images on the library's own worker
+// threads (common.h), as in the other kernels.
 //
 // Layout: x [N, Ci, H, W], w [Co, Ci, K, K], y [N, Co, Ho, Wo], float32, no bias.
 // Two geometries, chosen by the exported name:
