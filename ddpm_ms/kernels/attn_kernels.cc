@@ -27,7 +27,7 @@
 
 #include <cmath>
 #include <cstdint>
-#include <vector>
+#include <memory>
 
 namespace {
 
@@ -208,8 +208,8 @@ struct Heads {
     const int64_t heads = B * Hd;
     const int64_t grain = std::max<int64_t>(1, heads / (4 * num_threads()));
     parallel_for(heads, grain, heads * work_per_head, [&](int64_t lo, int64_t hi) {
-      std::vector<float> buf(scratch);
-      for (int64_t u = lo; u < hi; ++u) fn(u, buf.data());
+      std::unique_ptr<float[]> buf(new float[scratch]);  // uninitialised: every use writes first
+      for (int64_t u = lo; u < hi; ++u) fn(u, buf.get());
     });
   }
 };
