@@ -40,11 +40,12 @@ Differences from the tutorial code, all deliberate:
 Group norms and softmaxes compute in float32 even when the network is cast to
 float16 with ``Cell.to_float``; results are cast back to the input dtype.
 
-On CPU, GroupNorm, GELU, SiLU, the ConvNeXt depthwise 7x7 convolution, the attention
-softmaxes and the blocks' time shift run as compiled C++ kernels (``ddpm_ms.kernels``:
-same functions, forward and backward; MindSpore's own CPU versions are 3-60x slower,
-the depthwise weight gradient most), and the dense convolutions as im2col + OpenBLAS
-sgemm when the scipy-openblas32 wheel is installed.
+On CPU, GroupNorm, GELU, SiLU, the ConvNeXt depthwise 7x7 convolution and the blocks'
+time shift run as compiled C++ kernels (``ddpm_ms.kernels``: same functions, forward and
+backward; MindSpore's own CPU versions are 3-60x slower, the depthwise weight gradient
+most), the attentions from the qkv projection to ``to_out`` as one fused kernel each way,
+and the dense convolutions as im2col + OpenBLAS sgemm when the scipy-openblas32 wheel is
+installed.
 Each cell decides when it is built: the kernels are used when the device target is
 CPU, ``DDPM_MS_FAST_KERNELS`` is not ``0`` and the kernels compiled; otherwise, and
 for non-float32 inputs, the built-in MindSpore ops run. Parameter names and values
@@ -242,11 +243,19 @@ _matmul_ta = ops.BatchMatMul(transpose_a=True)
 _matmul_tb = ops.BatchMatMul(transpose_b=True)
 
 
-def _softmax32(x, axis, fast=None):
-    """Softmax over ``axis`` (-1 or -2) computed in float32; the compiled kernel when ``fast``."""
-    if fast is not None and x.dtype == ms.float32:
-        return fast.softmax_last(x) if axis == -1 else fast.softmax_second(x)
+def _softmax32(x, axis):
+    """Softmax over ``axis`` computed in float32, returned in x's dtype."""
     return ops.softmax(x.astype(ms.float32), axis).astype(x.dtype)
+
+
+def _fused_attention(fast, kind, qkv, heads, dim_head, b, n):
+    """The compiled ``kind`` ("linear" or "full") attention from the qkv projection to the input
+    of ``to_out``, [b, heads, dim_head, n] (one op forward, one backward; scale dim_head ** -0.5),
+    or None where the built-in ops must run (no kernels, or not float32)."""
+    if fast is None or qkv.dtype != ms.float32:
+        return None
+    op = fast.linear_attention if kind == "linear" else fast.full_attention
+    return op(qkv.reshape(b, 3, heads, dim_head, n))[0]
 
 
 class Residual(nn.Cell):
@@ -277,7 +286,8 @@ class Attention(nn.Cell):
 
     Per head, with q, k, v of shape [d, n] (d = dim_head, n = H*W):
     ``out = v @ softmax((q * scale)^T @ k, over keys)^T``, heads concatenated on the
-    channel axis, then ``to_out`` (1x1 conv with bias).
+    channel axis, then ``to_out`` (1x1 conv with bias). On CPU (float32) everything between
+    ``to_qkv`` and ``to_out`` is one compiled op (``full_attention``) forward and one backward.
     """
 
     def __init__(self, dim, heads=4, dim_head=32):
@@ -292,11 +302,14 @@ class Attention(nn.Cell):
 
     def construct(self, x):
         b, _, h, w = x.shape
-        q, k, v = _split_qkv(self.to_qkv(x), self.heads, self.dim_head, b, h * w)
-        q = q * self.scale
-        sim = _matmul_ta(q, k)                             # q^T k: [b, heads, n_q, n_k]
-        attn = _softmax32(sim, -1, self._fast)
-        out = _matmul_tb(v, attn)                          # v attn^T: [b, heads, d, n_q]
+        qkv = self.to_qkv(x)
+        out = _fused_attention(self._fast, "full", qkv, self.heads, self.dim_head, b, h * w)
+        if out is None:
+            q, k, v = _split_qkv(qkv, self.heads, self.dim_head, b, h * w)
+            q = q * self.scale
+            sim = _matmul_ta(q, k)                         # q^T k: [b, heads, n_q, n_k]
+            attn = _softmax32(sim, -1)
+            out = _matmul_tb(v, attn)                      # v attn^T: [b, heads, d, n_q]
         return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
 
 
@@ -305,7 +318,9 @@ class LinearAttention(nn.Cell):
 
     Per head: q softmaxed over its dim_head features, k over the positions,
     ``q = q * scale``, ``context = k @ v^T`` ([d, d]), ``out = context^T @ q``
-    ([d, n]); then ``to_out`` = 1x1 conv (with bias) -> GroupNorm(1, dim).
+    ([d, n]); then ``to_out`` = 1x1 conv (with bias) -> GroupNorm(1, dim). On CPU (float32)
+    everything between ``to_qkv`` and ``to_out`` is one compiled op (``linear_attention``)
+    forward and one backward.
     """
 
     def __init__(self, dim, heads=4, dim_head=32):
@@ -320,11 +335,14 @@ class LinearAttention(nn.Cell):
 
     def construct(self, x):
         b, _, h, w = x.shape
-        q, k, v = _split_qkv(self.to_qkv(x), self.heads, self.dim_head, b, h * w)
-        q = _softmax32(q, -2, self._fast) * self.scale
-        k = _softmax32(k, -1, self._fast)
-        context = _matmul_tb(k, v)                         # k v^T: [b, heads, d, e]
-        out = _matmul_ta(context, q)                       # context^T q: [b, heads, e, n]
+        qkv = self.to_qkv(x)
+        out = _fused_attention(self._fast, "linear", qkv, self.heads, self.dim_head, b, h * w)
+        if out is None:
+            q, k, v = _split_qkv(qkv, self.heads, self.dim_head, b, h * w)
+            q = _softmax32(q, -2) * self.scale
+            k = _softmax32(k, -1)
+            context = _matmul_tb(k, v)                     # k v^T: [b, heads, d, e]
+            out = _matmul_ta(context, q)                   # context^T q: [b, heads, e, n]
         return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
 
 

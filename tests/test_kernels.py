@@ -177,7 +177,7 @@ def test_group_norm_cell_uses_the_kernel_and_other_eps_does_not():
     assert unet_mod.GroupNorm(2, 4, eps=1e-6)._fast is None
 
 
-# ----------------------------------------------------------------------------- softmax
+# ----------------------------------------------------------------------------- fused attention
 
 
 def _softmax64(x, axis):
@@ -185,52 +185,112 @@ def _softmax64(x, axis):
     return e / e.sum(axis, keepdims=True)
 
 
-@needs_kernels
-@pytest.mark.parametrize("axis,shape", [(-1, (2, 3, 5, 7)), (-2, (2, 3, 5, 7)), (-1, (4, 1)),
-                                        (-2, (3, 6, 1)), (-2, (2, 4, 9, 33))])
-def test_softmax_forward_and_gradient(axis, shape):
-    rng = _rng(11)
-    x = (rng.standard_normal(shape) * 30).astype(np.float32)  # large logits: needs the max shift
-    op = kernels.ops().softmax_last if axis == -1 else kernels.ops().softmax_second
-    y64 = _softmax64(x.astype(np.float64), axis)
-    _close(_Call(op)(Tensor(x)).asnumpy(), y64, atol_frac=1e-6)
-    dy = rng.standard_normal(shape)
-    (dx,) = _grads(op, [x], dy.astype(np.float32), (0,))
-    _close(dx, y64 * (dy - (dy * y64).sum(axis, keepdims=True)), atol_frac=2e-6)
+def _softmax_vjp64(y, g, axis):
+    return y * (g - (g * y).sum(axis, keepdims=True))
+
+
+def _attention64(kind, qkv):
+    """The U-Net attentions from qkv [b, 3, heads, d, n] to [b, heads, d, n] in float64, and a
+    function giving the qkv-gradient for a cotangent of the output (analytic VJP)."""
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    scale = q.shape[2] ** -0.5
+    if kind == "linear":
+        qs, ks = _softmax64(q, -2), _softmax64(k, -1)
+        ctx = np.einsum("bhdn,bhen->bhde", ks, v)
+        out = np.einsum("bhde,bhdn->bhen", ctx, qs * scale)
+
+        def vjp(g):
+            dctx = np.einsum("bhdn,bhen->bhde", qs * scale, g)
+            dq = _softmax_vjp64(qs, np.einsum("bhde,bhen->bhdn", ctx, g) * scale, -2)
+            dk = _softmax_vjp64(ks, np.einsum("bhde,bhen->bhdn", dctx, v), -1)
+            return np.stack([dq, dk, np.einsum("bhde,bhdn->bhen", dctx, ks)], 1)
+    else:
+        attn = _softmax64(np.einsum("bhdi,bhdj->bhij", q * scale, k), -1)
+        out = np.einsum("bhij,bhdj->bhdi", attn, v)
+
+        def vjp(g):
+            ds = _softmax_vjp64(attn, np.einsum("bhdi,bhdj->bhij", g, v), -1)
+            return np.stack([np.einsum("bhij,bhdj->bhdi", ds, k) * scale,
+                             np.einsum("bhij,bhdi->bhdj", ds, q) * scale,
+                             np.einsum("bhdi,bhij->bhdj", g, attn)], 1)
+    return out, vjp
+
+
+def _attention_op(kind):
+    op = kernels.ops().linear_attention if kind == "linear" else kernels.ops().full_attention
+    return lambda qkv: op(qkv)[0]
 
 
 @needs_kernels
-def test_time_shift_forward_and_gradients():
-    rng = _rng(12)
-    x = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
-    b = rng.standard_normal((3, 4)).astype(np.float32)
-    op = kernels.ops().plane_add
-    _close(_Call(op)(Tensor(x), Tensor(b)).asnumpy(), x.astype(np.float64) + b[:, :, None, None], atol_frac=1e-7)
+@pytest.mark.parametrize("kind", ["linear", "full"])
+# (batch, heads, dim_head, n): n and dim_head below, at and above the 8-row x 16/32-column
+# blocks of the kernels' matmuls, with remainders; the U-Net's 32 x 49 and a large linear n
+@pytest.mark.parametrize("shape", [(1, 2, 8, 15), (3, 2, 8, 49), (1, 1, 5, 1), (2, 4, 32, 49),
+                                   (1, 2, 13, 70), (3, 1, 32, 211)])
+def test_fused_attention_forward_and_qkv_gradient(kind, shape):
+    b, heads, d, n = shape
+    rng = _rng(14)
+    qkv = (rng.standard_normal((b, 3, heads, d, n)) * 2).astype(np.float32)
+    out64, vjp = _attention64(kind, qkv.astype(np.float64))
+    _close(_Call(_attention_op(kind))(Tensor(qkv)).asnumpy(), out64, atol_frac=2e-6)
+    dy = rng.standard_normal(out64.shape)
+    (dqkv,) = _grads(_attention_op(kind), [qkv], dy.astype(np.float32), (0,))
+    ref = vjp(dy.astype(np.float32).astype(np.float64))
+    _close(dqkv, ref, rtol=1e-4, atol_frac=1e-5)
+
+
+def test_attention_reference_gradient_matches_finite_differences(mode):
+    if mode == "graph":
+        pytest.skip("mode independent")
+    rng = _rng(15)
+    x = rng.standard_normal((2, 3, 2, 5, 7)) * 2
+    g, r = rng.standard_normal((2, 2, 5, 7)), rng.standard_normal(x.shape)
+    eps = 1e-6
+    for kind in ("linear", "full"):
+        _, vjp = _attention64(kind, x)
+        fd = ((_attention64(kind, x + eps * r)[0] - _attention64(kind, x - eps * r)[0]) * g).sum() / (2 * eps)
+        np.testing.assert_allclose((vjp(g) * r).sum(), fd, rtol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["linear", "full"])
+def test_attention_cells_use_the_fused_kernel_and_match_builtin(kind, mode):
+    cls = unet_mod.LinearAttention if kind == "linear" else unet_mod.Attention
+    ms.set_seed(16)
+    fast, builtin = cls(6, heads=2, dim_head=8), cls(6, heads=2, dim_head=8)
+    builtin._fast = None
+    assert fast._fast is not None
+    rng = _rng(16)
+    for a, b in zip(fast.get_parameters(), builtin.get_parameters()):
+        a.set_data(Tensor(rng.standard_normal(a.shape).astype(np.float32) * 0.5))
+        b.set_data(a.value().copy())
+    x = (rng.standard_normal((3, 6, 5, 7)) * 2).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
-    dx, db = _grads(op, [x, b], dy, (0, 1))
-    _close(dx, dy, atol_frac=0)
-    _close(db, dy.astype(np.float64).sum((2, 3)), atol_frac=1e-6)
-    cell = unet_mod.TimeShift()
-    assert cell._fast is not None
-    np.testing.assert_allclose(cell(Tensor(x), Tensor(b)).asnumpy(), x + b[:, :, None, None], rtol=1e-6)
+    want = builtin(Tensor(x)).asnumpy()
+    _close(fast(Tensor(x)).asnumpy(), want, rtol=1e-4, atol_frac=1e-5)
 
+    class Loss(nn.Cell):
+        def __init__(self, cell):
+            super().__init__()
+            self.cell = cell
+            self.dy = Tensor(dy)
 
-@needs_kernels
-def test_all_finite_finds_any_inf_or_nan_in_any_tensor():
-    rng = _rng(13)
-    tensors = [rng.standard_normal(shape).astype(np.float32) * 1e30 for shape in ((3, 4), (5,), (2, 3, 4, 5), (1,))]
-    op = kernels.ops().all_finite
+        def construct(self, xx):
+            return (self.cell(xx) * self.dy).sum()
 
-    def check(arrays):
-        return float(_Call(op)(*[Tensor(a) for a in arrays]).asnumpy()[0])
+    def grads(cell):  # d/dx, then every parameter's gradient
+        gx, gw = ms.grad(Loss(cell), grad_position=0, weights=cell.trainable_params())(Tensor(x))
+        return [g.asnumpy() for g in (gx, *gw)]
 
-    assert check(tensors) == 1.0  # large but finite
-    assert check([np.array([np.finfo(np.float32).max, -np.finfo(np.float32).max], np.float32)]) == 1.0
-    for k in range(len(tensors)):
-        for bad in (np.inf, -np.inf, np.nan):
-            arrays = [a.copy() for a in tensors]
-            arrays[k].flat[-1] = bad
-            assert check(arrays) == 0.0, (k, bad)
+    for got, ref in zip(grads(fast), grads(builtin)):
+        _close(got, ref, rtol=1e-4, atol_frac=1e-5)
+
+    if mode == "pynative":  # float16 takes the built-in path in both cells
+        fast.to_float(ms.float16)
+        builtin.to_float(ms.float16)
+        got = fast(Tensor(x, ms.float16))
+        assert got.dtype == ms.float16
+        np.testing.assert_array_equal(got.asnumpy(), builtin(Tensor(x, ms.float16)).asnumpy())
 
 
 # ----------------------------------------------------------------------------- depthwise conv

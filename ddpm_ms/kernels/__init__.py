@@ -2,7 +2,8 @@
 
 MindSpore 2.10's CPU GroupNorm, erf-GELU, SiLU and depthwise convolution (above all its
 weight gradient) are several times slower than they need to be. ``cpu_kernels.cc`` holds
-float32 kernels for the same functions, forward and backward. ``conv_kernels.cc`` adds dense
+float32 kernels for the same functions, forward and backward; ``attn_kernels.cc`` does the
+U-Net's linear and full attention (qkv to the output projection's input) in one op each way. ``conv_kernels.cc`` adds dense
 convolutions (stride 1 "same", the 4x4 stride-2 down-sampling conv and its transpose) as
 im2col + OpenBLAS sgemm: MindSpore's oneDNN has to be capped at AVX2 on AVX-512 CPUs (see
 ``ddpm_ms/__init__.py``), OpenBLAS is not; it comes from the ``scipy-openblas32`` wheel and
@@ -40,6 +41,7 @@ ENV_SWITCH = "DDPM_MS_FAST_KERNELS"
 ENV_CACHE = "DDPM_MS_KERNEL_CACHE"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(_HERE, "cpu_kernels.cc")
+ATTN_SOURCE = os.path.join(_HERE, "attn_kernels.cc")  # fused attention, always built
 CONV_SOURCE = os.path.join(_HERE, "conv_kernels.cc")  # needs OpenBLAS (scipy-openblas32)
 HEADERS = (os.path.join(_HERE, "common.h"),)
 CXXFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-std=c++17")
@@ -96,9 +98,9 @@ def _build_plan():
     """(sources, extra link flags, OpenBLAS wheel or None) for this machine."""
     blas = _openblas()
     if blas is None:
-        return [SOURCE], [], None
+        return [SOURCE, ATTN_SOURCE], [], None
     libdir, name, _ = blas
-    return [SOURCE, CONV_SOURCE], [f"-L{libdir}", f"-l{name}", f"-Wl,-rpath,{libdir}"], blas
+    return [SOURCE, ATTN_SOURCE, CONV_SOURCE], [f"-L{libdir}", f"-l{name}", f"-Wl,-rpath,{libdir}"], blas
 
 
 def library_path(cxx, plan=None):

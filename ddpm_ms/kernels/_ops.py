@@ -61,10 +61,27 @@ def _conv_ops(custom):
                 conv_up=custom("conv_down_bwd_input", in_down, _same, up_bprop))
 
 
+def _attention_op(custom, kind, saved_tail):
+    """``{kind}_attn_fwd``: qkv [b, 3, heads, d, n] -> (out [b, heads, d, n], saved [b, heads, *tail]),
+    the attention of the U-Net's ``LinearAttention`` or ``Attention`` from the qkv projection to
+    the input of ``to_out`` (scale d ** -0.5); ``saved`` (the linear kind's context k v^T, the full
+    kind's attention matrix) is what its bprop, one ``{kind}_attn_bwd`` op, needs besides qkv."""
+    bwd = custom(f"{kind}_attn_bwd", lambda qkv, saved, dout: qkv, lambda qkv, saved, dout: qkv)
+
+    def bprop(qkv, out, dout):
+        return (bwd(qkv, out[1], dout[0]),)
+
+    def out_shape(qkv):
+        b, _, heads, d, n = qkv
+        return [b, heads, d, n], [b, heads, *saved_tail(d, n)]
+
+    return custom(f"{kind}_attn_fwd", out_shape, lambda qkv: (qkv, qkv), bprop)
+
+
 def make_ops(lib, conv=False):
-    """Custom ops for the library at ``lib``: gelu, silu, group_norm, dwconv, softmax over the last
-    (``softmax_last``) or second-to-last axis (``softmax_second``), all differentiable,
-    and with ``conv`` the dense convolutions of :func:`_conv_ops`."""
+    """Custom ops for the library at ``lib``: gelu, silu, group_norm, dwconv, plane_add, the fused
+    attentions ``linear_attention`` and ``full_attention`` (see :func:`_attention_op`), all
+    differentiable, all_finite, and with ``conv`` the dense convolutions of :func:`_conv_ops`."""
 
     def custom(name, out_shape, out_dtype, bprop=None):
         return ops.Custom(f"{lib}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot",
@@ -102,15 +119,6 @@ def make_ops(lib, conv=False):
     # depthwise conv, stride 1, zero padding K // 2, no bias: x [N, C, H, W], w [C, 1, K, K]
     dwconv = custom("dwconv_fwd", _same, _same, dw_bprop)
 
-    def softmax(axis_name):
-        # the bprop needs only the output: dx = y * (dy - sum(dy * y))
-        bwd = custom(f"softmax_{axis_name}_bwd", _same, _same)
-
-        def bprop(x, out, dout):
-            return (bwd(out, dout),)
-
-        return custom(f"softmax_{axis_name}_fwd", _same, _same, bprop)
-
     plane_sum = custom("plane_sum_fwd", lambda dy: [dy[0], dy[1]], _same)
 
     def plane_add_bprop(x, b, out, dout):
@@ -124,7 +132,8 @@ def make_ops(lib, conv=False):
 
     return SimpleNamespace(gelu=gelu, silu=silu, group_norm=group_norm, dwconv=dwconv, plane_add=plane_add,
                            all_finite=all_finite,
-                           softmax_last=softmax("last"), softmax_second=softmax("second"),
+                           linear_attention=_attention_op(custom, "linear", lambda d, n: [d, d]),
+                           full_attention=_attention_op(custom, "full", lambda d, n: [n, n]),
                            gelu_bwd=gelu_bwd, silu_bwd=silu_bwd, group_norm_bwd=gn_bwd,
                            dwconv_bwd_input=dw_bwd_input, dwconv_bwd_filter=dw_bwd_filter,
                            **(_conv_ops(custom) if conv else {}))

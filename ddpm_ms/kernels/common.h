@@ -163,4 +163,29 @@ void parallel_for(int64_t n, int64_t grain, int64_t work, F fn) {
   });
 }
 
+inline float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+// exp(x) for float32, relative error ~2 ulp; x clamped to [-87.3, 88.7].
+inline float exp_f(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.7f ? 88.7f : x;
+  const float round_magic = 12582912.0f;                 // 1.5 * 2^23
+  float n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  float r = x - n * 0.693359375f;                        // Cody-Waite: ln2 = hi + lo
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;                            // minimax polynomial of exp on [-ln2/2, ln2/2]
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  return p * bits_to_float(e);
+}
+
 }  // namespace

@@ -25,10 +25,6 @@
 //   dwconv_fwd(x[N,C,H,W], w[C,1,K,K]) -> y          depthwise, stride 1, zero pad K/2
 //   dwconv_bwd_input(dy, w) -> dx
 //   dwconv_bwd_filter(dy, x, w) -> dw[C,1,K,K]  (w only gives the kernel shape)
-//   softmax_last_fwd(x) -> y             softmax over the last axis
-//   softmax_last_bwd(y, dy) -> dx         dx = y * (dy - sum(dy * y)) over that axis
-//   softmax_second_fwd(x) -> y            softmax over the second-to-last axis
-//   softmax_second_bwd(y, dy) -> dx
 //   plane_add_fwd(x[N,C,H,W], b[N,C]) -> y   y = x + b[:, :, None, None] (the U-Net's time shift)
 //   plane_sum_fwd(dy[N,C,H,W]) -> db[N,C]    its b-gradient: sum over H, W
 //   all_finite(t_1, ..., t_k) -> ok[1]      1.0 if every element of every tensor is finite, else 0.0
@@ -53,31 +49,6 @@
 namespace {
 
 const float kEps = 1e-5f;
-
-inline float bits_to_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
-}
-
-// exp(x) for float32, relative error ~2 ulp; x clamped to [-87.3, 88.7].
-inline float exp_f(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.7f ? 88.7f : x;
-  const float round_magic = 12582912.0f;                 // 1.5 * 2^23
-  float n = (x * 1.44269504088896341f + round_magic) - round_magic;
-  float r = x - n * 0.693359375f;                        // Cody-Waite: ln2 = hi + lo
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;                            // minimax polynomial of exp on [-ln2/2, ln2/2]
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  return p * bits_to_float(e);
-}
 
 // erfc(z) for z >= 0, relative error < 1.2e-7 (Chebyshev-fitted form of exp(-z^2) * poly).
 // The z*z rounding error is corrected with an fma so large z keep their relative accuracy.
@@ -171,135 +142,6 @@ int silu_bwd(int np, void **p, int *nd, int64_t **sh, const char **dt, void *, v
     const float sg = sigmoid(v);
     return g * sg * (1.0f + v * (1.0f - sg));
   });
-}
-
-}  // extern "C"
-
-namespace {
-
-// Softmax over the middle axis of x viewed as [A, L, B] (B = 1: the last axis). For B > 1 the
-// loops run along B, which is contiguous, so they vectorise; rows are max-shifted first.
-void softmax_fwd(const float *x, float *y, int64_t A, int64_t L, int64_t B) {
-  parallel_for(A, 1, A * L * B, [&](int64_t lo, int64_t hi) {
-    std::vector<float> mx(B), sum(B);
-    for (int64_t a = lo; a < hi; ++a) {
-      const float *xa = x + a * L * B;
-      float *ya = y + a * L * B;
-      std::copy(xa, xa + B, mx.begin());
-      for (int64_t l = 1; l < L; ++l) {
-        const float *r = xa + l * B;
-#pragma omp simd
-        for (int64_t b = 0; b < B; ++b) mx[b] = r[b] > mx[b] ? r[b] : mx[b];
-      }
-      std::fill(sum.begin(), sum.end(), 0.0f);
-      for (int64_t l = 0; l < L; ++l) {
-        const float *r = xa + l * B;
-        float *o = ya + l * B;
-#pragma omp simd
-        for (int64_t b = 0; b < B; ++b) {
-          o[b] = exp_f(r[b] - mx[b]);
-          sum[b] += o[b];
-        }
-      }
-#pragma omp simd
-      for (int64_t b = 0; b < B; ++b) sum[b] = 1.0f / sum[b];
-      for (int64_t l = 0; l < L; ++l) {
-        float *o = ya + l * B;
-#pragma omp simd
-        for (int64_t b = 0; b < B; ++b) o[b] *= sum[b];
-      }
-    }
-  });
-}
-
-void softmax_last_row(const float *x, float *y, int64_t L) {
-  float mx = x[0];
-  for (int64_t l = 1; l < L; ++l) mx = x[l] > mx ? x[l] : mx;
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t l = 0; l < L; ++l) {
-    y[l] = exp_f(x[l] - mx);
-    sum += y[l];
-  }
-  const float inv = 1.0f / sum;
-#pragma omp simd
-  for (int64_t l = 0; l < L; ++l) y[l] *= inv;
-}
-
-// dx = y * (dy - sum_l(dy * y)) over the middle axis of [A, L, B].
-void softmax_bwd(const float *y, const float *dy, float *dx, int64_t A, int64_t L, int64_t B) {
-  parallel_for(A, 1, A * L * B, [&](int64_t lo, int64_t hi) {
-    std::vector<float> s(B);
-    for (int64_t a = lo; a < hi; ++a) {
-      const int64_t off = a * L * B;
-      std::fill(s.begin(), s.end(), 0.0f);
-      for (int64_t l = 0; l < L; ++l) {
-        const float *yr = y + off + l * B, *gr = dy + off + l * B;
-#pragma omp simd
-        for (int64_t b = 0; b < B; ++b) s[b] += yr[b] * gr[b];
-      }
-      for (int64_t l = 0; l < L; ++l) {
-        const float *yr = y + off + l * B, *gr = dy + off + l * B;
-        float *o = dx + off + l * B;
-#pragma omp simd
-        for (int64_t b = 0; b < B; ++b) o[b] = yr[b] * (gr[b] - s[b]);
-      }
-    }
-  });
-}
-
-// [A, L, B] for softmax over axis `from_end` (1: last, 2: second to last) of a tensor.
-bool softmax_view(int nd, const int64_t *shape, int from_end, int64_t *A, int64_t *L, int64_t *B) {
-  if (nd < from_end) return false;
-  *A = numel(nd - from_end, shape);
-  *L = shape[nd - from_end];
-  *B = from_end == 1 ? 1 : numel(from_end - 1, shape + nd - from_end + 1);
-  return *L > 0;
-}
-
-int softmax_fwd_call(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int from_end) {
-  int64_t A, L, B;
-  if (nparam != 2 || !all_float32(nparam, dtypes) || !softmax_view(ndims[0], shapes[0], from_end, &A, &L, &B))
-    return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  float *y = static_cast<float *>(params[1]);
-  if (B == 1) {
-    parallel_for(A, std::max<int64_t>(1, 4096 / L), A * L, [&](int64_t lo, int64_t hi) {
-      for (int64_t a = lo; a < hi; ++a) softmax_last_row(x + a * L, y + a * L, L);
-    });
-  } else {
-    softmax_fwd(x, y, A, L, B);
-  }
-  return 0;
-}
-
-int softmax_bwd_call(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int from_end) {
-  int64_t A, L, B;
-  if (nparam != 3 || !all_float32(nparam, dtypes) || !softmax_view(ndims[0], shapes[0], from_end, &A, &L, &B))
-    return 1;
-  softmax_bwd(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-              static_cast<float *>(params[2]), A, L, B);
-  return 0;
-}
-
-}  // namespace
-
-extern "C" {
-
-int softmax_last_fwd(int np, void **p, int *nd, int64_t **sh, const char **dt, void *, void *) {
-  return softmax_fwd_call(np, p, nd, sh, dt, 1);
-}
-
-int softmax_last_bwd(int np, void **p, int *nd, int64_t **sh, const char **dt, void *, void *) {
-  return softmax_bwd_call(np, p, nd, sh, dt, 1);
-}
-
-int softmax_second_fwd(int np, void **p, int *nd, int64_t **sh, const char **dt, void *, void *) {
-  return softmax_fwd_call(np, p, nd, sh, dt, 2);
-}
-
-int softmax_second_bwd(int np, void **p, int *nd, int64_t **sh, const char **dt, void *, void *) {
-  return softmax_bwd_call(np, p, nd, sh, dt, 2);
 }
 
 int plane_add_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
