@@ -41,6 +41,7 @@ ENV_CACHE = "DDPM_MS_KERNEL_CACHE"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(_HERE, "cpu_kernels.cc")
 CONV_SOURCE = os.path.join(_HERE, "conv_kernels.cc")  # needs OpenBLAS (scipy-openblas32)
+OPTIM_SOURCE = os.path.join(_HERE, "optim_kernels.cc")  # the fused EMA update
 HEADERS = (os.path.join(_HERE, "common.h"),)
 CXXFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-std=c++17")
 GROUP_NORM_EPS = 1e-5  # the epsilon compiled into the group norm kernel
@@ -96,9 +97,9 @@ def _build_plan():
     """(sources, extra link flags, OpenBLAS wheel or None) for this machine."""
     blas = _openblas()
     if blas is None:
-        return [SOURCE], [], None
+        return [SOURCE, OPTIM_SOURCE], [], None
     libdir, name, _ = blas
-    return [SOURCE, CONV_SOURCE], [f"-L{libdir}", f"-l{name}", f"-Wl,-rpath,{libdir}"], blas
+    return [SOURCE, OPTIM_SOURCE, CONV_SOURCE], [f"-L{libdir}", f"-l{name}", f"-Wl,-rpath,{libdir}"], blas
 
 
 def library_path(cxx, plan=None):
