@@ -82,7 +82,9 @@ def test_float32_training_is_the_same_with_and_without_loss_scaling():
         cfg = load_config(TINY, ["lr=0.003", "batch_size=4", "ema_decay=0.9"])
         scaled, plain = (Trainer(cfg, "CPU", steps_per_epoch=10, scale_loss=s) for s in (True, False))
         assert scaled.scale_loss and not plain.scale_loss
-        assert Trainer.__init__.__defaults__[-1] is None  # the default: scale only float16 compute
+        # the default: scale only float16 compute
+        assert not Trainer(cfg, "CPU", steps_per_epoch=10).scale_loss
+        assert Trainer(load_config(TINY, ["dtype=float16"]), "CPU", steps_per_epoch=10).scale_loss
         rng = np.random.default_rng(5)
         batches = [Tensor(rng.uniform(-1, 1, (4, 1, 28, 28)).astype(np.float32)) for _ in range(4)]
         assert [scaled.train_step(x) for x in batches] == [plain.train_step(x) for x in batches]
