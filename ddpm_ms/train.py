@@ -37,10 +37,12 @@ class TrainStep(nn.Cell):
     """One optimisation step: loss -> scaled grads -> unscale -> finite? -> Adam + EMA update.
 
     On overflow (non-finite grads) the update is skipped and the loss scale is reduced.
+    With ``scale_loss=False`` (float32 compute, see ``Trainer``) the loss and gradients are
+    not scaled and the scaler is left untouched, but non-finite gradients still skip the update.
     Returns (loss, grads_finite).
     """
 
-    def __init__(self, net, sched, optimizer, scaler, ema, loss_type, distributed=False):
+    def __init__(self, net, sched, optimizer, scaler, ema, loss_type, distributed=False, scale_loss=True):
         super().__init__(auto_prefix=False)
         self.net = net
         self.sched = sched
@@ -48,6 +50,7 @@ class TrainStep(nn.Cell):
         self.scaler = scaler
         self.ema = ema
         self.loss_type = loss_type
+        self.scale_loss = scale_loss  # a Python constant: the graph has no scaling ops without it
         self.grad_fn = ms.value_and_grad(self.forward, None, optimizer.parameters, has_aux=True)
         # data parallel: average the gradients over all devices before the update
         self.distributed = distributed
@@ -59,18 +62,22 @@ class TrainStep(nn.Cell):
 
     def forward(self, x_start, t, noise, y=None):
         loss = p_losses(self.net, self.sched, x_start, t, noise, self.loss_type, y)
-        return self.scaler.scale(loss), loss
+        if self.scale_loss:
+            return self.scaler.scale(loss), loss
+        return loss, loss
 
     def construct(self, x_start, t, noise, y=None):
         (_, loss), grads = self.grad_fn(x_start, t, noise, y)
         if self.distributed:
             grads = self.grad_reducer(grads)
-        grads = self.scaler.unscale(grads)
+        if self.scale_loss:
+            grads = self.scaler.unscale(grads)
         if self._fast is not None:
             finite = self._fast.all_finite(*grads)[0] > 0.5
         else:
             finite = ms.amp.all_finite(grads)
-        self.scaler.adjust(finite)
+        if self.scale_loss:
+            self.scaler.adjust(finite)
         if finite:
             self.optimizer(grads)
             self.ema()
@@ -157,7 +164,8 @@ class LossLog:
 class Trainer:
     """Owns the model, optimizer, EMA and loss scaler of one run (its randomness is derived per step)."""
 
-    def __init__(self, cfg, backend, steps_per_epoch, rank=0, world_size=1):
+    def __init__(self, cfg, backend, steps_per_epoch, rank=0, world_size=1, scale_loss=None):
+        """``scale_loss``: None (the default) scales the loss only for float16 compute."""
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.backend = backend
@@ -174,11 +182,15 @@ class Trainer:
         self.optimizer = nn.Adam(self.model.trainable_params(), learning_rate=self.lrs)
         self.scaler = ms.amp.DynamicLossScaler(cfg["loss_scale"], cfg["loss_scale_factor"],
                                                cfg["loss_scale_window"])
+        # scaling guards float16 gradients against underflow; in float32 multiplying by a power
+        # of two commutes with rounding (bar overflow/underflow at 2^+-126), so scaling would
+        # give the same weights and only cost one Mul per gradient (README, "Devices and precision")
+        self.scale_loss = self.dtype == ms.float16 if scale_loss is None else scale_loss
         self.ema = EMA(self.model.trainable_params(), cfg["ema_decay"], cfg["ema_warmup"])
         net = cast_model(self.model, self.dtype)
         self.step_cell = set_jit_level(
             TrainStep(net, self.sched, self.optimizer, self.scaler, self.ema, cfg["loss_type"],
-                      distributed=world_size > 1), cfg["jit_level"])
+                      distributed=world_size > 1, scale_loss=self.scale_loss), cfg["jit_level"])
         self.step = 0
         self._sample_model = None
 
@@ -198,6 +210,10 @@ class Trainer:
             loss, finite = self.step_cell(x_start, Tensor(t), Tensor(noise), Tensor(y))
         self.step += 1
         return float(loss.asnumpy()), bool(finite.asnumpy())
+
+    def loss_scale(self):
+        """The loss scale for the next step (after this step's adjustment); 1.0 when not scaling."""
+        return float(self.scaler.scale_value.asnumpy()) if self.scale_loss else 1.0
 
     # ----- state for checkpoints -----
     def _param_names(self):
@@ -345,7 +361,7 @@ def train(cfg, resume=False, overwrite=False, progress=True):
                 ckpt.fault_point("step", trainer.step)
                 if log:
                     log.write(trainer.step, epoch, f"{loss:.6g}", f"{lr:.6g}",
-                              f"{float(trainer.scaler.scale_value.asnumpy()):g}", int(finite))
+                              f"{trainer.loss_scale():g}", int(finite))
                 nonfinite = 0 if np.isfinite(loss) else nonfinite + 1
                 if nonfinite >= MAX_NONFINITE_LOSSES:
                     raise FloatingPointError(

@@ -293,6 +293,22 @@ def test_attention_cells_use_the_fused_kernel_and_match_builtin(kind, mode):
         np.testing.assert_array_equal(got.asnumpy(), builtin(Tensor(x, ms.float16)).asnumpy())
 
 
+@needs_kernels
+def test_ema_update_is_the_float32_formula_exactly():
+    """ema_update(d, *shadows, *params) = shadows * d + params * (1 - d), rounded as NumPy's
+    float32 ops round it (no fused multiply-add), also for tensors split over threads."""
+    rng = _rng(14)
+    shapes = ((3, 4), (200003,), (2, 3, 4, 5), (1,))
+    shadows = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    op = kernels.ops().ema_update
+    for d in (np.float32(0.1), np.float32(10 / 19), np.float32(0.999)):
+        out = _Call(op)(Tensor(d), *[Tensor(a) for a in shadows + params])
+        assert len(out) == len(shapes)
+        for o, s, p in zip(out, shadows, params):
+            assert o.shape == s.shape and np.array_equal(o.asnumpy(), s * d + p * (np.float32(1) - d))
+
+
 # ----------------------------------------------------------------------------- depthwise conv
 
 

@@ -12,7 +12,9 @@ import mindspore as ms
 from mindspore import Tensor
 
 from ddpm_ms import checkpoint as ckpt
+from ddpm_ms import kernels
 from ddpm_ms.config import load_config
+from ddpm_ms.ema import EMA
 from ddpm_ms.train import Trainer, learning_rates, train
 from idx_files import write_blob_dataset
 
@@ -42,6 +44,8 @@ def test_compiled_step_reduces_loss_on_fixed_batch(trainer):
 
 
 def test_loss_scaler_skips_update_on_overflow(trainer):
+    """float32 (CPU): no loss scaling, but non-finite gradients still skip Adam and the EMA."""
+    assert not trainer.scale_loss and trainer.loss_scale() == 1.0
     x = np.zeros((8, 1, 28, 28), np.float32)
     t = Tensor(np.arange(8, dtype=np.int32))
     noise = Tensor(np.ones((8, 1, 28, 28), np.float32))
@@ -55,12 +59,46 @@ def test_loss_scaler_skips_update_on_overflow(trainer):
     after = params_np(ckpt.named_params(trainer.model))
     assert all(np.array_equal(before[n], after[n]) for n in before), "update was not skipped"
     assert all(np.array_equal(a, s.asnumpy()) for a, s in zip(ema_before, trainer.ema.shadow))
-    assert float(trainer.scaler.scale_value.asnumpy()) == scale_before / 2
+    assert float(trainer.scaler.scale_value.asnumpy()) == scale_before  # the unused scaler is untouched
     # a finite step afterwards updates the weights and the EMA again
     loss, finite = trainer.step_cell(Tensor(x), t, noise)
     assert bool(finite.asnumpy())
     after = params_np(ckpt.named_params(trainer.model))
     assert any(not np.array_equal(before[n], after[n]) for n in before)
+    assert any(not np.array_equal(a, s.asnumpy()) for a, s in zip(ema_before, trainer.ema.shadow))
+
+
+def _state_np(tr):
+    """Weights, EMA weights and Adam state of a Trainer as NumPy arrays."""
+    groups = tr.state_groups()
+    return {(g, n): p.asnumpy().copy() for g in ("model", "ema", "opt") for n, p in groups[g].items()}
+
+
+def test_float32_training_is_the_same_with_and_without_loss_scaling():
+    """Scaling by 2^16 and unscaling is exact in float32: skipping it (the float32 default)
+    gives bit-identical losses, weights, EMA and Adam state; with it the scale halves on overflow."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        cfg = load_config(TINY, ["lr=0.003", "batch_size=4", "ema_decay=0.9"])
+        scaled, plain = (Trainer(cfg, "CPU", steps_per_epoch=10, scale_loss=s) for s in (True, False))
+        assert scaled.scale_loss and not plain.scale_loss
+        # the default: scale only float16 compute
+        assert not Trainer(cfg, "CPU", steps_per_epoch=10).scale_loss
+        assert Trainer(load_config(TINY, ["dtype=float16"]), "CPU", steps_per_epoch=10).scale_loss
+        rng = np.random.default_rng(5)
+        batches = [Tensor(rng.uniform(-1, 1, (4, 1, 28, 28)).astype(np.float32)) for _ in range(4)]
+        assert [scaled.train_step(x) for x in batches] == [plain.train_step(x) for x in batches]
+        a, b = _state_np(scaled), _state_np(plain)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert np.array_equal(a[key], b[key]), key
+        assert scaled.loss_scale() == 65536.0 and plain.loss_scale() == 1.0
+        bad = batches[0].asnumpy().copy()
+        bad[0, 0, 0, 0] = np.nan
+        assert scaled.train_step(Tensor(bad))[1] is False
+        assert scaled.loss_scale() == 32768.0
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 def test_ema_tracks_weights_with_its_decay(trainer):
@@ -69,6 +107,34 @@ def test_ema_tracks_weights_with_its_decay(trainer):
     trainer.ema()  # one EMA update with decay 0.5 (warm-up off)
     for p, s0, s1 in zip(params, shadow_before, trainer.ema.shadow):
         assert np.allclose(s1.asnumpy(), 0.5 * s0 + 0.5 * p.asnumpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_ema_update_equals_the_float32_formula_bit_for_bit(monkeypatch, fast):
+    """The fused CPU kernel and the per-tensor ops both give shadow * d + param * (1 - d) in
+    float32, d = min(decay, (1 + n) / (10 + n)), exactly, over several updates."""
+    monkeypatch.setenv("DDPM_MS_FAST_KERNELS", "1" if fast else "0")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        rng = np.random.default_rng(3)
+        shapes = [(3, 4), (70001,), (2, 3, 4, 5), (1,), (64, 32, 3, 3)]
+        params = [ms.Parameter(Tensor(rng.standard_normal(s).astype(np.float32)), name=f"w{i}")
+                  for i, s in enumerate(shapes)]
+        ema = EMA(params, decay=0.95, warmup=True)
+        assert (ema._fast is not None) == (fast and kernels.enabled())
+        ref = [p.asnumpy().copy() for p in params]
+        f32 = np.float32
+        for n in range(6):
+            for p in params:
+                p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32)))
+            d = min(f32(0.95), (f32(1) + f32(n)) / (f32(10) + f32(n)))
+            ref = [r * d + p.asnumpy() * (f32(1) - d) for r, p in zip(ref, params)]
+            ema()
+            for r, s in zip(ref, ema.shadow):
+                assert np.array_equal(r, s.asnumpy()), (n, s.name)
+        assert float(ema.num_updates.asnumpy()) == 6
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 def test_learning_rates_warmup_then_cosine():

@@ -43,6 +43,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(_HERE, "cpu_kernels.cc")
 ATTN_SOURCE = os.path.join(_HERE, "attn_kernels.cc")  # fused attention, always built
 CONV_SOURCE = os.path.join(_HERE, "conv_kernels.cc")  # needs OpenBLAS (scipy-openblas32)
+OPTIM_SOURCE = os.path.join(_HERE, "optim_kernels.cc")  # the fused EMA update
+BASE_SOURCES = (SOURCE, ATTN_SOURCE, OPTIM_SOURCE)  # always built; CONV_SOURCE only with OpenBLAS
 HEADERS = (os.path.join(_HERE, "common.h"),)
 CXXFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-std=c++17")
 GROUP_NORM_EPS = 1e-5  # the epsilon compiled into the group norm kernel
@@ -98,9 +100,9 @@ def _build_plan():
     """(sources, extra link flags, OpenBLAS wheel or None) for this machine."""
     blas = _openblas()
     if blas is None:
-        return [SOURCE, ATTN_SOURCE], [], None
+        return [*BASE_SOURCES], [], None
     libdir, name, _ = blas
-    return [SOURCE, ATTN_SOURCE, CONV_SOURCE], [f"-L{libdir}", f"-l{name}", f"-Wl,-rpath,{libdir}"], blas
+    return [*BASE_SOURCES, CONV_SOURCE], [f"-L{libdir}", f"-l{name}", f"-Wl,-rpath,{libdir}"], blas
 
 
 def library_path(cxx, plan=None):

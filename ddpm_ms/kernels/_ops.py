@@ -9,6 +9,11 @@ def _same(*shapes):
     return shapes[0]
 
 
+def _first_half(decay, *rest):
+    """Shapes (or dtypes) of the shadows in (decay, *shadows, *params)."""
+    return tuple(rest[:len(rest) // 2])
+
+
 def _stats_shape(x, gamma, beta):
     return x, [x[0], x[1]], [x[0], x[1]]
 
@@ -130,8 +135,11 @@ def make_ops(lib, conv=False):
     # all_finite(*tensors) -> float32 [1]: 1.0 if every element of every tensor is finite
     all_finite = custom("all_finite", lambda *shapes: [1], lambda *dtypes: dtypes[0])
 
+    # ema_update(decay [1], *shadows, *params) -> new shadows: s * decay + p * (1 - decay)
+    ema_update = custom("ema_update", _first_half, _first_half)
+
     return SimpleNamespace(gelu=gelu, silu=silu, group_norm=group_norm, dwconv=dwconv, plane_add=plane_add,
-                           all_finite=all_finite,
+                           all_finite=all_finite, ema_update=ema_update,
                            linear_attention=_attention_op(custom, "linear", lambda d, n: [d, d]),
                            full_attention=_attention_op(custom, "full", lambda d, n: [n, n]),
                            gelu_bwd=gelu_bwd, silu_bwd=silu_bwd, group_norm_bwd=gn_bwd,
