@@ -45,7 +45,7 @@ def build_base(rev, tmp):
             f.write(src)
     so = os.path.join(tmp, "base_kernels.so")
     cxx = os.environ.get("CXX") or "g++"
-    subprocess.run([cxx, *kernels.CXXFLAGS, "-o", so, os.path.join(tmp, "cpu_kernels.cc")], check=True)
+    subprocess.run([cxx, *kernels._cxxflags(), "-o", so, os.path.join(tmp, "cpu_kernels.cc")], check=True)
     return so
 
 

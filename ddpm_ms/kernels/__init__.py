@@ -9,8 +9,8 @@ im2col + OpenBLAS sgemm: MindSpore's oneDNN has to be capped at AVX2 on AVX-512 
 ``ddpm_ms/__init__.py``), OpenBLAS is not; it comes from the ``scipy-openblas32`` wheel and
 the convolutions are left out (built-in conv ops) when that is not installed or
 ``DDPM_MS_FAST_CONV=0``. They are never shipped as a
-binary: on first use the source is compiled with ``g++ -O3 -march=native`` into a
-per-user cache (``$DDPM_MS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ddpm_ms/kernels``, else
+binary: on first use the source is compiled with ``g++ -O3 -march=native`` (or
+``-march=$DDPM_MS_KERNEL_MARCH``) into a per-user cache (``$DDPM_MS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ddpm_ms/kernels``, else
 ``~/.cache/ddpm_ms/kernels``), under a name keyed by the hash of the source, the compiler
 flags, the compiler version and the CPU's feature flags, so a machine with other vector
 units builds its own. The library is written to a temporary name and renamed into place
@@ -46,7 +46,14 @@ CONV_SOURCE = os.path.join(_HERE, "conv_kernels.cc")  # needs OpenBLAS (scipy-op
 OPTIM_SOURCE = os.path.join(_HERE, "optim_kernels.cc")  # the fused EMA update
 BASE_SOURCES = (SOURCE, ATTN_SOURCE, OPTIM_SOURCE)  # always built; CONV_SOURCE only with OpenBLAS
 HEADERS = (os.path.join(_HERE, "common.h"),)
-CXXFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-std=c++17")
+CXXFLAGS = ("-O3", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-std=c++17")
+# -march value; another (older) one, e.g. DDPM_MS_KERNEL_MARCH=haswell, builds and tests the AVX2
+# code paths on an AVX-512 machine
+ENV_MARCH = "DDPM_MS_KERNEL_MARCH"
+
+
+def _cxxflags():
+    return (*CXXFLAGS, f"-march={os.environ.get(ENV_MARCH) or 'native'}")
 GROUP_NORM_EPS = 1e-5  # the epsilon compiled into the group norm kernel
 
 ENV_CONV = "DDPM_MS_FAST_CONV"  # 0: leave the OpenBLAS convolutions out (built-in conv ops)
@@ -113,7 +120,7 @@ def library_path(cxx, plan=None):
         with open(path, "rb") as f:
             src += f.read() + b"\0"
     key = hashlib.sha256()
-    for part in (src, " ".join(CXXFLAGS + tuple(link)).encode(), _compiler_version(cxx).encode(),
+    for part in (src, " ".join(_cxxflags() + tuple(link)).encode(), _compiler_version(cxx).encode(),
                  _cpu_flags().encode(), platform.machine().encode(), str(blas).encode()):
         key.update(part)
         key.update(b"\0")
@@ -134,7 +141,7 @@ def build(force=False):
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *CXXFLAGS, "-o", tmp, *plan[0], *plan[1]], capture_output=True,
+        proc = subprocess.run([cxx, *_cxxflags(), "-o", tmp, *plan[0], *plan[1]], capture_output=True,
                               text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"{os.path.basename(cxx)} failed:\n{proc.stderr.strip()[-2000:]}")
