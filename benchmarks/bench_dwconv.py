@@ -30,23 +30,11 @@ import mindspore as ms  # noqa: E402
 from mindspore import Tensor, nn, ops  # noqa: E402
 
 from ddpm_ms import kernels  # noqa: E402
+from _revision import build_at  # noqa: E402
 
 # (C, H=W) of the depthwise convs in the tutorial U-Net
 SHAPES = ((18, 28), (28, 28), (28, 14), (56, 14), (56, 7), (112, 7), (224, 7))
 KERNELS = ("dwconv_fwd", "dwconv_bwd_input", "dwconv_bwd_filter")
-
-
-def build_base(rev, tmp):
-    """Compile cpu_kernels.cc and common.h of git revision ``rev``; returns the .so path."""
-    for name in ("cpu_kernels.cc", "common.h"):
-        src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:ddpm_ms/kernels/{name}"],
-                             check=True, capture_output=True).stdout
-        with open(os.path.join(tmp, name), "wb") as f:
-            f.write(src)
-    so = os.path.join(tmp, "base_kernels.so")
-    cxx = os.environ.get("CXX") or "g++"
-    subprocess.run([cxx, *kernels._cxxflags(), "-o", so, os.path.join(tmp, "cpu_kernels.cc")], check=True)
-    return so
 
 
 class _Op(nn.Cell):
@@ -86,7 +74,7 @@ def main():
                                        capture_output=True, text=True).stdout.strip()
     tmp = tempfile.mkdtemp(prefix="bench_dwconv_")
     try:
-        old_lib = build_base(base, tmp)
+        old_lib = build_at(base, "cpu_kernels.cc", tmp)
         print(f"old: {base[:12]} ({old_lib})\nnew: working tree ({new_lib})")
         print(f"threads {os.environ.get('DDPM_MS_KERNEL_THREADS') or os.cpu_count()}, K = {args.k}, "
               f"median of {args.repeats} x {args.inner} calls, ms per call\n")
