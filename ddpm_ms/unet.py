@@ -44,8 +44,8 @@ On CPU, GroupNorm, GELU, SiLU, the ConvNeXt depthwise 7x7 convolution and the bl
 time shift run as compiled C++ kernels (``ddpm_ms.kernels``: same functions, forward and
 backward; MindSpore's own CPU versions are 3-60x slower, the depthwise weight gradient
 most), the attentions from the qkv projection to ``to_out`` as one fused kernel each way,
-and the dense convolutions as im2col + OpenBLAS sgemm when the scipy-openblas32 wheel is
-installed.
+and the dense convolutions as direct convolutions or im2col + OpenBLAS sgemm when the
+scipy-openblas32 wheel is installed.
 Each cell decides when it is built: the kernels are used when the device target is
 CPU, ``DDPM_MS_FAST_KERNELS`` is not ``0`` and the kernels compiled; otherwise, and
 for non-float32 inputs, the built-in MindSpore ops run. Parameter names and values

@@ -4,7 +4,7 @@
 // projection of LinearAttention and Attention (ddpm_ms/unet.py), instead of a split, two
 // softmaxes, a scale, two batched matmuls (forward) and a concat, softmax backwards and four
 // matmuls (backward), each a separate MindSpore launch. Same signature, threading and build as
-// cpu_kernels.cc (plain loops that -O3 -march=native vectorises, no BLAS, std::threads over
+// cpu_kernels.cc (plain loops that -O3 -march=native vectorises, no BLAS, worker threads over
 // (batch, head) pairs). All tensors contiguous float32; per head q, k, v are [D, N] blocks
 // (D = dim_head, N = H*W), scale = D ** -0.5:
 //
