@@ -21,7 +21,8 @@
 // so a kernel call costs a wake-up (a few us) instead of starting and joining a std::thread
 // (about 30 us, paid by every threaded kernel call: several ms per training step). After a
 // job a worker spins for kSpinUs (the next kernel of a step usually comes sooner), then
-// sleeps on a condition variable: no busy thread stays beside MindSpore's own pool. One
+// sleeps on its own condition variable (a job wakes only its workers): no busy thread stays
+// beside MindSpore's own pool. One
 // pool per process (an inline function's static, shared by all the library's sources); not
 // used in a child process after fork (the threads did not survive it).
 namespace ddpm_ms_pool {
@@ -38,11 +39,14 @@ class Pool {
     if (workers - 1 > size_ || getpid() != pid_ || busy_.exchange(true, std::memory_order_acquire)) return false;
     job_ = &job;
     pending_.store(workers - 1, std::memory_order_relaxed);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);  // a worker about to sleep sees its ticket move
-      for (int i = 1; i < workers; ++i) tickets_[i].value.fetch_add(1, std::memory_order_release);
+    for (int i = 1; i < workers; ++i) {  // wake only this job's workers
+      Ticket &ticket = tickets_[i];
+      {
+        std::lock_guard<std::mutex> lock(ticket.mutex);  // a worker about to sleep sees it move
+        ticket.value.fetch_add(1, std::memory_order_release);
+      }
+      ticket.wake.notify_one();
     }
-    wake_.notify_all();
     job(0);
     // wait for the workers: spin briefly, then yield the core (a descheduled worker needs it)
     const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinUs);
@@ -58,15 +62,18 @@ class Pool {
   static constexpr int64_t kSpinUs = 50;
   struct alignas(64) Ticket {  // worker i runs a job each time its own ticket moves
     std::atomic<uint64_t> value{0};
+    std::mutex mutex;
+    std::condition_variable wake;
   };
 
   void loop(int index) {
-    std::atomic<uint64_t> &ticket = tickets_[index].value;
+    Ticket &mine = tickets_[index];
+    std::atomic<uint64_t> &ticket = mine.value;
     uint64_t seen = 0;
     for (;;) {
       if (!spin_until_moved(ticket, seen)) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return ticket.load(std::memory_order_acquire) != seen; });
+        std::unique_lock<std::mutex> lock(mine.mutex);
+        mine.wake.wait(lock, [&] { return ticket.load(std::memory_order_acquire) != seen; });
       }
       ++seen;  // one job per move: run() waits for this worker before it posts the next
       (*job_)(index);
@@ -89,12 +96,15 @@ class Pool {
   std::atomic<bool> busy_{false};
   std::atomic<int> pending_{0};
   const std::function<void(int)> *job_ = nullptr;
-  std::mutex mutex_;
-  std::condition_variable wake_;
 };
 
-inline Pool &pool() {
-  static Pool *p = new Pool(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) - 1));
+inline Pool &pool() {  // one worker per CPU this process may run on, besides the caller
+  static Pool *p = new Pool([] {
+    cpu_set_t set;
+    const int cpus = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set)
+                                                                 : static_cast<int>(std::thread::hardware_concurrency());
+    return std::max(1, cpus - 1);
+  }());
   return *p;  // never destroyed: its threads run until the process exits
 }
 
