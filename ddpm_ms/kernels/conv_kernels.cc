@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -414,19 +415,19 @@ void direct_tile(const Direct &d, const float *wt, int64_t v0, const float *xp, 
 // out [N, O, H, W] = conv(in [N, C, H, W]) with the packed weights wt.
 void direct_conv(const Direct &d, int64_t N, const float *in, const std::vector<float> &wt, float *out) {
   over_groups(d, N, [&](int, int64_t lo, int64_t hi, int64_t nb_max) {
-    std::vector<float> xp(nb_max * d.C * d.plane);
+    std::unique_ptr<float[]> xp(new float[nb_max * d.C * d.plane]);  // pad_planes fills it
     std::vector<int64_t> pin, pout;
     for (int64_t n0 = lo; n0 < hi; n0 += nb_max) {
       const int64_t nb = std::min(nb_max, hi - n0);
-      pad_planes(in, d, n0, nb, xp.data());
+      pad_planes(in, d, n0, nb, xp.get());
       pixel_lists(d, nb, kAcc, &pin, &pout);
       float *o = out + n0 * d.O * d.HW;
       for (int64_t v0 = 0; v0 < d.nvec; v0 += kCV) {
         const float *w = wt.data() + v0 * kV * d.C * d.KK;
         if (d.nvec - v0 >= 2)
-          direct_tile<2>(d, w, v0, xp.data(), pin.data(), pout.data(), int64_t(pin.size()), o);
+          direct_tile<2>(d, w, v0, xp.get(), pin.data(), pout.data(), int64_t(pin.size()), o);
         else
-          direct_tile<1>(d, w, v0, xp.data(), pin.data(), pout.data(), int64_t(pin.size()), o);
+          direct_tile<1>(d, w, v0, xp.get(), pin.data(), pout.data(), int64_t(pin.size()), o);
       }
     }
   });
@@ -474,8 +475,8 @@ void filter_tile(const float *dyt, int64_t opad, int64_t o0, const float *xp, co
 
 void direct_backward_filter(const float *dy, const float *x, float *dw, const Geo &g) {
   const Direct d(g.Ci, g.Co, g.H, g.W, g.K);  // planes of x (Ci channels), lanes over Co
-  constexpr int R1 = kAcc / 2, R2 = kAcc / kCV;  // (input channel, tap) pairs per tile
-  const int64_t rows = d.C * d.KK, rpad = (rows + R1 - 1) / R1 * R1;
+  constexpr int R = kAcc / kCV;  // (input channel, tap) pairs per tile
+  const int64_t rows = d.C * d.KK, rpad = (rows + R - 1) / R * R;
   std::vector<int64_t> roff(rpad, 0);  // padded rows read plane offset 0 and are dropped
   for (int64_t r = 0; r < rows; ++r) roff[r] = (r / d.KK) * d.plane + d.koff[r % d.KK];
   const int64_t qchunk = 128;  // pixels per pass: a pass's dy rows stay in L1
@@ -484,11 +485,12 @@ void direct_backward_filter(const float *dy, const float *x, float *dw, const Ge
   over_groups(d, g.N, [&](int t, int64_t lo, int64_t hi, int64_t nb_max) {
     std::vector<float> &acc = part[t];
     acc.assign(d.opad * rpad, 0.0f);
-    std::vector<float> xp(nb_max * d.C * d.plane), dyt;
+    std::unique_ptr<float[]> xp(new float[nb_max * d.C * d.plane]);  // pad_planes fills it
+    std::vector<float> dyt;
     std::vector<int64_t> pin, pout;
     for (int64_t n0 = lo; n0 < hi; n0 += nb_max) {
       const int64_t nb = std::min(nb_max, hi - n0), nq = nb * d.HW;
-      pad_planes(x, d, n0, nb, xp.data());
+      pad_planes(x, d, n0, nb, xp.get());
       pixel_lists(d, nb, 1, &pin, &pout);
       dyt.assign(nq * d.opad, 0.0f);  // pixel-major dy, zero in the padded channels
       for (int64_t j = 0; j < nb; ++j)
@@ -502,14 +504,12 @@ void direct_backward_filter(const float *dy, const float *x, float *dw, const Ge
         const float *dq = dyt.data() + q0 * d.opad;
         for (int64_t v0 = 0; v0 < d.nvec; v0 += kCV) {
           float *a = acc.data() + v0 * kV * rpad;
-          if (d.nvec - v0 >= 2) {
-            for (int64_t r0 = 0; r0 < rpad; r0 += R2)
-              filter_tile<kCV, R2>(dq, d.opad, v0 * kV, xp.data(), pin.data() + q0, nqc, roff.data() + r0,
-                                   a + r0 * kCV * kV);
-          } else {
-            for (int64_t r0 = 0; r0 < rpad; r0 += R1)
-              filter_tile<1, R1>(dq, d.opad, v0 * kV, xp.data(), pin.data() + q0, nqc, roff.data() + r0,
-                                 a + r0 * kV);
+          for (int64_t r0 = 0; r0 < rpad; r0 += R) {
+            if (d.nvec - v0 >= 2)
+              filter_tile<kCV, R>(dq, d.opad, v0 * kV, xp.get(), pin.data() + q0, nqc, roff.data() + r0,
+                                  a + r0 * kCV * kV);
+            else
+              filter_tile<1, R>(dq, d.opad, v0 * kV, xp.get(), pin.data() + q0, nqc, roff.data() + r0, a + r0 * kV);
           }
         }
       }
