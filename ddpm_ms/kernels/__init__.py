@@ -3,14 +3,16 @@
 MindSpore 2.10's CPU GroupNorm, erf-GELU, SiLU and depthwise convolution (above all its
 weight gradient) are several times slower than they need to be. ``cpu_kernels.cc`` holds
 float32 kernels for the same functions, forward and backward; ``attn_kernels.cc`` does the
-U-Net's linear and full attention (qkv to the output projection's input) in one op each way. ``conv_kernels.cc`` adds dense
-convolutions (stride 1 "same", the 4x4 stride-2 down-sampling conv and its transpose) as
-im2col + OpenBLAS sgemm: MindSpore's oneDNN has to be capped at AVX2 on AVX-512 CPUs (see
-``ddpm_ms/__init__.py``), OpenBLAS is not; it comes from the ``scipy-openblas32`` wheel and
-the convolutions are left out (built-in conv ops) when that is not installed or
-``DDPM_MS_FAST_CONV=0``. They are never shipped as a
-binary: on first use the source is compiled with ``g++ -O3 -march=native`` (or
-``-march=$DDPM_MS_KERNEL_MARCH``) into a per-user cache (``$DDPM_MS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ddpm_ms/kernels``, else
+U-Net's linear and full attention (qkv to the output projection's input) in one op each way,
+``optim_kernels.cc`` the EMA update of all weights in one op. ``conv_kernels.cc`` adds dense
+convolutions (stride 1 "same", the 4x4 stride-2 down-sampling conv and its transpose), as
+direct convolutions or im2col + OpenBLAS sgemm: MindSpore's oneDNN has to be capped at AVX2 on
+AVX-512 CPUs (see ``ddpm_ms/__init__.py``), these are not; OpenBLAS comes from the
+``scipy-openblas32`` wheel and the convolutions are left out (built-in conv ops) when that is
+not installed or ``DDPM_MS_FAST_CONV=0``. All kernels share one pool of worker threads
+(``common.h``). They are never shipped as a binary: on first use the sources are compiled with
+``g++ -O3 -march=native`` (or ``-march=$DDPM_MS_KERNEL_MARCH``) into a per-user cache
+(``$DDPM_MS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ddpm_ms/kernels``, else
 ``~/.cache/ddpm_ms/kernels``), under a name keyed by the hash of the source, the compiler
 flags, the compiler version and the CPU's feature flags, so a machine with other vector
 units builds its own. The library is written to a temporary name and renamed into place
@@ -53,14 +55,14 @@ CXXFLAGS = ("-O3", "-fno-trapping-math", "-fopenmp-simd", "-pthread", "-fPIC", "
 # -march value; another (older) one, e.g. DDPM_MS_KERNEL_MARCH=haswell, builds and tests the AVX2
 # code paths on an AVX-512 machine
 ENV_MARCH = "DDPM_MS_KERNEL_MARCH"
-
-
-def _cxxflags():
-    return (*CXXFLAGS, f"-march={os.environ.get(ENV_MARCH) or 'native'}")
 GROUP_NORM_EPS = 1e-5  # the epsilon compiled into the group norm kernel
 
 ENV_CONV = "DDPM_MS_FAST_CONV"  # 0: leave the OpenBLAS convolutions out (built-in conv ops)
 _state = {"lib": None, "error": None, "tried": False, "warned": False, "conv": False}
+
+
+def _cxxflags():
+    return (*CXXFLAGS, f"-march={os.environ.get(ENV_MARCH) or 'native'}")
 
 
 def cache_dir():
@@ -209,7 +211,7 @@ def status():
 
 
 def conv_enabled():
-    """True if the dense convolution kernels (im2col + OpenBLAS sgemm) are in the library."""
+    """True if the dense convolution kernels (direct, or im2col + OpenBLAS sgemm) are in the library."""
     return enabled() and bool(_state.get("conv")) and not _off(ENV_CONV)
 
 

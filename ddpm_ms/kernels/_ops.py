@@ -23,7 +23,7 @@ def _stats_dtype(x, gamma, beta):
 
 
 def _conv_ops(custom):
-    """Dense convs (im2col + OpenBLAS), weight w [Co, Ci, K, K], no bias, all differentiable:
+    """Dense convs (direct or im2col + OpenBLAS), weight w [Co, Ci, K, K], no bias, all differentiable:
 
     * ``conv_same(x, w)``: stride 1, zero padding K // 2 (odd K);
     * ``conv_down(x, w)``: stride 2, zero padding 1, even H and W (output H/2 x W/2);
