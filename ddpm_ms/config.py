@@ -12,6 +12,7 @@ import os
 
 import yaml
 
+from .data import DATASETS
 from .errors import UserError
 from .schedules import SCHEDULES
 from .diffusion import LOSS_TYPES, VARIANCE_TYPES
@@ -29,6 +30,7 @@ DEFAULTS = {
     "image_size": 28,
     "channels": 1,
     "random_flip": True,
+    "center_crop": True,   # folder datasets: centre crop after the shorter-side resize (false: random crop)
     "num_workers": 1,
     # --- model (U-Net) ---
     "dim": 28,
@@ -86,7 +88,7 @@ DEFAULTS = {
 }
 
 CHOICES = {
-    "dataset": ("fashion_mnist",),
+    "dataset": DATASETS,
     "block_type": ("convnext", "resnet"),
     "act": ("gelu", "silu"),
     "beta_schedule": SCHEDULES,
