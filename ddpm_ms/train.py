@@ -327,9 +327,10 @@ def train(cfg, resume=False, overwrite=False, progress=True):
     backend = setup_device(cfg["device"], cfg["mode"], seed=cfg["seed"])
     rank, world_size = init_distributed()
     main_process = rank == 0
+    # before anything is written: a batch larger than the data set is a user error
+    steps_per_epoch = make_dataset(cfg, data_dir, rank, world_size, random_flip=False).get_dataset_size()
     if main_process:
         run.prepare(resume, overwrite)
-    steps_per_epoch = make_dataset(cfg, data_dir, rank, world_size, random_flip=False).get_dataset_size()
     trainer = Trainer(cfg, backend, steps_per_epoch, rank, world_size)
     manager = ckpt.CheckpointManager(run.checkpoints, cfg["keep_checkpoints"])
 

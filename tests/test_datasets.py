@@ -400,3 +400,56 @@ def test_folder_errors(tmp_path):
         data.locate("folder", None)
     with pytest.raises(UserError, match="unknown dataset"):
         data.locate("imagenet", None)
+
+
+# --------------------------------------------------------------------------- downstream: evaluation inputs
+
+def test_evaluate_reads_rgb_arrays_and_png_folders(tmp_path):
+    from ddpm_ms.evaluate import load_samples
+
+    spec = data.dataset_spec("cifar10")
+    rgb = np.random.default_rng(3).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "nhwc.npy", rgb)
+    np.save(tmp_path / "nchw.npy", rgb.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)
+    np.testing.assert_array_equal(load_samples(str(tmp_path / "nhwc.npy"), spec), rgb.transpose(0, 3, 1, 2))
+    np.testing.assert_allclose(load_samples(str(tmp_path / "nchw.npy"), spec), rgb.transpose(0, 3, 1, 2) / 127.5 - 1,
+                               atol=1e-6)
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for i, im in enumerate(rgb):
+        Image.fromarray(im).save(pngs / f"{i}.png")
+    np.testing.assert_array_equal(load_samples(str(pngs), spec), rgb.transpose(0, 3, 1, 2))
+    np.save(tmp_path / "gray.npy", rgb[..., 0])
+    with pytest.raises(UserError, match="1 channel.*expected 3"):
+        load_samples(str(tmp_path / "gray.npy"), spec)
+    with pytest.raises(UserError, match="expected 28x28"):
+        load_samples(str(tmp_path / "gray.npy"))  # Fashion-MNIST by default
+    np.save(tmp_path / "small.npy", rgb[:, :28, :28])
+    with pytest.raises(UserError, match="expected 32x32"):
+        load_samples(str(tmp_path / "small.npy"), spec)
+
+
+def test_classifier_per_dataset_shapes_and_cache(tmp_path, monkeypatch):
+    import mindspore as ms
+    from ddpm_ms import classifier as C
+
+    net = C.create_classifier("cifar10")
+    assert net.input_shape == (3, 32)
+    feats, probs = C.extract(net, np.zeros((3, 3, 32, 32), np.uint8), batch_size=3)
+    assert feats.shape == (3, C.FEATURE_DIM) and probs.shape == (3, 10)
+    with pytest.raises(UserError, match=r"\[N, 3, 32, 32\]"):
+        C.extract(net, np.zeros((3, 1, 28, 28), np.uint8))
+    keys = {d: C.cache_key(dataset=d) for d in ("fashion_mnist", "mnist", "cifar10")}
+    assert keys["fashion_mnist"] == C.cache_key() and len(set(keys.values())) == 3
+    # trained once per dataset, cached under its own key, and rebuilt with the dataset's shape
+    ms.set_seed(0)
+    monkeypatch.setattr(C, "train_classifier", lambda *a, **k: (C.create_classifier(k["dataset"]), 0.9))
+    monkeypatch.setattr("ddpm_ms.data.locate", lambda *a, **k: "unused")
+    net1, info = C.load_or_train_classifier(cache_dir=str(tmp_path), dataset="cifar10", log=None)
+    assert info["dataset"] == "cifar10" and os.listdir(tmp_path) == [keys["cifar10"] + ".ckpt"]
+    monkeypatch.setattr(C, "train_classifier", lambda *a, **k: pytest.fail("retrained"))
+    net2, _ = C.load_or_train_classifier(cache_dir=str(tmp_path), dataset="cifar10", log=None)
+    x = np.random.default_rng(1).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    np.testing.assert_allclose(C.extract(net1, x)[0], C.extract(net2, x)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="no feature network exists for dataset 'folder'"):
+        C.load_or_train_classifier(cache_dir=str(tmp_path), dataset="folder", log=None)
