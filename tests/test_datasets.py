@@ -453,3 +453,12 @@ def test_classifier_per_dataset_shapes_and_cache(tmp_path, monkeypatch):
     np.testing.assert_allclose(C.extract(net1, x)[0], C.extract(net2, x)[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="no feature network exists for dataset 'folder'"):
         C.load_or_train_classifier(cache_dir=str(tmp_path), dataset="folder", log=None)
+
+
+def test_to_display_gray_and_rgb():
+    from ddpm_ms.visualize import make_grid, to_display
+
+    rgb = np.random.default_rng(4).uniform(-1.2, 1.2, (3, 5, 7)).astype(np.float32)
+    np.testing.assert_allclose(to_display(rgb), np.clip((rgb.transpose(1, 2, 0) + 1) / 2, 0, 1), atol=1e-7)
+    assert to_display(rgb[:1]).shape == (5, 7)
+    assert make_grid(rgb[None].repeat(2, 0), nrow=2).shape == (5 + 4, 2 * 7 + 6, 3)
