@@ -368,7 +368,8 @@ def load_or_train_classifier(cache_dir=None, data_dir=None, epochs=DEFAULT_EPOCH
     if acc < min_accuracy:
         raise UserError(f"the evaluation classifier reached only {acc:.2%} test accuracy (needs "
                         f"{min_accuracy:.0%}); train it longer (more epochs)")
-    info = {"version": CLASSIFIER_VERSIONS[dataset], "dataset": dataset, "key": key, "test_accuracy": acc, "train_seconds": seconds,
+    info = {"version": CLASSIFIER_VERSIONS[dataset], "dataset": dataset, "key": key, "test_accuracy": acc,
+            "train_seconds": seconds,
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "limit": limit,
             "test_images": test_limit or 10000,
             "feature_dim": FEATURE_DIM}
