@@ -49,8 +49,8 @@ def _check_image_array(images, path, spec=None):
         raise UserError(f"{path}: expected images of shape [N, {c}, {side}, {side}] (or [N, {side}, {side}, {c}]), "
                         f"got {list(images.shape)}")
     if images.shape[1] != c:
-        raise UserError(f"{path}: images have {images.shape[1]} channel(s), expected {c} ({spec.title}; pick the "
-                        "dataset with --dataset)")
+        raise UserError(f"{path}: images have {images.shape[1]} channel(s) ({list(images.shape)}), expected "
+                        f"[N, {c}, {side}, {side}] ({spec.title}; pick the dataset with --dataset)")
     if images.shape[2:] != (side, side):
         raise UserError(f"{path}: images are {images.shape[2]}x{images.shape[3]}, expected {side}x{side} "
                         f"({spec.title})")

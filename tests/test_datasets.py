@@ -420,7 +420,7 @@ def test_evaluate_reads_rgb_arrays_and_png_folders(tmp_path):
         Image.fromarray(im).save(pngs / f"{i}.png")
     np.testing.assert_array_equal(load_samples(str(pngs), spec), rgb.transpose(0, 3, 1, 2))
     np.save(tmp_path / "gray.npy", rgb[..., 0])
-    with pytest.raises(UserError, match="1 channel.*expected 3"):
+    with pytest.raises(UserError, match=r"1 channel.*expected \[N, 3, 32, 32\]"):
         load_samples(str(tmp_path / "gray.npy"), spec)
     with pytest.raises(UserError, match="expected 28x28"):
         load_samples(str(tmp_path / "gray.npy"))  # Fashion-MNIST by default
