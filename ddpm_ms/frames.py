@@ -18,7 +18,7 @@ and the frames are the states whose progress is closest to 0, 1/(F-1), 2/(F-1), 
 import numpy as np
 
 SOURCES = ("x", "x0", "both")
-STEP_WEIGHT = 0.02  # a small share of the pace measured in sampler steps: progress strictly increasing
+STEP_WEIGHT = 0.0  # share of the pace measured in sampler steps instead (> 0: strictly increasing progress)
 
 
 def quantize(images):

@@ -9,9 +9,9 @@ from .config import DEFAULTS
 from .device import set_jit_level
 from .diffusion import Schedule, classifier_free_guidance
 from .errors import UserError
+from .frames import FrameRecorder
 from .samplers import sample
 from .unet import Unet
-from .frames import FrameRecorder
 
 
 def create_model(cfg):

@@ -138,10 +138,10 @@ def save_gif(frames, path, nrow=None, duration=4.0, hold_last=1.0, scale=2, labe
     per_frame = max(20, int(1000 * duration / len(images)))
     durations = [per_frame] * (len(images) - 1) + [max(per_frame, int(1000 * hold_last))]
     if path.lower().endswith(".webp"):
-        kw = dict(lossless=True, method=4)
+        kw = {"lossless": True, "method": 4}
     else:
         pal = _gif_palette(grids)  # from the pictures alone: a label cannot change their colours
-        images, kw = [_to_palette(im, pal) for im in images], dict(optimize=True)
+        images, kw = [_to_palette(im, pal) for im in images], {"optimize": True}
     return _atomic_save(
         lambda p: images[0].save(p, save_all=True, append_images=images[1:], duration=durations, loop=0, **kw),
         path,
