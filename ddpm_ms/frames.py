@@ -92,7 +92,7 @@ class DenoisingFrames(list):
         super().__init__(frames)
         self.timesteps, self.noise, self.source = list(timesteps), list(noise), source
         names = {"x": "x_t", "x0": "predicted x_0", "both": "x_t | predicted x_0"}[source]
-        self.labels = [f"t={t + 1:<4d} noise {s:.2f}   {names}" for t, s in zip(self.timesteps, self.noise)]
+        self.labels = [f"t={t + 1}   noise {s:.2f}   {names}" for t, s in zip(self.timesteps, self.noise)]
 
 
 class FrameRecorder:

@@ -31,6 +31,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.frames < 1 or args.duration <= 0 or args.hold < 0:
         raise UserError("--frames must be >= 1, --duration > 0 and --hold >= 0")
+    if args.out.lower().endswith(".webp"):
+        from PIL import features
+
+        if not features.check("webp"):
+            raise UserError("this Pillow has no WebP support; write a .gif instead")
     from .pipeline import generate
     from .visualize import save_gif
 

@@ -148,12 +148,6 @@ def save_gif(frames, path, nrow=None, duration=4.0, hold_last=1.0, scale=2, labe
     )
 
 
-def frame_indices(num_steps, num_frames):
-    """Which of num_steps sampler steps to keep as GIF frames (always including the last)."""
-    num_frames = max(1, min(num_frames, num_steps))
-    return set(np.linspace(0, num_steps - 1, num_frames).round().astype(int).tolist())
-
-
 def plot_loss(csv_path, png_path, smooth=50):
     """Loss per step (light) and its running mean (dark) from a training loss CSV."""
     steps, losses = [], []
