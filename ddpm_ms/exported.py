@@ -62,7 +62,9 @@ def _onnx_runner(path, input_names):
         raise UserError("running an ONNX file needs onnxruntime: pip install 'onnxruntime<1.23' "
                         "(or export --format mindir)") from None
     try:
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-waiting threads
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not an ONNX model onnxruntime can load ({reason[:200]})") from None
