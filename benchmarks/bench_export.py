@@ -12,6 +12,7 @@ CPU kernels, MindIR via GraphCell, ONNX via onnxruntime). Printed as a Markdown 
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -90,6 +91,7 @@ def main():
     print("| network | export s | file MB | max error / max abs | s per call |\n|---|---:|---:|---:|---:|")
     for name, secs, size, err, call in rows:
         print(f"| {name} | {secs} | {size} | {err} | {call:.3f} |")
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":
