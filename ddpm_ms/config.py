@@ -78,6 +78,7 @@ DEFAULTS = {
     "variance": "posterior",
     "clip_denoised": True,
     "gif_frames": 40,
+    "gif_images": 16,  # the final GIF shows the first gif_images of the num_samples images
     # --- runtime ---
     "device": "auto",
     "mode": "graph",
@@ -104,7 +105,7 @@ CHOICES = {
 POSITIVE = ("image_size", "channels", "num_workers", "dim", "convnext_mult", "resnet_groups", "timesteps",
             "batch_size", "epochs", "lr", "loss_scale", "loss_scale_window", "save_every", "keep_checkpoints",
             "num_samples", "gif_frames", "save_every_steps", "init_dim", "max_steps", "sample_steps", "num_classes",
-            "beta_start", "beta_end", "loss_scale_factor")
+            "beta_start", "beta_end", "loss_scale_factor", "gif_images")
 NON_NEGATIVE = ("min_lr", "warmup_steps", "sample_every", "seed")
 
 # keys that define the network's architecture (stored in checkpoints, checked on load)

@@ -309,7 +309,7 @@ def write_final_outputs(trainer, run, cfg, progress):
                                       progress=progress)
     save_grid(images, run.samples_png, nrow=cfg["num_classes"])  # conditional: one column per class
     np.save(run.samples_npy, images)
-    save_gif(frames, run.gif)
+    save_gif([f[:cfg["gif_images"]] for f in frames], run.gif)
     print(f"done: {trainer.step} steps; wrote {run.samples_png}, {run.gif}, {run.loss_png}", file=sys.stderr)
 
 
