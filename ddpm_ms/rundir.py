@@ -19,7 +19,6 @@ import shutil
 import sys
 import time
 
-from . import checkpoint as ckpt
 from . import fileio
 from .errors import UserError
 
@@ -162,6 +161,8 @@ class RunDir:
 
     def resume_hint(self, err):
         """What to do after ``err`` (a WriteError) stopped the run: the newest complete checkpoint and --resume."""
+        from . import checkpoint as ckpt  # at call time: the lock needs no MindSpore
+
         fix = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
         found = ckpt.CheckpointManager(self.checkpoints).list()
         if not found:
@@ -176,6 +177,8 @@ def resume_point(manager, resume, verbose=True):
     a job script may always pass --resume); with checkpoints none of which can be read it is
     an error rather than a silent restart.
     """
+    from . import checkpoint as ckpt
+
     if not resume:
         return None
     latest = manager.load_latest()
