@@ -152,9 +152,12 @@ class RunDir:
         if overwrite and not resume:
             for path in (self.checkpoints, self.samples_dir):
                 shutil.rmtree(path, ignore_errors=True)
-            for path in (self.loss_csv, self.loss_png, self.samples_png, self.samples_npy, self.gif):
-                if os.path.exists(path):
-                    os.remove(path)
+            try:
+                for path in (self.loss_csv, self.loss_png, self.samples_png, self.samples_npy, self.gif):
+                    if os.path.exists(path):
+                        os.remove(path)
+            except OSError as e:
+                raise UserError(f"--overwrite: cannot remove {path} ({e.strerror or e})") from None
 
     def release(self):
         self.lock.release()
