@@ -58,9 +58,12 @@ class RunLock:
             raise _not_writable(self.directory, e) from None
         if fcntl is None:
             return self
-        while True:
+        for _ in range(100):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # a holder that had created the directory just removed it with its lock
+                os.makedirs(self.directory, exist_ok=True)
+                continue
             except OSError as e:
                 raise _not_writable(self.directory, e) from None
             try:
@@ -76,6 +79,8 @@ class RunLock:
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # its owner removed that file while we opened it: lock the new one
+        else:
+            raise UserError(f"output_dir {self.directory}: could not lock {self.path} (it keeps being replaced)")
         self.fd = fd
         try:
             os.ftruncate(fd, 0)

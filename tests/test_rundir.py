@@ -95,6 +95,41 @@ def test_the_run_check_comes_after_the_lock_and_a_refused_run_leaves_nothing(tmp
     assert not (tmp_path / "new" / "run").exists()
 
 
+def test_racing_processes_never_hold_the_lock_together(tmp_path):
+    """4 processes lock, note it, unlock, 25 times each, on a directory that a holder may have created and then
+    removes again (so lock files and the directory vanish and reappear under the others): no two overlap."""
+    code = textwrap.dedent("""
+        import os, sys, time
+        from ddpm_ms.errors import UserError
+        from ddpm_ms.rundir import RunLock
+        directory, journal = sys.argv[1], sys.argv[2]
+        fd = os.open(journal, os.O_WRONLY | os.O_APPEND)
+        held = 0
+        while held < 25:
+            lock = RunLock(directory)
+            try:
+                lock.acquire()
+            except UserError:
+                time.sleep(0.001)
+                continue
+            os.write(fd, f"in {os.getpid()}\\n".encode())
+            time.sleep(0.002)
+            os.write(fd, f"out {os.getpid()}\\n".encode())
+            lock.release()
+            held += 1
+    """)
+    journal = tmp_path / "journal"
+    journal.write_text("")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run"), str(journal)], env=ENV)
+             for _ in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    events = journal.read_text().split("\n")[:-1]
+    assert len(events) == 4 * 25 * 2
+    for enter, leave in zip(events[::2], events[1::2]):
+        assert enter.startswith("in ") and leave == "out " + enter[3:], (enter, leave)
+    assert not (tmp_path / "run").exists() or os.listdir(tmp_path / "run") == []  # no lock file left behind
+
+
 def test_resume_without_checkpoints_starts_a_new_run_with_a_notice(tmp_path, capsys):
     from ddpm_ms import checkpoint as ckpt
     from ddpm_ms.rundir import resume_point
