@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 
+from . import fileio
+
 
 def to_uint8(images):
     """[N, C, H, W] floats in [-1, 1] -> [N, H, W, C] uint8."""
@@ -36,19 +38,17 @@ def _pil_image(array, scale):
     return img
 
 
-def _atomic_save(save_fn, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"
-    save_fn(tmp)
-    os.replace(tmp, path)
-    return path
+def _image_format(path, default="PNG"):
+    """PIL's format name for ``path``'s extension (PNG when it has none PIL knows)."""
+    from PIL import Image
+
+    return Image.registered_extensions().get(os.path.splitext(path)[1].lower(), default)
 
 
 def save_grid(images, path, nrow=None, scale=2):
-    """Write [N, C, H, W] images in [-1, 1] as one PNG grid."""
+    """Write [N, C, H, W] images in [-1, 1] as one PNG grid (atomically: fileio)."""
     img = _pil_image(make_grid(images, nrow), scale)
-    return _atomic_save(lambda p: img.save(p), path)
+    return fileio.write_bytes(path, fileio.encoded(lambda f: img.save(f, format=_image_format(path))), "image")
 
 
 PANEL_GAP = 4  # white columns between the panels of a two-panel frame (before scaling)
@@ -142,10 +142,9 @@ def save_gif(frames, path, nrow=None, duration=4.0, hold_last=1.0, scale=2, labe
     else:
         pal = _gif_palette(grids)  # from the pictures alone: a label cannot change their colours
         images, kw = [_to_palette(im, pal) for im in images], {"optimize": True}
-    return _atomic_save(
-        lambda p: images[0].save(p, save_all=True, append_images=images[1:], duration=durations, loop=0, **kw),
-        path,
-    )
+    data = fileio.encoded(lambda f: images[0].save(f, format=_image_format(path, "GIF"), save_all=True,
+                                                   append_images=images[1:], duration=durations, loop=0, **kw))
+    return fileio.write_bytes(path, data, "animation")
 
 
 def plot_loss(csv_path, png_path, smooth=50):
@@ -168,7 +167,8 @@ def plot_loss(csv_path, png_path, smooth=50):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _atomic_save(lambda p: fig.savefig(p), png_path)
+    fmt = os.path.splitext(png_path)[1][1:].lower() or "png"
+    fileio.write_bytes(png_path, fileio.encoded(lambda f: fig.savefig(f, format=fmt)), "loss curve")
     return png_path
 
 

@@ -91,6 +91,7 @@ def test_figures_from_checkpoint(trained, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--config", TINY, "lr=-1"], "'lr' must be > 0"),
+    (["--config", TINY, "lr=nan"], "'lr' must be a finite number"),
     (["--config", TINY, "learning_rate=1"], "unknown config key 'learning_rate'"),
     (["--config", TINY, "image_size=29"], "must be divisible by 2"),
     (["--config", TINY, "beta_schedule=cubic"], "'beta_schedule'"),
