@@ -19,6 +19,7 @@ import tarfile
 
 import numpy as np
 
+from ddpm_ms import fileio
 from ddpm_ms.errors import UserError
 
 from .fetch import cache_root, download_with_package, fetch_checked, remove_quietly
@@ -100,6 +101,15 @@ def _usable(directory):
     return None
 
 
+def _copy(src, path):
+    with open(path, "wb") as out:
+        while True:
+            chunk = src.read(1 << 20)
+            if not chunk:
+                break
+            out.write(chunk)
+
+
 def extract_archive(archive, dest_dir):
     """Extract the six batch files (and batches.meta.txt) of the CIFAR-10 binary archive into
     ``dest_dir`` (flat). Only those regular members are read: nothing else of the archive is
@@ -113,14 +123,8 @@ def extract_archive(archive, dest_dir):
                 if not member.isfile() or name not in wanted:
                     continue
                 src = tar.extractfile(member)
-                part = os.path.join(dest_dir, name + ".part")
-                with open(part, "wb") as out:
-                    while True:
-                        chunk = src.read(1 << 20)
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                os.replace(part, os.path.join(dest_dir, name))
+                fileio.atomic_write(os.path.join(dest_dir, name), lambda tmp: _copy(src, tmp), "CIFAR-10 batch file",
+                                    size=member.size)
     except (tarfile.TarError, OSError, EOFError) as e:
         return f"{archive}: cannot extract ({' '.join(str(e).split())})"
     return _complete(dest_dir)

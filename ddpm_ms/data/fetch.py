@@ -1,7 +1,7 @@
 """Helpers shared by the dataset locators: cache directories, atomic writes, checked downloads.
 
 cache_root()                       $XDG_CACHE_HOME/ddpm_ms (~/.cache/ddpm_ms)
-write_atomic(path, data)           temp file in the same dir + fsync + os.replace
+write_atomic(path, data)           through ddpm_ms.fileio (temp file, fsync, os.replace)
 md5(path)                          hex MD5 of a file
 fetch_checked(url, dest, downloader, md5_hex)
                                    download to dest.part, verify the MD5, rename; None or why not
@@ -10,7 +10,8 @@ download_with_package(url, path)   the default downloader (the ``download`` pack
 
 import hashlib
 import os
-import tempfile
+
+from ddpm_ms import fileio
 
 
 def cache_root():
@@ -19,21 +20,9 @@ def cache_root():
     return os.path.join(os.path.abspath(base), "ddpm_ms")
 
 
-def write_atomic(path, data):
-    """Write ``data`` to ``path`` via a temp file in the same dir and ``os.replace``."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
+def write_atomic(path, data, what="decompressed data"):
+    """Write ``data`` to ``path`` atomically (``fileio.write_bytes``; its WriteError is an OSError)."""
+    fileio.write_bytes(path, data, what)
 
 
 def remove_quietly(path):
