@@ -20,7 +20,7 @@ conv down/up-sampling, an optional class embedding (``num_class_embeds``).
 Class conditioning works as in ``ddpm_ms.unet.Unet``: ``num_classes`` classes plus a learned null
 class (index ``num_classes``) for classifier-free guidance, added to the time embedding.
 
-On CPU the convolutions (stride 1), SiLU, GroupNorm (eps 1e-5 only: the kernel's epsilon), the
+On CPU the convolutions (stride 1), SiLU, GroupNorm (any epsilon, passed to the kernel), the
 time shift and the attention between the qkv projection and the output projection run as the
 project's compiled kernels (``ddpm_ms.unet`` drop-ins); the stride-2 down-sampling conv and the
 rest use MindSpore's built-in ops, as everything does on Ascend/GPU.
@@ -34,8 +34,9 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from . import kernels as _kernels
-from .unet import Conv2d, GroupNorm, SiLU, TimeShift, _fast_ops, _fused_attention, _matmul_ta, _matmul_tb, \
-    _softmax32, _split_qkv, make_act
+from .unet import Conv2d, SiLU, TimeShift, _fast_ops, _fused_attention, _matmul_ta, _matmul_tb, _softmax32, \
+    _split_qkv, make_act
+from .unet import GroupNorm as _GroupNorm
 
 __all__ = ["DDPMUnet", "diffusers_key", "TimestepProjection", "ResnetBlock2D", "AttentionBlock"]
 
@@ -47,6 +48,26 @@ def diffusers_key(name):
     """The diffusers ``UNet2DModel`` state-dict key of ddpm_ms parameter ``name``."""
     head, _, last = name.rpartition(".")
     return f"{head}.{DIFFUSERS_SUFFIX.get(last, last)}" if head else DIFFUSERS_SUFFIX.get(last, last)
+
+
+class GroupNorm(_GroupNorm):
+    """``ddpm_ms.unet.GroupNorm`` for any epsilon: on CPU the compiled kernel gets it as an input
+    (``group_norm_eps``; diffusers' DDPM checkpoints use 1e-6, the kernel's own constant is 1e-5)."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-6):
+        super().__init__(num_groups, num_channels, eps)
+        fast = _fast_ops()
+        self._eps_fast = fast if fast is not None and self._fast is None else None
+        self._eps = Tensor(np.array([eps], np.float32))
+
+    def _cal_output(self, x):
+        if self._eps_fast is not None and x.dtype == ms.float32 and x.ndim == 4 \
+                and self.gamma.dtype == ms.float32:
+            n, c, h, w = x.shape
+            out = self._eps_fast.group_norm_eps(x.reshape(n, self.num_groups, c // self.num_groups, h * w),
+                                                self.gamma, self.beta, self._eps)
+            return out[0].reshape(n, c, h, w)
+        return super()._cal_output(x)
 
 
 def timestep_frequencies(dim, freq_shift=1, max_period=10000.0):
