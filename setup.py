@@ -31,7 +31,9 @@ setup(
         'scipy-openblas32>=0.3.28; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "diffusers", "safetensors"],
+        # ddpm-convert: diffusers folders <-> checkpoints (safetensors via NumPy; .bin files also need torch)
+        "convert": ["safetensors"],
         "bench": ["torch==2.13.0"],
     },
     entry_points={
@@ -41,6 +43,7 @@ setup(
             "ddpm-gif=ddpm_ms.gif:console_main",
             "ddpm-figures=ddpm_ms.figures:console_main",
             "ddpm-evaluate=ddpm_ms.evaluate:console_main",
+            "ddpm-convert=ddpm_ms.convert:console_main",
         ]
     },
 )

@@ -146,6 +146,37 @@ def test_gradients_match_diffusers(pynative):
         np.testing.assert_allclose(g.asnumpy() / scale, r / scale, atol=1e-4, err_msg=names[id(p)])
 
 
+def test_group_norm_kernel_takes_the_epsilon(pynative, monkeypatch):
+    """eps = 0.05 against var ~ 0.04 (an ignored eps would show): kernel = float64 formula, gradients = built-in op's."""
+    from ddpm_ms import kernels
+    from ddpm_ms.ddpm_unet import GroupNorm
+
+    if not kernels.enabled():
+        pytest.skip("the compiled CPU kernels are not available here")
+    rng = np.random.default_rng(3)
+    x = (0.2 * rng.standard_normal((2, 6, 5, 4)) + 3.0).astype(np.float32)
+    gamma = (1 + 0.3 * rng.standard_normal(6)).astype(np.float32)
+    beta = (0.3 * rng.standard_normal(6)).astype(np.float32)
+    cells = {}
+    for fast in ("1", "0"):
+        monkeypatch.setenv("DDPM_MS_FAST_KERNELS", fast)
+        cells[fast] = GroupNorm(3, 6, eps=0.05)
+        cells[fast].gamma.set_data(Tensor(gamma))
+        cells[fast].beta.set_data(Tensor(beta))
+    assert cells["1"]._eps_fast is not None and cells["0"]._eps_fast is None
+    xg = x.astype(np.float64).reshape(2, 3, -1)
+    ref = ((xg - xg.mean(-1, keepdims=True)) / np.sqrt(xg.var(-1, keepdims=True) + 0.05)).reshape(x.shape)
+    ref = ref * gamma[None, :, None, None] + beta[None, :, None, None]
+    np.testing.assert_allclose(cells["1"](Tensor(x)).asnumpy(), ref, atol=2e-6)
+    dy = Tensor(rng.standard_normal(x.shape).astype(np.float32))
+    grads = {}
+    for fast, cell in cells.items():
+        fn = ms.grad(lambda a: (cell(a) * dy).sum(), grad_position=0, weights=cell.trainable_params())
+        grads[fast] = fn(Tensor(x))
+    for a, b in zip([grads["1"][0], *grads["1"][1]], [grads["0"][0], *grads["0"][1]]):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_legacy_attention_names_are_read():
     state = {"mid_block.attentions.0.query.weight": 1, "mid_block.attentions.0.proj_attn.bias": 2,
              "down_blocks.0.resnets.0.conv1.weight": 3}
