@@ -272,3 +272,25 @@ def test_tutorial_checkpoints_do_not_go_to_diffusers(tmp_path):
     ckpt.save(path, {"model": {}}, {"config": cfg, "step": 0})
     with pytest.raises(UserError, match="only arch: ddpm"):
         convert.to_diffusers(path, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"arch": "unet3d"}, "'arch' = 'unet3d' is not one of"),
+    ({"resnet_groups": 48}, "resnet_groups 48 .* must divide every U-Net width"),
+    ({"attn_head_dim": 96}, "attn_head_dim 96 must divide"),
+    ({"dropout": 1.0}, "'dropout' must be in"),
+    ({"downsample_padding": 2}, "'downsample_padding' must be 0 or 1"),
+    ({"norm_eps": 0.0}, "'norm_eps' must be > 0"),
+])
+def test_invalid_ddpm_arch_values_are_user_errors(values, message):
+    with pytest.raises(UserError, match=message):
+        load_config(CIFAR10, values)
+
+
+def test_checkpoints_without_the_new_keys_still_match_their_config():
+    """A checkpoint written before `arch` existed compares as the default (tutorial) architecture."""
+    cfg = load_config(os.path.join(ROOT, "tests", "configs", "tiny.yaml"))
+    old = {k: v for k, v in cfg.items() if k not in ("arch", "layers_per_block", "norm_eps", "freq_shift")}
+    ckpt.check_compatible({"config": old}, cfg, ("arch", "dim", "layers_per_block", "freq_shift"), "old.ckpt")
+    with pytest.raises(ckpt.CheckpointError, match="arch: checkpoint 'tutorial' vs config 'ddpm'"):
+        ckpt.check_compatible({"config": old}, dict(cfg, arch="ddpm"), ("arch",), "old.ckpt")
