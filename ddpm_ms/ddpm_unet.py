@@ -136,11 +136,10 @@ def _pointwise(x, weight, bias, fast):
     """A Dense layer's ``weight`` [Co, Ci] and ``bias`` applied at every pixel of x [N, Ci, H, W]."""
     w = weight.astype(x.dtype)
     if fast is not None and x.dtype == ms.float32:
-        y = fast.conv_same(x, w.reshape(w.shape[0], w.shape[1], 1, 1))
-    else:
-        n, c, h, wd = x.shape
-        y = ops.matmul(w, x.reshape(n, c, h * wd)).reshape(n, w.shape[0], h, wd)
-    return ops.bias_add(y, bias.astype(x.dtype))
+        return ops.bias_add(fast.conv_same(x, w.reshape(w.shape[0], w.shape[1], 1, 1)), bias)
+    n, c, h, wd = x.shape
+    y = ops.matmul(w, x.reshape(n, c, h * wd)) + bias.astype(x.dtype).reshape(1, -1, 1)
+    return y.reshape(n, w.shape[0], h, wd)
 
 
 class AttentionBlock(nn.Cell):

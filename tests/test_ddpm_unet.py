@@ -93,7 +93,7 @@ def test_cifar10_config_has_the_papers_35_7m_parameters():
 
 @pytest.mark.parametrize("name, kwargs, batch, fast", [
     ("cifar10", CIFAR10_DIFFUSERS, 1, True),
-    ("small", SMALL_DIFFUSERS, 3, True),
+    ("small-builtin-ops", SMALL_DIFFUSERS, 3, False),
     ("two-attn-levels-classes", TWO_ATTN_DIFFUSERS, 3, True),
 ])
 def test_outputs_match_diffusers_and_weights_convert_back_exactly(name, kwargs, batch, fast, pynative, monkeypatch):
