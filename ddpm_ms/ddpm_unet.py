@@ -38,7 +38,7 @@ from .unet import Conv2d, SiLU, TimeShift, _fast_ops, _fused_attention, _matmul_
     _split_qkv, make_act
 from .unet import GroupNorm as _GroupNorm
 
-__all__ = ["DDPMUnet", "diffusers_key", "TimestepProjection", "ResnetBlock2D", "AttentionBlock"]
+__all__ = ["AttentionBlock", "DDPMUnet", "GroupNorm", "ResnetBlock2D", "TimestepProjection", "diffusers_key"]
 
 # ddpm_ms parameter name suffix -> diffusers state-dict suffix (all other names are identical)
 DIFFUSERS_SUFFIX = {"gamma": "weight", "beta": "bias", "embedding_table": "weight"}

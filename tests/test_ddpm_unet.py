@@ -171,7 +171,7 @@ def test_group_norm_kernel_takes_the_epsilon(pynative, monkeypatch):
     dy = Tensor(rng.standard_normal(x.shape).astype(np.float32))
     grads = {}
     for fast, cell in cells.items():
-        fn = ms.grad(lambda a: (cell(a) * dy).sum(), grad_position=0, weights=cell.trainable_params())
+        fn = ms.grad(lambda a, cell=cell: (cell(a) * dy).sum(), grad_position=0, weights=cell.trainable_params())
         grads[fast] = fn(Tensor(x))
     for a, b in zip([grads["1"][0], *grads["1"][1]], [grads["0"][0], *grads["0"][1]]):
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-5)
