@@ -30,7 +30,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .cli import run_cli
-from .config import DEFAULTS, resolve
+from .config import ARCH_KEYS, DEFAULTS, resolve
 from .errors import UserError
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -279,7 +279,12 @@ def from_diffusers(src, out, overrides=None):
     sched_path = _scheduler_file(src, model_dir)
     if sched_path:
         values.update(scheduler_config_to_cfg(_read_json(sched_path)))
-    values.update(overrides or {})
+    overrides = dict(overrides or {})
+    fixed = sorted(k for k in overrides if k in ARCH_KEYS and k != "image_size" and k in values)
+    if fixed:
+        raise UserError(f"{', '.join(fixed)} come from {src}'s config.json (the weights fit that architecture); "
+                        "overrides may set image_size and the non-architecture keys only")
+    values.update(overrides)
     cfg = resolve(values, where=f"the config converted from {src}")
     state = read_state_dict(model_dir)
     weights = to_ddpm_ms_weights(create_model(cfg), state)

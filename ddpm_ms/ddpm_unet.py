@@ -113,7 +113,9 @@ class ResnetBlock2D(nn.Cell):
     def __init__(self, cin, cout, temb_dim, groups=32, eps=1e-6, dropout=0.0, act="silu"):
         super().__init__()
         self.norm1 = GroupNorm(groups, cin, eps)
-        self.act = make_act(act)
+        self.act = make_act(act)  # one parameter-free cell per use (a shared one confuses the ONNX exporter)
+        self.act_temb = make_act(act)
+        self.act2 = make_act(act)
         self.conv1 = Conv2d(cin, cout, 3, padding=1, has_bias=True)
         self.time_emb_proj = nn.Dense(temb_dim, cout)
         self.shift = TimeShift()
@@ -126,8 +128,8 @@ class ResnetBlock2D(nn.Cell):
 
     def construct(self, x, temb):
         h = self.conv1(self.act(self.norm1(x)))
-        h = self.shift(h, self.time_emb_proj(self.act(temb)))
-        h = self.conv2(self.dropout(self.act(self.norm2(h))))
+        h = self.shift(h, self.time_emb_proj(self.act_temb(temb)))
+        h = self.conv2(self.dropout(self.act2(self.norm2(h))))
         skip = self.conv_shortcut(x) if self.has_shortcut else x
         return skip + h
 
@@ -182,16 +184,19 @@ class AttentionBlock(nn.Cell):
 
 
 class Downsample2D(nn.Cell):
-    """3x3 conv, stride 2; with ``padding=0`` the input is first zero-padded on the right and bottom."""
+    """3x3 conv, stride 2; with ``padding=0`` the input is zero-padded on the bottom and right only
+    (diffusers pads explicitly, then convolves without padding; here the conv's own asymmetric
+    padding (top 0, bottom 1, left 0, right 1) does the same, and exports to ONNX, which PadV3 does not)."""
 
     def __init__(self, channels, padding=0):
         super().__init__()
-        self.explicit_pad = padding == 0
-        self.conv = Conv2d(channels, channels, 3, padding=padding, stride=2, has_bias=True)
+        if padding == 0:
+            self.conv = nn.Conv2d(channels, channels, 3, stride=2, pad_mode="pad", padding=(0, 1, 0, 1),
+                                  has_bias=True)
+        else:
+            self.conv = Conv2d(channels, channels, 3, padding=padding, stride=2, has_bias=True)
 
     def construct(self, x):
-        if self.explicit_pad:
-            x = ops.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 

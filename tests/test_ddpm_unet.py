@@ -266,6 +266,14 @@ def test_unsupported_config_is_one_error_naming_everything(tmp_path, capsys):
         convert.scheduler_config_to_cfg({"variance_type": "learned_range"})
 
 
+def test_architecture_overrides_are_refused(tiny_diffusers_dir, tmp_path):
+    root, _, _ = tiny_diffusers_dir
+    out = tmp_path / "o.ckpt"
+    with pytest.raises(UserError, match="downsample_padding come from"):
+        convert.from_diffusers(str(root / "st"), str(out), {"downsample_padding": 1, "sampler": "ddim"})
+    assert not out.exists()
+
+
 def test_tutorial_checkpoints_do_not_go_to_diffusers(tmp_path):
     cfg = load_config(os.path.join(ROOT, "tests", "configs", "tiny.yaml"))
     path = str(tmp_path / "t.ckpt")
