@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from . import checkpoint as ckpt
 from . import kernels
@@ -38,10 +38,13 @@ class TrainStep(nn.Cell):
     On overflow (non-finite grads) the update is skipped and the loss scale is reduced.
     With ``scale_loss=False`` (float32 compute, see ``Trainer``) the loss and gradients are
     not scaled and the scaler is left untouched, but non-finite gradients still skip the update.
+    With ``grad_clip`` the unscaled gradients are rescaled to a global L2 norm of at most
+    ``grad_clip`` before the finiteness check and the update.
     Returns (loss, grads_finite).
     """
 
-    def __init__(self, net, sched, optimizer, scaler, ema, loss_type, distributed=False, scale_loss=True):
+    def __init__(self, net, sched, optimizer, scaler, ema, loss_type, distributed=False, scale_loss=True,
+                 grad_clip=None):
         super().__init__(auto_prefix=False)
         self.net = net
         self.sched = sched
@@ -50,6 +53,7 @@ class TrainStep(nn.Cell):
         self.ema = ema
         self.loss_type = loss_type
         self.scale_loss = scale_loss  # a Python constant: the graph has no scaling ops without it
+        self.grad_clip = None if grad_clip is None else float(grad_clip)  # global-norm clipping (None: off)
         self.grad_fn = ms.value_and_grad(self.forward, None, optimizer.parameters, has_aux=True)
         # data parallel: average the gradients over all devices before the update
         self.distributed = distributed
@@ -71,6 +75,8 @@ class TrainStep(nn.Cell):
             grads = self.grad_reducer(grads)
         if self.scale_loss:
             grads = self.scaler.unscale(grads)
+        if self.grad_clip is not None:  # on the true gradients (after unscaling); NaN/inf stay non-finite
+            grads = ops.clip_by_global_norm(grads, self.grad_clip)
         if self._fast is not None:
             finite = self._fast.all_finite(*grads)[0] > 0.5
         else:
@@ -128,7 +134,8 @@ class Trainer:
         net = cast_model(self.model, self.dtype)
         self.step_cell = set_jit_level(
             TrainStep(net, self.sched, self.optimizer, self.scaler, self.ema, cfg["loss_type"],
-                      distributed=world_size > 1, scale_loss=self.scale_loss), cfg["jit_level"])
+                      distributed=world_size > 1, scale_loss=self.scale_loss, grad_clip=cfg.get("grad_clip")),
+            cfg["jit_level"])
         self.step = 0
         self._sample_model = None
 
