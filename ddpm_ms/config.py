@@ -360,9 +360,5 @@ def load_config(path=None, overrides=()):
     return resolve(values, where=path or "overrides")
 
 
-def arch_config(cfg):
-    return {k: cfg[k] for k in ARCH_KEYS}
-
-
 def save_config(cfg, path):
     fileio.write_text(path, yaml.safe_dump(dict(cfg), sort_keys=False), "config")

@@ -105,6 +105,25 @@ def learning_rates(lr, min_lr, total_steps, warmup_steps=0, schedule="cosine"):
     return [lr * (i + 1) / warm if i < warm else r for i, r in enumerate(rates)]
 
 
+def steps_and_epochs(epochs, max_steps, steps_per_epoch, notify=True):
+    """(epochs, total steps) of a run: ``epochs`` full epochs, or exactly ``max_steps`` steps when set.
+
+    max_steps below the epochs' steps ends the run early; above them, the run gets the epochs it
+    needs and one notice line says so (not silently fewer steps than asked for).
+    """
+    total = epochs * steps_per_epoch
+    if not max_steps:
+        return epochs, total
+    if max_steps > total:
+        needed = -(-max_steps // steps_per_epoch)
+        if notify:
+            print(f"note: max_steps={max_steps} needs {needed} epochs of {steps_per_epoch} steps; training "
+                  f"{needed} epochs instead of epochs={epochs} (the run still stops at step {max_steps})",
+                  file=sys.stderr, flush=True)
+        epochs = needed
+    return epochs, max_steps
+
+
 class Trainer:
     """Owns the model, optimizer, EMA and loss scaler of one run (its randomness is derived per step)."""
 
@@ -116,9 +135,8 @@ class Trainer:
         self.dtype = compute_dtype(backend, cfg["dtype"])
         self.sched = create_schedule(cfg)
         self.steps_per_epoch = steps_per_epoch
-        self.total_steps = cfg["epochs"] * steps_per_epoch
-        if cfg["max_steps"]:
-            self.total_steps = min(self.total_steps, cfg["max_steps"])
+        self.epochs, self.total_steps = steps_and_epochs(cfg["epochs"], cfg["max_steps"], steps_per_epoch,
+                                                         notify=rank == 0)
         ms.set_seed(cfg["seed"])  # the same initial weights on every device and in every run
         self.model = create_model(cfg)
         self.lrs = learning_rates(cfg["lr"], cfg["min_lr"], self.total_steps, cfg["warmup_steps"],
@@ -308,7 +326,7 @@ def _train(cfg, run, resume, overwrite, progress):
     try:
         while trainer.step < trainer.total_steps:
             bar = tqdm(total=min(trainer.steps_per_epoch, trainer.total_steps - trainer.step + skip),
-                       initial=skip, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                       initial=skip, desc=f"epoch {epoch + 1}/{trainer.epochs}",
                        disable=not (progress and main_process), dynamic_ncols=True)
             t0, done = time.perf_counter(), 0
             for images, labels in _epoch_batches(make_dataset(cfg, data_dir, rank, world_size, epoch), skip):
