@@ -1,8 +1,6 @@
 """MNIST, CIFAR-10 and image folders: native-format files written here, decoded pixels, labels,
 geometry and flips against NumPy/PIL references, locating and downloading, sharding."""
 
-import ddpm_ms  # noqa: F401  (before mindspore: sets ONEDNN_MAX_CPU_ISA)
-
 import gzip
 import hashlib
 import io
@@ -11,12 +9,13 @@ import tarfile
 
 import numpy as np
 import pytest
+from idx_files import FILE_NAMES, idx_bytes, write_idx
 from PIL import Image
 
+import ddpm_ms  # noqa: F401  (before mindspore: sets ONEDNN_MAX_CPU_ISA)
 from ddpm_ms import data
 from ddpm_ms.data import cifar10, fetch, folder
 from ddpm_ms.errors import UserError
-from idx_files import FILE_NAMES, idx_bytes, write_idx
 
 
 def rows(ds):
@@ -431,6 +430,7 @@ def test_evaluate_reads_rgb_arrays_and_png_folders(tmp_path):
 
 def test_classifier_per_dataset_shapes_and_cache(tmp_path, monkeypatch):
     import mindspore as ms
+
     from ddpm_ms import classifier as C
 
     net = C.create_classifier("cifar10")

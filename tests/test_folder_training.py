@@ -1,8 +1,6 @@
 """Training on a folder of RGB images, as a user would: RGB grids, GIF and samples; a class-conditional
 run on class subfolders with ``ddpm-sample --class-grid``; bad inputs are one line, exit 2, nothing written."""
 
-import ddpm_ms  # noqa: F401
-
 import os
 import subprocess
 import sys
@@ -11,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import ddpm_ms  # noqa: F401
 from ddpm_ms.cli import run_cli
 from ddpm_ms.config import load_config
 from ddpm_ms.data import check_config, dataset_spec
@@ -29,7 +28,7 @@ def run(args):
 def write_rgb_folder(root, per_class=8):
     """32x32 RGB images in one subfolder per class (some nested), reddish or bluish squares."""
     rng = np.random.default_rng(0)
-    for c, name in enumerate(CLASSES):
+    for name in CLASSES:
         for i in range(per_class):
             where = os.path.join(root, name, "more" if i % 2 else "")
             os.makedirs(where, exist_ok=True)

@@ -29,10 +29,28 @@ import numpy as np
 from ddpm_ms.errors import UserError
 
 from . import cifar10, folder, idx, mnist  # noqa: F401  (the dataset modules)
-from .idx import (FILES, IMAGE_SIDE, SPLITS, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS,  # noqa: F401
-                  load_arrays, read_idx, validate_dir)
-from .mnist import (DEBIAN_DIR, FASHION_MNIST_MD5, FASHION_MNIST_MIRROR, MNIST_MD5, MNIST_MIRROR,  # noqa: F401
-                    default_cache_dir, locate_fashion_mnist, locate_mnist)
+from .idx import (  # noqa: F401
+    FILES,
+    IMAGE_SIDE,
+    SPLITS,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    load_arrays,
+    read_idx,
+    validate_dir,
+)
+from .mnist import (  # noqa: F401
+    DEBIAN_DIR,
+    FASHION_MNIST_MD5,
+    FASHION_MNIST_MIRROR,
+    MNIST_MD5,
+    MNIST_MIRROR,
+    default_cache_dir,
+    locate_fashion_mnist,
+    locate_mnist,
+)
 from .pipeline import build_pipeline
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",

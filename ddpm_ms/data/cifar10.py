@@ -123,8 +123,8 @@ def extract_archive(archive, dest_dir):
                 if not member.isfile() or name not in wanted:
                     continue
                 src = tar.extractfile(member)
-                fileio.atomic_write(os.path.join(dest_dir, name), lambda tmp: _copy(src, tmp), "CIFAR-10 batch file",
-                                    size=member.size)
+                fileio.atomic_write(os.path.join(dest_dir, name), lambda tmp, src=src: _copy(src, tmp),
+                                    "CIFAR-10 batch file", size=member.size)
     except (tarfile.TarError, OSError, EOFError) as e:
         return f"{archive}: cannot extract ({' '.join(str(e).split())})"
     return _complete(dest_dir)

@@ -17,8 +17,7 @@ import os
 from ddpm_ms.errors import UserError
 
 from .fetch import cache_root, download_with_package, fetch_checked, remove_quietly, write_atomic
-from .idx import (FILES, SPLITS, _check_pair, _expect_kind, _header_of_raw_file, _parse_idx,
-                  _read_bytes, validate_dir)
+from .idx import FILES, SPLITS, _check_pair, _expect_kind, _header_of_raw_file, _parse_idx, _read_bytes, validate_dir
 
 # Where Debian's package ``dataset-fashion-mnist`` installs the four gz files.
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
