@@ -206,3 +206,16 @@ class CheckpointManager:
                 continue
             return path, groups, meta
         return None
+
+
+def resolve_checkpoint(path):
+    """A checkpoint file, or a run directory (its newest checkpoint)."""
+    if os.path.isdir(path):
+        manager = CheckpointManager(os.path.join(path, "checkpoints"))
+        found = manager.list() or CheckpointManager(path).list()
+        if not found:
+            raise UserError(f"{path} holds no checkpoints (expected {path}/checkpoints/ckpt_step*.ckpt)")
+        return found[-1]
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; pass a .ckpt file or a run directory")
+    return path

@@ -18,11 +18,11 @@ from .data import DATASETS
 from .errors import UserError
 from .schedules import SCHEDULES
 from .diffusion import LOSS_TYPES, VARIANCE_TYPES
+from .device import DEVICES, MODES
+from .samplers import SAMPLERS
+from .unet import ACTIVATIONS, BLOCK_TYPES, level_problem
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-SAMPLER_NAMES = ("ddpm", "ddim", "dpm-solver++")
-DEVICES = ("auto", "Ascend", "GPU", "CPU")
-MODES = ("graph", "pynative")
 
 # name: default (the type of the default is the expected type; None means "optional")
 DEFAULTS = {
@@ -104,12 +104,12 @@ DEFAULTS = {
 CHOICES = {
     "dataset": DATASETS,
     "arch": ("tutorial", "ddpm"),
-    "block_type": ("convnext", "resnet"),
-    "act": ("gelu", "silu"),
+    "block_type": BLOCK_TYPES,
+    "act": ACTIVATIONS,
     "beta_schedule": SCHEDULES,
     "loss_type": LOSS_TYPES,
     "lr_schedule": ("cosine", "constant"),
-    "sampler": SAMPLER_NAMES,
+    "sampler": SAMPLERS,
     "variance": VARIANCE_TYPES,
     "device": DEVICES,
     "mode": MODES,
@@ -295,15 +295,16 @@ def validate(cfg):
     if cfg["beta_schedule"] != "cosine" and not 0 < cfg["beta_start"] <= cfg["beta_end"] < 1:
         raise UserError("config keys beta_start/beta_end need 0 < beta_start <= beta_end < 1, "
                         f"got {cfg['beta_start']} / {cfg['beta_end']}")
-    if not cfg["dim_mults"]:
+    problem = level_problem(cfg["dim_mults"], cfg["attn_levels"])
+    if problem and problem[0] == "dim_mults":
         raise UserError("config key 'dim_mults' must not be empty")
     factor = 2 ** (len(cfg["dim_mults"]) - 1)
     if cfg["image_size"] % factor:
         raise UserError(f"image_size {cfg['image_size']} must be divisible by {factor} "
                         f"(the U-Net downsamples {len(cfg['dim_mults']) - 1} times for dim_mults "
                         f"{cfg['dim_mults']}); change image_size or dim_mults")
-    if cfg["attn_levels"] is not None and any(not 0 <= i < len(cfg["dim_mults"]) for i in cfg["attn_levels"]):
-        raise UserError(f"attn_levels {cfg['attn_levels']} must index levels 0..{len(cfg['dim_mults']) - 1}")
+    if problem:
+        raise UserError(" ".join(problem))
     if cfg["sample_steps"] is not None and cfg["sample_steps"] > cfg["timesteps"]:
         raise UserError(f"sample_steps {cfg['sample_steps']} exceeds timesteps {cfg['timesteps']}")
     if cfg["arch"] == "ddpm":

@@ -8,6 +8,8 @@ import mindspore as ms
 from . import _MINDSPORE_WAS_IMPORTED_FIRST, _ONEDNN_VAR
 
 FALLBACK_ORDER = ("Ascend", "GPU", "CPU")
+DEVICES = ("auto",) + FALLBACK_ORDER
+MODES = ("graph", "pynative")
 
 
 def backend_available(name):
