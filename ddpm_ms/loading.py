@@ -8,9 +8,9 @@ from collections import namedtuple
 
 from . import checkpoint as ckpt
 
-Loaded = namedtuple("Loaded", "model sched cfg dtype path")
+Loaded = namedtuple("Loaded", "model sched cfg dtype path backend")
 Loaded.__doc__ = """model: the network to call (cast for the compute dtype); sched: its Schedule; cfg: its config;
-dtype: the compute dtype; path: the checkpoint file it came from."""
+dtype: the compute dtype; path: the checkpoint file it came from; backend: the device backend in use."""
 
 
 def load_for_sampling(checkpoint, device="auto", mode="graph", use_ema=True, check=None, backend=None):
@@ -30,4 +30,4 @@ def load_for_sampling(checkpoint, device="auto", mode="graph", use_ema=True, che
     if check is not None:
         check(cfg)
     dtype = compute_dtype(backend, cfg.get("dtype", "auto"))
-    return Loaded(cast_model(model, dtype), sched, cfg, dtype, path)
+    return Loaded(cast_model(model, dtype), sched, cfg, dtype, path, backend)

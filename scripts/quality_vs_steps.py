@@ -137,8 +137,8 @@ def main(argv=None):
     from ddpm_ms.loading import load_for_sampling
     from ddpm_ms.pipeline import generate
 
-    net_model, sched, cfg, dtype, path = load_for_sampling(args.checkpoint, args.device, "graph",
-                                                           use_ema=not args.no_ema)
+    loaded = load_for_sampling(args.checkpoint, args.device, "graph", use_ema=not args.no_ema)
+    net_model, sched, cfg, dtype, path = loaded.model, loaded.sched, loaded.cfg, loaded.dtype, loaded.path
     run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(path))
     out_dir = args.out_dir or os.path.join(run_dir, "quality_vs_steps")
     todo = settings(args.samplers, args.steps, args.ddpm_steps, sched.num_timesteps)
