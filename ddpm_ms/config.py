@@ -18,7 +18,7 @@ from .data import DATASETS
 from .errors import UserError
 from .schedules import SCHEDULES
 from .diffusion import LOSS_TYPES, VARIANCE_TYPES
-from .device import DEVICES, MODES
+from .device import DEVICES, DTYPES, JIT_LEVELS, MODES
 from .samplers import SAMPLERS
 from .unet import ACTIVATIONS, BLOCK_TYPES, level_problem
 
@@ -113,8 +113,8 @@ CHOICES = {
     "variance": VARIANCE_TYPES,
     "device": DEVICES,
     "mode": MODES,
-    "dtype": ("auto", "float32", "float16"),
-    "jit_level": ("O0", "O1"),
+    "dtype": DTYPES,
+    "jit_level": JIT_LEVELS,
 }
 
 # numeric keys (every one is checked to be finite and of a sane magnitude)
