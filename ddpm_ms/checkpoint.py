@@ -8,7 +8,8 @@ and does not fsync, so we always write a new name, fsync it, rename it into plac
 fsync the directory (``fileio.atomic_write``), and only then delete old checkpoints (the
 last ``keep``). A write that fails (a full disk) removes its partial files, leaves every
 older checkpoint as it was and raises ``WriteError``. A CRC32 written by MindSpore is
-verified on load.
+verified on load. ``resolve_checkpoint(path)`` turns what a command's ``--checkpoint``
+accepts (a file, or a run directory: its newest checkpoint) into the file to load.
 """
 
 import contextlib
