@@ -2,7 +2,7 @@
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, ops
 
 from . import checkpoint as ckpt
 from .config import DEFAULTS
@@ -10,7 +10,7 @@ from .device import set_jit_level
 from .diffusion import Schedule, classifier_free_guidance
 from .errors import UserError
 from .samplers import sample
-from .unet import Unet
+from .unet import Unet, to_mixed_precision
 from .visualize import frame_indices
 
 
@@ -36,15 +36,14 @@ def create_schedule(cfg):
 
 
 def cast_model(model, dtype):
-    """float16 compute for Ascend/GPU; normalisation layers (and MindSpore's own black list) stay float32.
+    """float16 compute for Ascend/GPU with the GroupNorms in float32 (``unet.to_mixed_precision``).
 
-    Returns the network to call; the parameters are shared with ``model``, so checkpoints keep
-    using ``model``'s parameter names.
+    Returns the network to call: ``model`` itself, flagged in place, so parameter names (and
+    checkpoints) are the same in float16 and float32.
     """
     if dtype != ms.float16:
         return model
-    return ms.amp.custom_mixed_precision(model, black_list=ms.amp.get_black_list() + [nn.GroupNorm],
-                                         dtype=ms.float16)
+    return to_mixed_precision(model, ms.float16)
 
 
 def load_model(path, use_ema=True, cfg_overrides=None):
