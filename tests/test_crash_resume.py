@@ -20,14 +20,14 @@ def data_dir(tmp_path_factory):
     return write_blob_dataset(tmp_path_factory.mktemp("crash") / "data", n_train=40)
 
 
-def train(out, data_dir, kill_at=None, resume=False):
+def train(out, data_dir, kill_at=None, resume=False, extra=()):
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("DDPM_MS_KILL_AT", None)
     if kill_at:
         env["DDPM_MS_KILL_AT"] = kill_at
     cmd = [sys.executable, "-m", "ddpm_ms.train", "--config", TINY, "--output-dir", str(out), "--data-dir",
            data_dir, "--no-progress", "epochs=2", "max_steps=8", "save_every_steps=2", "keep_checkpoints=10",
-           "num_samples=2", "sample_steps=2", "gif_frames=2"] + (["--resume"] if resume else [])
+           "num_samples=2", "sample_steps=2", "gif_frames=2", *extra] + (["--resume"] if resume else [])
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -58,6 +58,10 @@ def test_sigkill_then_resume_is_identical(tmp_path, data_dir, reference, kill_at
     assert (names[-1] if names else None) == latest_before_resume
     proc = train(out, data_dir, resume=True)
     assert proc.returncode == 0, proc.stderr
+    assert_same_run(reference, out)
+
+
+def assert_same_run(reference, out):
     with open(reference / "loss.csv") as f, open(out / "loss.csv") as g:
         assert f.read() == g.read()
     ref_groups, ref_meta = final_state(reference)
@@ -67,3 +71,19 @@ def test_sigkill_then_resume_is_identical(tmp_path, data_dir, reference, kill_at
         for name, value in ref_groups[group].items():
             assert np.array_equal(value.asnumpy(), groups[group][name].asnumpy()), (group, name)
     assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".tmp")]
+
+
+def test_float16_sigkill_then_resume_is_identical(tmp_path, data_dir):
+    """The Ascend/GPU precision path (float16 compute, loss scaling) resumes bit for bit too."""
+    fp16 = ["dtype=float16"]
+    reference = tmp_path / "ref"
+    proc = train(reference, data_dir, extra=fp16)
+    assert proc.returncode == 0, proc.stderr
+    assert "(Float16)" in proc.stderr
+    out = tmp_path / "run"
+    assert train(out, data_dir, kill_at="step:5", extra=fp16).returncode == -signal.SIGKILL
+    proc = train(out, data_dir, resume=True, extra=fp16)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_run(reference, out)
+    groups, _ = final_state(out)
+    assert float(groups["state"]["scale_value"].asnumpy()) == 65536.0  # no overflow in this run
