@@ -664,3 +664,20 @@ def test_avx2_code_paths_on_an_avx512_machine(tmp_path, mode):
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert any(f.endswith(".so") for f in os.listdir(tmp_path))  # built here, for haswell
+
+
+def test_non_x86_hosts_use_builtin_ops_with_one_note_and_no_build(monkeypatch, capsys, mode):
+    """The sources use x86 intrinsics: on aarch64 (the Kunpeng hosts of Ascend servers) nothing is compiled."""
+    if mode == "graph":
+        pytest.skip("mode independent")
+    monkeypatch.setattr(kernels, "_state", {"lib": None, "error": None, "tried": False, "warned": False})
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(kernels, "build", lambda: pytest.fail("the kernels must not be built on aarch64"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a note, not a warning per cell
+        assert not kernels.enabled()
+        assert not kernels.enabled()
+        assert unet_mod.GroupNorm(1, 4)._fast is None
+    notes = [line for line in capsys.readouterr().err.splitlines() if "x86-64 only" in line]
+    assert len(notes) == 1 and "aarch64" in notes[0]
+    assert "x86-64 only" in kernels.status()

@@ -219,6 +219,8 @@ def status():
         conv = "with OpenBLAS convolutions" if conv_enabled() else \
             f"convolutions built-in (scipy-openblas32 absent or {ENV_CONV}=0)"
         return f"fast CPU kernels, {conv} ({_state['lib']})"
+    if platform.machine() not in X86_64:
+        return f"built-in MindSpore ops (the kernels are x86-64 only; this host is {platform.machine()})"
     if _state["error"]:
         return f"built-in MindSpore ops (kernel build failed: {_state['error'].splitlines()[0]})"
     return f"built-in MindSpore ops (device {_device_target()})"
