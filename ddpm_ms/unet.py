@@ -234,9 +234,10 @@ class GroupNorm(nn.GroupNorm):
 def to_mixed_precision(net, dtype=ms.float16):
     """Ascend/GPU precision: ``net`` computes in ``dtype``, its GroupNorms in float32 -> ``net``.
 
-    The same policy as ``ms.amp.custom_mixed_precision(net, black_list=[GroupNorm, ...])``
-    (every cell's inputs and parameters cast to ``dtype``, the norms' to float32 and their
-    outputs back to ``dtype``), but set as flags on the cells themselves instead of wrapping
+    The policy of ``ms.amp.custom_mixed_precision(net, black_list=[GroupNorm, ...])`` (every
+    cell's inputs and parameters cast to ``dtype``, the norms' to float32 and their outputs
+    back to ``dtype``; here the timestep embedding stays float32 too), set as flags on the
+    cells themselves instead of wrapping
     each norm in an ``_OutputTo16`` cell: parameter names are unchanged, so checkpoints of
     float16 and float32 runs are interchangeable. Changes ``net`` in place.
     """
@@ -245,6 +246,9 @@ def to_mixed_precision(net, dtype=ms.float16):
         if isinstance(cell, GroupNorm):
             cell.to_float(ms.float32)
             cell.out_dtype = dtype
+        elif isinstance(cell, SinusoidalPositionEmbeddings):
+            # float32: in float16, t * freq near t = 1000 is off by up to 0.5 (sin/cos by up to 0.15)
+            cell.to_float(ms.float32)
     return net
 
 

@@ -18,7 +18,7 @@ from ddpm_ms import checkpoint as ckpt
 from ddpm_ms.config import load_config
 from ddpm_ms.pipeline import cast_model, create_model
 from ddpm_ms.train import Trainer, train
-from ddpm_ms.unet import GroupNorm
+from ddpm_ms.unet import GroupNorm, SinusoidalPositionEmbeddings
 from idx_files import write_blob_dataset
 
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
@@ -41,6 +41,9 @@ def test_float16_policy_keeps_the_float32_parameter_names_and_norms():
     assert [p.name for p in net.trainable_params()] == [p.name for p in create_model(cfg).trainable_params()]
     norms = [c for _, c in net.cells_and_names() if isinstance(c, GroupNorm)]
     assert norms and all(c.out_dtype == ms.float16 for c in norms)
+    # the timestep embedding stays float32: float16 would put sin/cos of t = 999 off by up to 0.15
+    t = Tensor(np.array([999, 500, 3], np.int32))
+    np.testing.assert_array_equal(net.time_mlp[0](t).asnumpy(), SinusoidalPositionEmbeddings(cfg["dim"])(t).asnumpy())
     # the trainer's state (what checkpoints hold) has the same names in both precisions
     groups16 = Trainer(load_config(TINY, ["dtype=float16"]), "CPU", steps_per_epoch=10).state_groups()
     groups32 = Trainer(cfg, "CPU", steps_per_epoch=10).state_groups()
