@@ -131,11 +131,6 @@ def test_float16_checkpoint_samples_and_evaluates_in_float32(float16_run, tmp_pa
                  "--no-progress", "--out", str(tmp_path)])
     images32 = np.load(tmp_path / "samples_ddim_2_seed0.npy")
     assert images32.shape == (2, 1, 28, 28) and np.isfinite(images32).all()
-    # same weights in float16 compute: close to the float32 samples, not equal
-    sample.main(["--checkpoint", ckpt_path, "--num", "2", "--steps", "2", "--device", "CPU", "--no-progress",
-                 "--out", str(tmp_path / "16")])
-    images16 = np.load(tmp_path / "16" / "samples_ddim_2_seed0.npy")
-    assert 0 < np.abs(images16 - images32).max() < 0.05
     # ddpm-evaluate --checkpoint in float32, with a fixed-seed classifier in its cache (no training)
     from ddpm_ms import classifier as C
 
