@@ -69,7 +69,7 @@ def main():
               f"img/s16 {timed['float16'] * batch / max(seconds['float16'], 1e-9):.1f}", file=sys.stderr, flush=True)
 
     arr = np.array(rows, dtype=np.float64)
-    print(f"| steps | float32 mean loss | float16 mean loss | rel. diff |\n|---|---|---|---|")
+    print("| steps | float32 mean loss | float16 mean loss | rel. diff |\n|---|---|---|---|")
     for lo in range(0, len(rows), args.window):
         part = arr[lo:lo + args.window]
         m32, m16 = part[:, 1].mean(), part[:, 2].mean()
