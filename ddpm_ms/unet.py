@@ -247,7 +247,7 @@ def to_mixed_precision(net, dtype=ms.float16):
             cell.to_float(ms.float32)
             cell.out_dtype = dtype
         elif isinstance(cell, SinusoidalPositionEmbeddings):
-            # float32: in float16, t * freq near t = 1000 is off by up to 0.5 (sin/cos by up to 0.15)
+            # float32: in float16 the embedding of t = 999 is off by 0.15 (t * freq rounded to float16)
             cell.to_float(ms.float32)
     return net
 
