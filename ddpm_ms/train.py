@@ -43,11 +43,13 @@ class TrainStep(nn.Cell):
     the finite flag is reduced over all ranks (an overflow on one skips the step on all).
     With ``scale_loss=False`` (float32 compute, see ``Trainer``) the loss and gradients are
     not scaled and the scaler is left untouched, but non-finite gradients still skip the update.
+    With ``grad_clip`` the unscaled gradients are rescaled to a global L2 norm of at most
+    ``grad_clip`` before the finiteness check and the update.
     Returns (loss, grads_finite).
     """
 
     def __init__(self, net, sched, optimizer, scaler, ema, loss_type, distributed=False, scale_loss=True,
-                 fault_overflow=False):
+                 grad_clip=None, fault_overflow=False):
         super().__init__(auto_prefix=False)
         self.net = net
         self.sched = sched
@@ -56,6 +58,7 @@ class TrainStep(nn.Cell):
         self.ema = ema
         self.loss_type = loss_type
         self.scale_loss = scale_loss  # a Python constant: the graph has no scaling ops without it
+        self.grad_clip = None if grad_clip is None else float(grad_clip)  # global-norm clipping (None: off)
         self.grad_fn = ms.value_and_grad(self.forward, None, optimizer.parameters, has_aux=True)
         # data parallel: average the gradients over all devices before the update
         self.distributed = distributed
@@ -81,6 +84,8 @@ class TrainStep(nn.Cell):
             grads = self.grad_reducer(grads)
         if self.scale_loss:
             grads = self.scaler.unscale(grads)
+        if self.grad_clip is not None:  # on the true gradients (after unscaling); NaN/inf stay non-finite
+            grads = ops.clip_by_global_norm(grads, self.grad_clip)
         if self._fast is not None:
             finite = self._fast.all_finite(*grads)[0] > 0.5
         else:
@@ -117,6 +122,25 @@ def learning_rates(lr, min_lr, total_steps, warmup_steps=0, schedule="cosine"):
     return [lr * (i + 1) / warm if i < warm else r for i, r in enumerate(rates)]
 
 
+def steps_and_epochs(epochs, max_steps, steps_per_epoch, notify=True):
+    """(epochs, total steps) of a run: ``epochs`` full epochs, or exactly ``max_steps`` steps when set.
+
+    max_steps below the epochs' steps ends the run early; above them, the run gets the epochs it
+    needs and one notice line says so (not silently fewer steps than asked for).
+    """
+    total = epochs * steps_per_epoch
+    if not max_steps:
+        return epochs, total
+    if max_steps > total:
+        needed = -(-max_steps // steps_per_epoch)
+        if notify:
+            print(f"note: max_steps={max_steps} needs {needed} epochs of {steps_per_epoch} steps; training "
+                  f"{needed} epochs instead of epochs={epochs} (the run still stops at step {max_steps})",
+                  file=sys.stderr, flush=True)
+        epochs = needed
+    return epochs, max_steps
+
+
 class Trainer:
     """Owns the model, optimizer, EMA and loss scaler of one run (its randomness is derived per step)."""
 
@@ -128,9 +152,8 @@ class Trainer:
         self.dtype = compute_dtype(backend, cfg["dtype"])
         self.sched = create_schedule(cfg)
         self.steps_per_epoch = steps_per_epoch
-        self.total_steps = cfg["epochs"] * steps_per_epoch
-        if cfg["max_steps"]:
-            self.total_steps = min(self.total_steps, cfg["max_steps"])
+        self.epochs, self.total_steps = steps_and_epochs(cfg["epochs"], cfg["max_steps"], steps_per_epoch,
+                                                         notify=rank == 0)
         ms.set_seed(cfg["seed"])  # the same initial weights on every device and in every run
         self.model = create_model(cfg)
         self.lrs = learning_rates(cfg["lr"], cfg["min_lr"], self.total_steps, cfg["warmup_steps"],
@@ -146,7 +169,7 @@ class Trainer:
         net = cast_model(self.model, self.dtype)
         self.step_cell = set_jit_level(
             TrainStep(net, self.sched, self.optimizer, self.scaler, self.ema, cfg["loss_type"],
-                      distributed=world_size > 1, scale_loss=self.scale_loss,
+                      distributed=world_size > 1, scale_loss=self.scale_loss, grad_clip=cfg.get("grad_clip"),
                       fault_overflow=os.environ.get(FAULT_OVERFLOW_RANK) == str(rank)), cfg["jit_level"])
         self.step = 0
         self._sample_model = None
@@ -351,7 +374,7 @@ def _train(cfg, run, resume, overwrite, progress):
     try:
         while trainer.step < trainer.total_steps:
             bar = tqdm(total=min(trainer.steps_per_epoch, trainer.total_steps - trainer.step + skip),
-                       initial=skip, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                       initial=skip, desc=f"epoch {epoch + 1}/{trainer.epochs}",
                        disable=not (progress and main_process), dynamic_ncols=True)
             t0, done = time.perf_counter(), 0
             for images, labels in _epoch_batches(make_dataset(cfg, data_dir, rank, world_size, epoch), skip):

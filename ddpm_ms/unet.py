@@ -193,6 +193,8 @@ class SinusoidalPositionEmbeddings(nn.Cell):
     ``out = concat(sin(t * freq), cos(t * freq))``. Computed in float32.
     """
 
+    keep_float32 = True  # to_mixed_precision leaves it in float32
+
     def __init__(self, dim):
         super().__init__()
         if dim < 4 or dim % 2:
@@ -236,7 +238,8 @@ def to_mixed_precision(net, dtype=ms.float16):
 
     The policy of ``ms.amp.custom_mixed_precision(net, black_list=[GroupNorm, ...])`` (every
     cell's inputs and parameters cast to ``dtype``, the norms' to float32 and their outputs
-    back to ``dtype``; here the timestep embedding stays float32 too), set as flags on the
+    back to ``dtype``; here the cells marked ``keep_float32``, the timestep embeddings, stay
+    float32 too), set as flags on the
     cells themselves instead of wrapping
     each norm in an ``_OutputTo16`` cell: parameter names are unchanged, so checkpoints of
     float16 and float32 runs are interchangeable. Changes ``net`` in place.
@@ -246,8 +249,8 @@ def to_mixed_precision(net, dtype=ms.float16):
         if isinstance(cell, GroupNorm):
             cell.to_float(ms.float32)
             cell.out_dtype = dtype
-        elif isinstance(cell, SinusoidalPositionEmbeddings):
-            # float32: in float16 the embedding of t = 999 is off by 0.15 (t * freq rounded to float16)
+        elif getattr(cell, "keep_float32", False):
+            # timestep embeddings: in float16 the embedding of t = 999 is off by 0.15 (t * freq rounded)
             cell.to_float(ms.float32)
     return net
 
