@@ -18,10 +18,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-import ddpm_ms  # noqa: E402,F401  (sets ONEDNN_MAX_CPU_ISA before MindSpore loads)
-
 import numpy as np  # noqa: E402
 
+import ddpm_ms  # noqa: E402,F401  (sets ONEDNN_MAX_CPU_ISA before MindSpore loads)
 from ddpm_ms.config import load_config  # noqa: E402
 from ddpm_ms.data import locate_fashion_mnist  # noqa: E402
 from ddpm_ms.device import setup_device  # noqa: E402

@@ -4,22 +4,21 @@ MindSpore's CPU backend runs the U-Net's float16 ops and their gradients, so ``d
 executes here the policy, the DynamicLossScaler and the overflow handling of Ascend/GPU.
 """
 
-import ddpm_ms  # noqa: F401
-
 import csv
 import os
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
+from idx_files import write_blob_dataset
 from mindspore import Tensor
 
+import ddpm_ms  # noqa: F401
 from ddpm_ms import checkpoint as ckpt
 from ddpm_ms.config import load_config
 from ddpm_ms.pipeline import cast_model, create_model
 from ddpm_ms.train import Trainer, train
 from ddpm_ms.unet import GroupNorm, SinusoidalPositionEmbeddings
-from idx_files import write_blob_dataset
 
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
 
