@@ -92,7 +92,7 @@ def float16_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fp16")
     data_dir = write_blob_dataset(tmp / "data", n_train=16)
     common = [f"data_dir={data_dir}", "batch_size=8", "num_samples=2", "sample_steps=2", "gif_frames=2",
-              "keep_checkpoints=10", "warmup_steps=2", "max_steps=100"]
+              "keep_checkpoints=10", "warmup_steps=2", "max_steps=null"]
     out = str(tmp / "run16")
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
@@ -114,7 +114,7 @@ def test_float16_run_writes_epoch_grid_final_samples_and_lr_of_the_step(float16_
     assert [r["finite"] for r in rows] == ["0", "1", "1", "1"]  # the overflow skipped, then float16 trains
     assert [r["loss_scale"] for r in rows] == ["65536"] * 4
     # the lr column follows the warm-up (step i + 1 of 2), then the cosine, whatever was skipped
-    cfg = load_config(TINY, ["max_steps=100", "epochs=2", "warmup_steps=2"])
+    cfg = load_config(TINY, ["max_steps=null", "epochs=2", "warmup_steps=2"])
     expected = Trainer(cfg, "CPU", steps_per_epoch=2).lrs
     assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-5)
     groups, meta = ckpt.load(os.path.join(out, "checkpoints", "ckpt_step00000004.ckpt"))
