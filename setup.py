@@ -25,6 +25,7 @@ setup(
         "download",
         "numpy<2",  # MindSpore 2.10 is built against NumPy 1.x (Tensor ops fail under NumPy 2)
         "matplotlib",
+        "pillow",  # image folders are decoded with PIL (matplotlib needs it too)
         "tqdm",
         "pyyaml",
         # OpenBLAS (AVX-512 aware) for the CPU convolution kernels; optional at run time

@@ -14,6 +14,7 @@ import os
 import yaml
 
 from . import fileio
+from .data import DATASETS
 from .errors import UserError
 from .schedules import SCHEDULES
 from .diffusion import LOSS_TYPES, VARIANCE_TYPES
@@ -31,6 +32,7 @@ DEFAULTS = {
     "image_size": 28,
     "channels": 1,
     "random_flip": True,
+    "center_crop": True,   # folder datasets: centre crop after the shorter-side resize (false: random crop)
     "num_workers": 1,
     # --- model (U-Net) ---
     "arch": "tutorial",
@@ -100,7 +102,7 @@ DEFAULTS = {
 }
 
 CHOICES = {
-    "dataset": ("fashion_mnist",),
+    "dataset": DATASETS,
     "arch": ("tutorial", "ddpm"),
     "block_type": ("convnext", "resnet"),
     "act": ("gelu", "silu"),

@@ -16,10 +16,9 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from . import checkpoint as ckpt
-from . import kernels
+from . import data, kernels
 from .cli import run_cli
 from .config import ARCH_KEYS, SCHEDULE_KEYS, load_config, save_config
-from .data import create_dataset, locate_fashion_mnist
 from .device import compute_dtype, set_jit_level, setup_device
 from .diffusion import p_losses
 from .ema import EMA
@@ -295,13 +294,14 @@ def device_batch_size(cfg, world_size):
 
 def make_dataset(cfg, data_dir, rank, world_size, epoch=0, random_flip=None):
     """This device's shard of the training set; the order and flips depend only on (seed, epoch)."""
-    return create_dataset(data_dir, device_batch_size(cfg, world_size), usage="train",
-                          image_size=cfg["image_size"],
-                          random_flip=cfg["random_flip"] if random_flip is None else random_flip,
-                          num_parallel_workers=cfg["num_workers"], seed=cfg["seed"] * 1000 + epoch,
-                          with_labels=cfg["num_classes"] is not None,
-                          num_shards=world_size if world_size > 1 else None,
-                          shard_id=rank if world_size > 1 else None)
+    return data.create_dataset(cfg["dataset"], data_dir, device_batch_size(cfg, world_size), usage="train",
+                               image_size=cfg["image_size"], channels=cfg["channels"],
+                               center_crop=cfg["center_crop"],
+                               random_flip=cfg["random_flip"] if random_flip is None else random_flip,
+                               num_parallel_workers=cfg["num_workers"], seed=cfg["seed"] * 1000 + epoch,
+                               with_labels=cfg["num_classes"] is not None,
+                               num_shards=world_size if world_size > 1 else None,
+                               shard_id=rank if world_size > 1 else None)
 
 
 def _epoch_batches(dataset, skip):
@@ -342,13 +342,15 @@ def train(cfg, resume=False, overwrite=False, progress=True):
 def _train(cfg, run, resume, overwrite, progress):
     from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
-    data_dir = locate_fashion_mnist(cfg["data_dir"])
+    data_dir = data.locate(cfg["dataset"], cfg["data_dir"])
+    data.check_config(data.dataset_spec(cfg["dataset"], data_dir, cfg["image_size"], cfg["channels"]), cfg)
     backend = setup_device(cfg["device"], cfg["mode"], seed=cfg["seed"])
     rank, world_size = init_distributed()
     main_process = rank == 0
+    # before anything is written: a batch larger than the data set is a user error
+    steps_per_epoch = make_dataset(cfg, data_dir, rank, world_size, random_flip=False).get_dataset_size()
     if main_process:
         run.prepare(resume, overwrite)
-    steps_per_epoch = make_dataset(cfg, data_dir, rank, world_size, random_flip=False).get_dataset_size()
     trainer = Trainer(cfg, backend, steps_per_epoch, rank, world_size)
     manager = ckpt.CheckpointManager(run.checkpoints, cfg["keep_checkpoints"])
 
@@ -420,13 +422,15 @@ def _train(cfg, run, resume, overwrite, progress):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="ddpm-train", description="Train a DDPM on Fashion-MNIST.")
+    parser = argparse.ArgumentParser(prog="ddpm-train",
+                                     description="Train a DDPM on Fashion-MNIST, MNIST, CIFAR-10 or an image folder.")
     parser.add_argument("--config", default=None,
                         help="YAML config file, or a packaged config's name (quick, fashion_mnist, ...)")
     parser.add_argument("--device", default=None, help="auto, Ascend, GPU or CPU (falls back if missing)")
     parser.add_argument("--mode", default=None, help="graph (default) or pynative (debugging)")
     parser.add_argument("--output-dir", default=None, help="where checkpoints, logs and images go")
-    parser.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
+    parser.add_argument("--data-dir", default=None,
+                        help="the dataset's files (default: located automatically); dataset=folder: the image folder")
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in output_dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
