@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 import ddpm_ms  # noqa: E402,F401  (sets ONEDNN_MAX_CPU_ISA before MindSpore loads)
 from ddpm_ms.config import load_config  # noqa: E402
-from ddpm_ms.data import locate_fashion_mnist  # noqa: E402
+from ddpm_ms import data  # noqa: E402
 from ddpm_ms.device import setup_device  # noqa: E402
 from ddpm_ms.train import Trainer, _epoch_batches, make_dataset  # noqa: E402
 
@@ -41,7 +41,7 @@ def main():
     trainers = {}
     for dtype in ("float32", "float16"):
         cfg = load_config(args.config, [*args.overrides, f"max_steps={args.steps}", f"dtype={dtype}"])
-        data_dir = locate_fashion_mnist(cfg["data_dir"])
+        data_dir = data.locate(cfg["dataset"], cfg["data_dir"])
         steps_per_epoch = make_dataset(cfg, data_dir, 0, 1, random_flip=False).get_dataset_size()
         trainers[dtype] = Trainer(cfg, "CPU", steps_per_epoch)
     batches = _epoch_batches(make_dataset(cfg, data_dir, 0, 1), 0)
