@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np  # noqa: E402
 
 import ddpm_ms  # noqa: E402,F401  (sets ONEDNN_MAX_CPU_ISA before MindSpore loads)
-from ddpm_ms.config import load_config  # noqa: E402
 from ddpm_ms import data  # noqa: E402
+from ddpm_ms.config import load_config  # noqa: E402
 from ddpm_ms.device import setup_device  # noqa: E402
 from ddpm_ms.train import Trainer, _epoch_batches, make_dataset  # noqa: E402
 
