@@ -182,6 +182,8 @@ def build_parser():
     parser.add_argument("--cache-dir", default=None, help="classifier cache (default: ~/.cache/ddpm_ms/classifier)")
     parser.add_argument("--device", default="auto", help="auto, Ascend, GPU or CPU")
     parser.add_argument("--mode", default="graph", choices=("graph", "pynative"))
+    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "float16"),
+                        help="compute dtype (default: the run's config; auto = float16 on Ascend/GPU, float32 on CPU)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -204,7 +206,7 @@ def generate_samples(args):
     path = resolve_checkpoint(args.checkpoint)
     model, sched, cfg = load_model(path, use_ema=not args.no_ema)
     check_generation_args(args, sched.num_timesteps)
-    dtype = compute_dtype(args.backend, cfg.get("dtype", "auto"))
+    dtype = compute_dtype(args.backend, args.dtype or cfg.get("dtype", "auto"))
     sampler = args.sampler or cfg["sampler"]
     steps = args.steps if args.steps is not None else (cfg["sample_steps"] or sched.num_timesteps)
     t0 = time.time()

@@ -4,7 +4,7 @@ import contextlib
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, ops
 
 from . import checkpoint as ckpt
 from . import kernels
@@ -15,7 +15,7 @@ from .errors import UserError
 from .frames import FrameRecorder
 from .samplers import sample
 from .ddpm_unet import DDPMUnet
-from .unet import Unet
+from .unet import Unet, to_mixed_precision
 
 
 def create_model(cfg, fast_kernels=True):
@@ -71,15 +71,14 @@ def create_schedule(cfg):
 
 
 def cast_model(model, dtype):
-    """float16 compute for Ascend/GPU; normalisation layers (and MindSpore's own black list) stay float32.
+    """float16 compute for Ascend/GPU with the GroupNorms in float32 (``unet.to_mixed_precision``).
 
-    Returns the network to call; the parameters are shared with ``model``, so checkpoints keep
-    using ``model``'s parameter names.
+    Returns the network to call: ``model`` itself, flagged in place, so parameter names (and
+    checkpoints) are the same in float16 and float32.
     """
     if dtype != ms.float16:
         return model
-    return ms.amp.custom_mixed_precision(model, black_list=ms.amp.get_black_list() + [nn.GroupNorm],
-                                         dtype=ms.float16)
+    return to_mixed_precision(model, ms.float16)
 
 
 def load_model(path, use_ema=True, cfg_overrides=None, fast_kernels=True):

@@ -50,6 +50,8 @@ def add_sampling_args(parser):
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--device", default="auto", help="auto, Ascend, GPU or CPU")
     parser.add_argument("--mode", default="graph", choices=("graph", "pynative"))
+    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "float16"),
+                        help="compute dtype (default: the run's config; auto = float16 on Ascend/GPU, float32 on CPU)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -107,7 +109,7 @@ def load_for_args(args):
     backend = setup_device(args.device, args.mode)
     model, sched, cfg = load_model(path, use_ema=not args.no_ema)
     check_sampling_args(args, cfg)
-    dtype = compute_dtype(backend, cfg.get("dtype", "auto"))
+    dtype = compute_dtype(backend, args.dtype or cfg.get("dtype", "auto"))
     return cast_model(model, dtype), sched, cfg, dtype
 
 
