@@ -31,7 +31,9 @@ setup(
         'scipy-openblas32>=0.3.28; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel",
+                 "onnx<1.19", "onnxruntime<1.23"],  # newer ones need NumPy 2 (ml_dtypes), which breaks MindSpore 2.10
+        "onnx": ["onnxruntime<1.23"],  # ddpm-sample --exported FILE.onnx
         "bench": ["torch==2.13.0"],
     },
     entry_points={
@@ -41,6 +43,7 @@ setup(
             "ddpm-gif=ddpm_ms.gif:console_main",
             "ddpm-figures=ddpm_ms.figures:console_main",
             "ddpm-evaluate=ddpm_ms.evaluate:console_main",
+            "ddpm-export=ddpm_ms.export:console_main",
         ]
     },
 )

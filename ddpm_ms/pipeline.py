@@ -1,10 +1,13 @@
 """From config or checkpoint to images: model factory, EMA-weight loading, generation."""
 
+import contextlib
+
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from . import checkpoint as ckpt
+from . import kernels
 from .config import DEFAULTS
 from .device import set_jit_level
 from .diffusion import Schedule, classifier_free_guidance
@@ -14,8 +17,17 @@ from .unet import Unet
 from .visualize import frame_indices
 
 
-def create_model(cfg):
-    """The U-Net described by the architecture keys of ``cfg``."""
+def create_model(cfg, fast_kernels=True):
+    """The U-Net described by the architecture keys of ``cfg``.
+
+    fast_kernels=False builds it on MindSpore's built-in ops only (no C++ custom ops), as an
+    exported graph needs; the parameters are the same either way.
+    """
+    with contextlib.nullcontext() if fast_kernels else kernels.builtin_ops():
+        return _unet(cfg)
+
+
+def _unet(cfg):
     return Unet(
         dim=cfg["dim"],
         init_dim=cfg["init_dim"],
@@ -48,11 +60,11 @@ def cast_model(model, dtype):
                                          dtype=ms.float16)
 
 
-def load_model(path, use_ema=True, cfg_overrides=None):
+def load_model(path, use_ema=True, cfg_overrides=None, fast_kernels=True):
     """Rebuild the model stored in ``path`` -> (model, schedule, config).
 
     ``path`` is a checkpoint file or a run directory (then its newest checkpoint, as for
-    ``ddpm-sample --checkpoint``).
+    ``ddpm-sample --checkpoint``); fast_kernels as for create_model.
     """
     from .sample import resolve_checkpoint  # at call time: sample.py imports this module (no import cycle)
 
@@ -61,7 +73,7 @@ def load_model(path, use_ema=True, cfg_overrides=None):
     cfg = dict(DEFAULTS, **meta["config"])  # keys added to ddpm_ms after the checkpoint was written
     if cfg_overrides:
         cfg.update(cfg_overrides)
-    model = create_model(cfg)
+    model = create_model(cfg, fast_kernels)
     weights = groups["ema"] if use_ema and groups["ema"] else groups["model"]
     ckpt.assign(ckpt.named_params(model), weights, "model", path)
     model.set_train(False)
@@ -126,14 +138,18 @@ def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0,
     frames of x_t (gif_source="x") or of the predicted x_0 ("x0") are collected. x_T (a float32
     array of [num, C, H, W]) replaces the seed's starting noise. For a class-conditional model,
     ``classes`` (default 0, 1, 2, ... cycling) and ``guidance`` (default: the config's) apply.
+    ``model`` may also be an exported graph (``ddpm_ms.exported.ExportedDenoiser``).
     """
     labels = class_labels(cfg, num, classes)
     if labels is None and guidance:
         raise UserError("guidance needs a class-conditional checkpoint (num_classes is not set in this one)")
-    eps_fn = make_eps_fn(model, dtype)
-    if labels is not None:
-        w = cfg["guidance"] if guidance is None else guidance
-        eps_fn = guided_eps_fn(eps_fn, labels, w, cfg["num_classes"])
+    w = cfg["guidance"] if guidance is None else guidance
+    if hasattr(model, "make_eps_fn"):  # an exported graph (ddpm_ms.exported): guidance is one of its inputs
+        eps_fn = model.make_eps_fn(num, labels, w)
+    else:
+        eps_fn = make_eps_fn(model, dtype)
+        if labels is not None:
+            eps_fn = guided_eps_fn(eps_fn, labels, w, cfg["num_classes"])
     sampler = sampler or cfg["sampler"]
     steps = steps if steps is not None else cfg["sample_steps"]
     eta = cfg["eta"] if eta is None else eta

@@ -31,7 +31,10 @@ def resolve_checkpoint(path):
 
 
 def add_sampling_args(parser):
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint file or run directory")
+    source.add_argument("--exported", metavar="FILE",
+                        help="a .mindir or .onnx file written by ddpm-export (instead of --checkpoint)")
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="default: the run's config")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: config)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
@@ -87,6 +90,18 @@ def load_for_args(args):
     from .device import compute_dtype, setup_device
     from .pipeline import cast_model, load_model
 
+    if args.exported:
+        import mindspore as ms
+
+        from .exported import load_exported
+
+        if args.no_ema:
+            raise UserError("--no-ema applies to checkpoints; an exported file holds the weights it was "
+                            "exported with (ddpm-export --no-ema)")
+        setup_device(args.device, args.mode)
+        model = load_exported(args.exported)
+        check_sampling_args(args, model.cfg)
+        return model, model.sched, model.cfg, ms.float32
     path = resolve_checkpoint(args.checkpoint)
     backend = setup_device(args.device, args.mode)
     model, sched, cfg = load_model(path, use_ema=not args.no_ema)
@@ -104,7 +119,8 @@ def main(argv=None):
     from .visualize import save_grid
 
     model, sched, cfg, dtype = load_for_args(args)
-    out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint))
+    source = args.checkpoint or args.exported
+    out = args.out or (source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)))
     os.makedirs(out, exist_ok=True)
     classes, num, nrow = class_request(args, cfg)
     images, _ = generate(model, sched, cfg, num, sampler=args.sampler, steps=args.steps, eta=args.eta,

@@ -23,12 +23,15 @@ The kernels are used only when all of these hold, else the built-in MindSpore op
 
 * the environment variable ``DDPM_MS_FAST_KERNELS`` is not ``0``;
 * MindSpore's device target is CPU on Linux x86-64 (Ascend and GPU keep the built-in ops);
-* ``g++`` (or ``$CXX``) is found and the compilation succeeds.
+* ``g++`` (or ``$CXX``) is found and the compilation succeeds;
+* the cell is not built inside ``with builtin_ops():`` (how ``ddpm_ms.export`` builds a network
+  that MindIR consumers and ONNX can run: custom aot ops cannot be exported).
 
 ``enabled()`` answers that question (compiling on the first call); ``ops()`` returns the
 Custom primitives. Cells decide once, when they are built, so a graph never mixes paths.
 """
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -58,7 +61,7 @@ ENV_MARCH = "DDPM_MS_KERNEL_MARCH"
 GROUP_NORM_EPS = 1e-5  # the epsilon compiled into the group norm kernel
 
 ENV_CONV = "DDPM_MS_FAST_CONV"  # 0: leave the OpenBLAS convolutions out (built-in conv ops)
-_state = {"lib": None, "error": None, "tried": False, "warned": False, "conv": False}
+_state = {"lib": None, "error": None, "tried": False, "warned": False, "conv": False, "builtin": 0}
 
 
 def _cxxflags():
@@ -177,9 +180,19 @@ def switched_off():
     return _off(ENV_SWITCH)
 
 
+@contextlib.contextmanager
+def builtin_ops():
+    """Cells built inside this block use MindSpore's built-in ops, whatever the device."""
+    _state["builtin"] += 1
+    try:
+        yield
+    finally:
+        _state["builtin"] -= 1
+
+
 def enabled():
     """True if the fast kernels can be used in the current MindSpore context."""
-    if switched_off():
+    if switched_off() or _state["builtin"]:
         return False
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
         return False

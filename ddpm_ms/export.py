@@ -1,0 +1,194 @@
+"""Export a trained denoiser to MindIR (MindSpore, MindSpore Lite) or ONNX (onnxruntime, ...).
+
+    python -m ddpm_ms.export --checkpoint runs/quick --format onnx --batch 16 --out quick.onnx [--no-ema]
+
+The file holds one graph, the noise predictor, for a fixed batch size and image shape:
+
+* unconditional models: ``model_output = net(x [N, C, H, W] float32, t [N] int32)``;
+* class-conditional models: ``net(x, t, y [N] int32, guidance [] float32)`` makes both
+  predictions in one call of batch 2N (labels y and the null class) and returns the
+  classifier-free guided one, (1 + w) eps(x, y) - w eps(x, null) (as ``pipeline.guided_eps_fn``).
+
+It is built on MindSpore's built-in ops (the C++ CPU kernels are custom ops that neither MindIR
+consumers nor ONNX can run); for ONNX, GroupNorm and the exact GELU are written in the export
+forms of ``ddpm_ms.onnx_forms``. ``FILE.json`` beside it records what a runtime needs: the
+betas, the prediction type, image shape, classes, batch size, input/output names and the
+ddpm_ms and MindSpore versions. ``ddpm-sample --exported FILE`` samples from it.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from .cli import run_cli
+from .diffusion import classifier_free_guidance
+from .errors import UserError
+
+FORMATS = {"mindir": ".mindir", "onnx": ".onnx"}
+FORMAT_NAME = "ddpm_ms-exported-denoiser"
+FORMAT_VERSION = 1
+OUTPUT_NAME = "model_output"
+
+
+def metadata_path(path):
+    """The JSON beside an exported file: ``model.onnx`` -> ``model.onnx.json``."""
+    return path + ".json"
+
+
+def input_spec(cfg, batch):
+    """[{name, shape, dtype}] of the exported graph's inputs, in call order."""
+    shape = [batch, cfg["channels"], cfg["image_size"], cfg["image_size"]]
+    spec = [{"name": "x", "shape": shape, "dtype": "float32"}, {"name": "t", "shape": [batch], "dtype": "int32"}]
+    if cfg["num_classes"] is not None:
+        spec += [{"name": "y", "shape": [batch], "dtype": "int32"},
+                 {"name": "guidance", "shape": [], "dtype": "float32"}]
+    return spec
+
+
+class GuidedDenoiser(nn.Cell):
+    """(x, t, y, guidance) -> the classifier-free guided prediction, both halves in one model call.
+
+    Ho & Salimans 2022, Eq. 6, on a batch of 2N: labels y for the first N, the null class
+    (index ``num_classes``) for the second N.
+    """
+
+    def __init__(self, model, batch, num_classes):
+        super().__init__()
+        self.model = model
+        self.batch = batch
+        self.null = Tensor(np.full(batch, num_classes, np.int32))
+
+    def construct(self, x, t, y, guidance):
+        both = self.model(ops.concat((x, x)), ops.concat((t, t)), ops.concat((y, self.null)))
+        eps_cond, eps_uncond = ops.split(both, self.batch)
+        return classifier_free_guidance(eps_cond, eps_uncond, guidance)
+
+
+def denoiser(model, cfg, batch):
+    """The Cell to export: ``model`` itself, or the guided wrapper for class-conditional models."""
+    if cfg["num_classes"] is None:
+        return model
+    return GuidedDenoiser(model, batch, cfg["num_classes"])
+
+
+def example_inputs(spec):
+    return [Tensor(np.zeros(s["shape"], s["dtype"]), getattr(ms, s["dtype"])) for s in spec]
+
+
+def metadata(cfg, sched, fmt, file_name, batch, spec, weights, checkpoint, step):
+    from . import __version__
+
+    out_shape = [batch, cfg["channels"], cfg["image_size"], cfg["image_size"]]
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "file": file_name,
+        "file_format": fmt,
+        "batch_size": batch,
+        "image_shape": out_shape[1:],
+        "inputs": spec,
+        "outputs": [{"name": OUTPUT_NAME, "shape": out_shape, "dtype": "float32"}],
+        "prediction_type": cfg.get("prediction_type", "eps"),
+        "num_classes": cfg["num_classes"],
+        "null_class": cfg["num_classes"],
+        "timesteps": sched.num_timesteps,
+        "betas": sched.betas.tolist(),
+        "weights": weights,
+        "checkpoint": os.path.abspath(checkpoint),
+        "step": step,
+        "ddpm_ms_version": __version__,
+        "mindspore_version": ms.__version__,
+        "config": cfg,
+    }
+
+
+def _write_json(path, data):
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def check_request(fmt, batch, out):
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if batch < 1:
+        raise UserError(f"--batch must be >= 1, got {batch}")
+    if not out.endswith(FORMATS[fmt]):
+        raise UserError(f"--out must end with {FORMATS[fmt]} for --format {fmt}, got {out}")
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise UserError(f"the directory of --out, {directory}, does not exist")
+
+
+def export(checkpoint, fmt, batch, out, use_ema=True):
+    """Write the denoiser of ``checkpoint`` to ``out`` (+ ``out.json``) -> the metadata dict.
+
+    Both files are written under temporary names and renamed into place, so a failed export
+    leaves nothing behind and never a half-written file under ``out``.
+    """
+    from . import checkpoint as ckpt
+    from .onnx_forms import to_export_forms
+    from .pipeline import load_model
+    from .sample import resolve_checkpoint
+
+    check_request(fmt, batch, out)
+    path = resolve_checkpoint(checkpoint)
+    model, sched, cfg = load_model(path, use_ema=use_ema, fast_kernels=False)
+    groups, meta = ckpt.load(path)
+    weights = "ema" if use_ema and groups["ema"] else "model"
+    if fmt == "onnx":
+        to_export_forms(model)
+    spec = input_spec(cfg, batch)
+    net = denoiser(model, cfg, batch)
+    net.set_train(False)
+    directory = os.path.dirname(os.path.abspath(out))
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(out)}")
+    try:
+        if fmt == "onnx":
+            ms.onnx.export(net, *example_inputs(spec), file_name=tmp, input_names=[s["name"] for s in spec],
+                           output_names=[OUTPUT_NAME])
+        else:
+            ms.export(net, *example_inputs(spec), file_name=tmp, file_format="MINDIR")
+        info = metadata(cfg, sched, fmt, os.path.basename(out), batch, spec, weights, path, meta.get("step"))
+        _write_json(metadata_path(out), info)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return info
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="ddpm-export", description="Export a ddpm_ms denoiser to MindIR or ONNX.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="mindir or onnx")
+    parser.add_argument("--batch", type=int, default=64, help="the batch size the graph is built for (default 64)")
+    parser.add_argument("--out", required=True, help="output file, ending in .mindir or .onnx")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    parser.add_argument("--device", default="CPU", help="backend to trace on (default CPU; the file is the same)")
+    args = parser.parse_args(argv)
+    check_request(args.format, args.batch, args.out)
+    from .device import setup_device
+
+    setup_device(args.device, "graph")
+    start = time.perf_counter()
+    info = export(args.checkpoint, args.format, args.batch, args.out, use_ema=not args.no_ema)
+    size = os.path.getsize(args.out) / 2**20
+    print(f"wrote {args.out} ({size:.2f} MB, {info['weights']} weights, batch {args.batch}, "
+          f"{time.perf_counter() - start:.1f} s) and {metadata_path(args.out)}", file=sys.stderr)
+
+
+def console_main():
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    console_main()
