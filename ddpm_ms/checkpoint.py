@@ -5,12 +5,16 @@ holding named groups of tensors -- ``model.*``, ``ema.*``, ``opt.*``, ``state.*`
 plus a JSON metadata record (format version, resolved config, step, RNG state) stored
 as a uint8 tensor. ``ms.save_checkpoint`` deletes an existing file before writing
 and does not fsync, so we always write a new name, fsync it, rename it into place,
-fsync the directory, and only then delete old checkpoints (the last ``keep``).
-A CRC32 written by MindSpore is verified on load.
+fsync the directory (``fileio.atomic_write``), and only then delete old checkpoints (the
+last ``keep``). A write that fails (a full disk) removes its partial files, leaves every
+older checkpoint as it was and raises ``WriteError``. A CRC32 written by MindSpore is
+verified on load.
 """
 
+import contextlib
 import glob
 import json
+import logging
 import os
 import re
 import signal
@@ -20,24 +24,17 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from . import fileio
 from .errors import UserError
 
 FORMAT_VERSION = 1
 META_KEY = "meta.json"
 GROUPS = ("model", "ema", "opt", "state")
-_NAME_RE = re.compile(r"ckpt_step(\d+)\.ckpt$")
+_NAME_RE = re.compile(r"^ckpt_step(\d+)\.ckpt$")
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, corrupt, or for another model."""
-
-
-def _fsync_path(path, directory=False):
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fault_point(name, step):
@@ -54,7 +51,10 @@ def _encode_meta(meta):
 
 
 def save(path, groups, meta):
-    """Atomically write ``groups`` ({group: {name: Parameter|Tensor|ndarray}}) and ``meta``."""
+    """Atomically write ``groups`` ({group: {name: Parameter|Tensor|ndarray}}) and ``meta``.
+
+    A failed write (a full disk) raises WriteError and leaves no partial file behind.
+    """
     meta = dict(meta, format_version=FORMAT_VERSION)
     entries = [{"name": META_KEY, "data": _encode_meta(meta)}]
     for group, tensors in groups.items():
@@ -63,14 +63,42 @@ def save(path, groups, meta):
         for name, value in tensors.items():
             data = value if isinstance(value, Tensor) else Tensor(np.asarray(value))
             entries.append({"name": f"{group}.{name}", "data": data})
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    ms.save_checkpoint(entries, tmp, crc_check=True)
-    _fsync_path(tmp)
-    fault_point("save", meta.get("step"))
-    os.replace(tmp, path)
-    _fsync_path(directory, directory=True)
-    return path
+
+    def write(tmp):
+        try:
+            with _no_mindspore_save_log():
+                ms.save_checkpoint(entries, tmp, crc_check=True)
+        except BaseException:
+            fileio.remove_quietly(os.path.splitext(tmp)[0] + ".tmp")  # MindSpore's own temporary name
+            raise
+        fault_point("save", meta.get("step"))
+
+    return fileio.atomic_write(path, write, "checkpoint", size=_size_estimate(entries))
+
+
+def _size_estimate(entries):
+    """Bytes a checkpoint of ``entries`` takes: the tensors' bytes plus a little framing per tensor."""
+    return sum(int(np.prod(e["data"].shape)) * e["data"].itemsize + len(e["name"]) + 32 for e in entries)
+
+
+@contextlib.contextmanager
+def _no_mindspore_save_log():
+    """MindSpore logs a CRITICAL line of its own when a save fails; the WriteError says it in one line."""
+    try:
+        from mindspore import log
+
+        logger = log._get_logger()
+    except Exception:  # pragma: no cover - another MindSpore layout
+        logger = logging.getLogger("mindspore")
+
+    def keep(record):
+        return record.levelno < logging.CRITICAL
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def load(path):
@@ -152,9 +180,9 @@ class CheckpointManager:
         return [p for _, p in sorted(found)]
 
     def save(self, step, groups, meta):
-        os.makedirs(self.directory, exist_ok=True)
-        for stale in glob.glob(os.path.join(self.directory, ".tmp-*")):  # left by a crash mid-save
-            os.remove(stale)
+        """Write the checkpoint of ``step``, then delete all but the newest ``keep`` (never before)."""
+        for stale in glob.glob(os.path.join(self.directory, fileio.TMP_PREFIX + "*")):  # left by a crash mid-save
+            fileio.remove_quietly(stale)
         path = save(self.path_for(step), groups, meta)
         for old in self.list()[:-self.keep]:
             try:

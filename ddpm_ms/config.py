@@ -8,10 +8,12 @@ and inside every checkpoint.
 """
 
 import difflib
+import math
 import os
 
 import yaml
 
+from . import fileio
 from .errors import UserError
 from .schedules import SCHEDULES
 from .diffusion import LOSS_TYPES, LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES
@@ -83,6 +85,7 @@ DEFAULTS = {
     "variance": "posterior",
     "clip_denoised": True,
     "gif_frames": 40,
+    "gif_images": 16,  # the final GIF shows the first gif_images of the num_samples images
     # --- runtime ---
     "device": "auto",
     "mode": "graph",
@@ -107,11 +110,21 @@ CHOICES = {
     "jit_level": ("O0", "O1"),
 }
 
+# numeric keys (every one is checked to be finite and of a sane magnitude)
+INT_LIST_KEYS = ("dim_mults", "attn_levels")
+FLOAT_KEYS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, float))
+INT_KEYS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, int) and not isinstance(v, bool)) + (
+    "init_dim", "max_steps", "sample_steps", "num_classes", "save_every_steps")  # optional (default None)
+NUMERIC_KEYS = INT_KEYS + FLOAT_KEYS + INT_LIST_KEYS
+MAX_INT = 2**31 - 1  # step counters, timesteps and labels are int32 tensors
+MAX_FLOAT = 3.4028234663852886e38  # float32: learning rates, loss scales and betas become float32 tensors
+MAX_SEED = 2**32 - 1  # MindSpore's seeds (ms.set_seed, the dataset's) are uint32
+
 # keys whose value must be > 0 / >= 0
 POSITIVE = ("image_size", "channels", "num_workers", "dim", "convnext_mult", "resnet_groups", "timesteps",
             "batch_size", "epochs", "lr", "loss_scale", "loss_scale_window", "save_every", "keep_checkpoints",
             "num_samples", "gif_frames", "save_every_steps", "init_dim", "max_steps", "sample_steps", "num_classes",
-            "beta_start", "beta_end", "loss_scale_factor", "min_snr_gamma")
+            "beta_start", "beta_end", "loss_scale_factor", "gif_images", "min_snr_gamma")
 NON_NEGATIVE = ("min_lr", "warmup_steps", "sample_every", "seed")
 
 # keys that define the network's architecture (stored in checkpoints, checked on load)
@@ -211,12 +224,14 @@ def _coerce(key, value):
         if not isinstance(value, bool):
             raise UserError(f"config key {key!r} must be true or false, got {value!r}")
         return value
-    if key in ("dim_mults", "attn_levels"):
+    if key in INT_LIST_KEYS:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
                                                            for v in value):
             raise UserError(f"config key {key!r} must be a list of integers, got {value!r}")
+        if any(abs(v) > MAX_INT for v in value):
+            raise UserError(f"config key {key!r} holds a value beyond {MAX_INT}, got {value!r}")
         return [int(v) for v in value]
-    if isinstance(default, float) or key in ("beta_start", "beta_end", "lr", "min_lr", "eta"):
+    if key in FLOAT_KEYS:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
                 value = float(value)
@@ -224,10 +239,18 @@ def _coerce(key, value):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key {key!r} must be a number, got {value!r}")
-        return float(value)
-    if isinstance(default, int) or key in ("init_dim", "max_steps", "sample_steps", "num_classes", "save_every_steps"):
+        value = float(value)
+        if not math.isfinite(value):
+            raise UserError(f"config key {key!r} must be a finite number, got {value!r}")
+        if abs(value) > MAX_FLOAT:
+            raise UserError(f"config key {key!r} = {value!r} is beyond the float32 range (+-{MAX_FLOAT:.4g})")
+        return value
+    if key in INT_KEYS:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"config key {key!r} must be an integer, got {value!r}")
+        limit = MAX_SEED if key == "seed" else MAX_INT
+        if abs(value) > limit:
+            raise UserError(f"config key {key!r} = {value} is too large (at most {limit})")
         return value
     if not isinstance(value, str):
         raise UserError(f"config key {key!r} must be a string, got {value!r}")
@@ -250,6 +273,16 @@ def validate(cfg):
         raise UserError(f"config key 'label_dropout' must be in [0, 1], got {cfg['label_dropout']}")
     if cfg["guidance"] < 0.0:
         raise UserError(f"config key 'guidance' must be >= 0, got {cfg['guidance']}")
+    if cfg["num_workers"] > (os.cpu_count() or 1):
+        raise UserError(f"config key 'num_workers' = {cfg['num_workers']} exceeds the {os.cpu_count()} CPUs of "
+                        "this machine (MindSpore's limit for data workers)")
+    if cfg["lr_schedule"] == "cosine" and cfg["min_lr"] >= cfg["lr"]:
+        raise UserError(f"config key 'min_lr' ({cfg['min_lr']}) must be below lr ({cfg['lr']}) for "
+                        "lr_schedule=cosine; lower min_lr or use lr_schedule=constant")
+    if cfg["seed"] * 1000 + cfg["epochs"] - 1 > MAX_SEED:  # train.make_dataset: epoch e's data order uses seed*1000+e
+        raise UserError(f"config key 'seed' = {cfg['seed']} is too large for {cfg['epochs']} epochs: each epoch's data "
+                        f"order is seeded with seed * 1000 + epoch, which must stay below 2**32 (seed <= "
+                        f"{max(0, (MAX_SEED + 1 - cfg['epochs']) // 1000)})")
     if not 0.0 <= cfg["ema_decay"] < 1.0:
         raise UserError(f"config key 'ema_decay' must be in [0, 1), got {cfg['ema_decay']}")
     if cfg["beta_schedule"] != "cosine" and not 0 < cfg["beta_start"] <= cfg["beta_end"] < 1:
@@ -307,7 +340,4 @@ def arch_config(cfg):
 
 
 def save_config(cfg, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    fileio.write_text(path, yaml.safe_dump(dict(cfg), sort_keys=False), "config")

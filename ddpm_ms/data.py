@@ -24,11 +24,11 @@ import hashlib
 import os
 import shutil
 import struct
-import tempfile
 import zlib
 
 import numpy as np
 
+from ddpm_ms import fileio
 from ddpm_ms.errors import UserError
 
 # --------------------------------------------------------------------------- constants
@@ -213,23 +213,8 @@ def default_cache_dir():
 
 
 def _write_atomic(path, data):
-    """Write ``data`` to ``path`` via a temp file in the same dir and ``os.replace``."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write ``data`` to ``path`` atomically (``fileio.write_bytes``; a WriteError is an OSError)."""
+    fileio.write_bytes(path, data, "decompressed data")
 
 
 def _complete_raw(directory):

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from . import fileio
 from .cli import run_cli
 from .config import SAMPLER_NAMES
 from .errors import UserError
@@ -112,22 +113,8 @@ def classifier_record(info):
 
 
 def write_text(path, text):
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    return path
+    """Write ``text`` to ``path`` atomically (``fileio``: a failure is a WriteError, exit code 4)."""
+    return fileio.write_text(path, text, "results")
 
 
 def write_json(path, payload):
@@ -180,8 +167,8 @@ def check_generation_args(args, timesteps):
         raise UserError(f"--steps must be in 1..{timesteps} (the model's timesteps), got {args.steps}")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
-    if args.guidance is not None and args.guidance < 0:
-        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.guidance is not None and not 0 <= args.guidance < float("inf"):
+        raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
 
 
 def generate_samples(args):

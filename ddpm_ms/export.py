@@ -26,6 +26,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from . import fileio
 from .cli import run_cli
 from .diffusion import classifier_free_guidance
 from .errors import UserError
@@ -109,11 +110,7 @@ def metadata(cfg, sched, fmt, file_name, batch, spec, weights, checkpoint, step)
 
 
 def _write_json(path, data):
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    fileio.write_text(path, json.dumps(data, indent=1) + "\n", "export metadata")
 
 
 def check_request(fmt, batch, out):
@@ -149,20 +146,17 @@ def export(checkpoint, fmt, batch, out, use_ema=True):
     spec = input_spec(cfg, batch)
     net = denoiser(model, cfg, batch)
     net.set_train(False)
-    directory = os.path.dirname(os.path.abspath(out))
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(out)}")
-    try:
+    info = metadata(cfg, sched, fmt, os.path.basename(out), batch, spec, weights, path, meta.get("step"))
+
+    def write(tmp):  # the model under its temporary name, then the metadata; then fileio renames the model
         if fmt == "onnx":
             ms.onnx.export(net, *example_inputs(spec), file_name=tmp, input_names=[s["name"] for s in spec],
                            output_names=[OUTPUT_NAME])
         else:
             ms.export(net, *example_inputs(spec), file_name=tmp, file_format="MINDIR")
-        info = metadata(cfg, sched, fmt, os.path.basename(out), batch, spec, weights, path, meta.get("step"))
         _write_json(metadata_path(out), info)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    fileio.atomic_write(out, write, "exported model")
     return info
 
 

@@ -1,6 +1,10 @@
-"""Export the denoising process of a grid of images as a GIF.
+"""Export the denoising process of a grid of images as a GIF (or a lossless WebP).
 
     python -m ddpm_ms.gif --checkpoint runs/quick --sampler ddim --steps 50 --frames 40 --out denoise.gif
+    python -m ddpm_ms.gif --checkpoint runs/quick --source both --label --out denoise.webp
+
+The frames are taken at an even pace of visible change, from the start noise to the sample
+(ddpm_ms.frames), and the last one is held for --hold seconds before the loop restarts.
 """
 
 import argparse
@@ -9,6 +13,7 @@ import sys
 
 from .cli import run_cli
 from .errors import UserError
+from .frames import SOURCES
 from .sample import add_sampling_args, class_request, load_for_args
 
 
@@ -18,12 +23,19 @@ def main(argv=None):
     parser.set_defaults(num=16)
     parser.add_argument("--frames", type=int, default=40, help="number of frames")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds for the whole animation")
-    parser.add_argument("--source", choices=("x", "x0"), default="x",
-                        help="show x_t (x) or the model's prediction of x_0 (x0) in each frame")
-    parser.add_argument("--out", default="denoising.gif", help="output GIF path")
+    parser.add_argument("--hold", type=float, default=1.0, help="seconds the final frame stays before the loop restarts")
+    parser.add_argument("--source", choices=SOURCES, default="x",
+                        help="show x_t (x), the model's prediction of x_0 (x0) or both side by side in each frame")
+    parser.add_argument("--label", action="store_true", help="print t and the noise level under each frame")
+    parser.add_argument("--out", default="denoising.gif", help="output path: .gif, or .webp for a lossless WebP")
     args = parser.parse_args(argv)
-    if args.frames < 1 or args.duration <= 0:
-        raise UserError("--frames must be >= 1 and --duration > 0")
+    if args.frames < 1 or args.duration <= 0 or args.hold < 0:
+        raise UserError("--frames must be >= 1, --duration > 0 and --hold >= 0")
+    if args.out.lower().endswith(".webp"):
+        from PIL import features
+
+        if not features.check("webp"):
+            raise UserError("this Pillow has no WebP support; write a .gif instead")
     from .pipeline import generate
     from .visualize import save_gif
 
@@ -33,7 +45,8 @@ def main(argv=None):
                          seed=args.seed, dtype=dtype, gif_frames=args.frames, gif_source=args.source,
                          progress=not args.no_progress, classes=classes, guidance=args.guidance)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_gif(frames, args.out, nrow=nrow, duration=args.duration)
+    save_gif(frames, args.out, nrow=nrow, duration=args.duration, hold_last=args.hold,
+             labels=frames.labels if args.label else None)
     print(f"wrote {args.out} ({len(frames)} frames)", file=sys.stderr)
 
 

@@ -12,9 +12,9 @@ from .config import DEFAULTS
 from .device import set_jit_level
 from .diffusion import Schedule, classifier_free_guidance
 from .errors import UserError
+from .frames import FrameRecorder
 from .samplers import sample
 from .unet import Unet
-from .visualize import frame_indices
 
 
 def create_model(cfg, fast_kernels=True):
@@ -135,7 +135,8 @@ def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0,
     """Sample ``num`` images -> (images [N, C, H, W] float32 numpy in [-1, 1], GIF frames).
 
     Sampler options default to the config's sampler / sample_steps / eta. With gif_frames > 0,
-    frames of x_t (gif_source="x") or of the predicted x_0 ("x0") are collected. x_T (a float32
+    that many frames of x_t (gif_source="x"), of the predicted x_0 ("x0") or of both side by side
+    ("both") are kept, from the start noise to the sample at an even pace (ddpm_ms.frames). x_T (a float32
     array of [num, C, H, W]) replaces the seed's starting noise. For a class-conditional model,
     ``classes`` (default 0, 1, 2, ... cycling) and ``guidance`` (default: the config's) apply.
     ``model`` may also be an exported graph (``ddpm_ms.exported.ExportedDenoiser``).
@@ -154,17 +155,12 @@ def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0,
     steps = steps if steps is not None else cfg["sample_steps"]
     eta = cfg["eta"] if eta is None else eta
     shape = (num, cfg["channels"], cfg["image_size"], cfg["image_size"])
-    n_steps = steps or sched.num_timesteps
-    keep = frame_indices(n_steps, gif_frames) if gif_frames else set()
-    frames = []
-
-    def callback(i, t, x, x0):
-        if i in keep:
-            frames.append((x if gif_source == "x" else x0).asnumpy().clip(-1, 1))
-
-    x = sample(eps_fn, sched, shape, sampler=sampler, steps=steps, eta=eta, seed=seed,
+    rng = np.random.default_rng(seed)  # x_T drawn here as sample() would: the GIF's first frame
+    x_T = rng.standard_normal(shape, dtype=np.float32) if x_T is None else np.asarray(x_T, np.float32)
+    recorder = FrameRecorder(x_T, gif_frames, gif_source) if gif_frames else None
+    x = sample(eps_fn, sched, shape, sampler=sampler, steps=steps, eta=eta, rng=rng,
                clip_denoised=cfg["clip_denoised"], variance=cfg["variance"],
-               callback=callback if keep else None, progress=progress, prediction_type=cfg["prediction_type"],
-               x_T=None if x_T is None else Tensor(np.asarray(x_T, np.float32)))
-    return ops.clamp(x, -1.0, 1.0).asnumpy(), frames
+               callback=recorder, progress=progress, x_T=Tensor(x_T), prediction_type=cfg["prediction_type"])
+    images = ops.clamp(x, -1.0, 1.0).asnumpy()
+    return images, (recorder.frames(images, sched) if recorder else [])
 

@@ -75,8 +75,8 @@ def class_request(args, cfg):
 
 
 def check_sampling_args(args, cfg):
-    if args.guidance is not None and args.guidance < 0:
-        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.guidance is not None and not 0 <= args.guidance < float("inf"):
+        raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if args.num < 1:
         raise UserError(f"--num must be >= 1, got {args.num}")
     if args.steps is not None and not 1 <= args.steps <= cfg["timesteps"]:
@@ -115,6 +115,7 @@ def main(argv=None):
     add_sampling_args(parser)
     parser.add_argument("--out", default=None, help="output directory (default: the run directory)")
     args = parser.parse_args(argv)
+    from .fileio import npy_bytes, write_bytes
     from .pipeline import generate
     from .visualize import save_grid
 
@@ -131,7 +132,7 @@ def main(argv=None):
         w = cfg["guidance"] if args.guidance is None else args.guidance
         name += f"_w{w:g}" + ("_classgrid" if args.class_grid else "")
     save_grid(images, os.path.join(out, name + ".png"), nrow=nrow)
-    np.save(os.path.join(out, name + ".npy"), images)
+    write_bytes(os.path.join(out, name + ".npy"), npy_bytes(images), "samples")
     print(f"wrote {os.path.join(out, name)}.png and .npy", file=sys.stderr)
 
 

@@ -7,9 +7,7 @@ feeds it batches, logs the loss, writes checkpoints, sample grids, a GIF and a l
 """
 
 import argparse
-import csv
 import os
-import shutil
 import sys
 import time
 
@@ -25,11 +23,12 @@ from .data import create_dataset, locate_fashion_mnist
 from .device import compute_dtype, set_jit_level, setup_device
 from .diffusion import loss_weights, p_losses
 from .ema import EMA
-from .errors import UserError
+from .errors import UserError, WriteError
+from .fileio import npy_bytes, write_bytes
 from .pipeline import cast_model, create_model, create_schedule, generate
+from .rundir import CSV_FIELDS, LossLog, RunDir, resume_point  # noqa: F401 (CSV_FIELDS lived here)
 from .visualize import plot_loss, save_gif, save_grid
 
-CSV_FIELDS = ("step", "epoch", "loss", "lr", "loss_scale", "finite")
 MAX_NONFINITE_LOSSES = 10
 
 
@@ -102,67 +101,6 @@ def learning_rates(lr, min_lr, total_steps, warmup_steps=0, schedule="cosine"):
         rates = [lr] * total_steps
     warm = min(warmup_steps, total_steps)
     return [lr * (i + 1) / warm if i < warm else r for i, r in enumerate(rates)]
-
-
-class RunDir:
-    """The output directory of one run and the files in it."""
-
-    def __init__(self, root):
-        self.root = root
-        self.config = os.path.join(root, "config.yaml")
-        self.checkpoints = os.path.join(root, "checkpoints")
-        self.loss_csv = os.path.join(root, "loss.csv")
-        self.loss_png = os.path.join(root, "loss_curve.png")
-        self.samples_dir = os.path.join(root, "samples")
-        self.samples_png = os.path.join(root, "samples.png")
-        self.samples_npy = os.path.join(root, "samples.npy")
-        self.gif = os.path.join(root, "denoising.gif")
-
-    def holds_run(self):
-        return os.path.exists(self.config) or os.path.isdir(self.checkpoints)
-
-    def prepare(self, resume, overwrite):
-        if self.holds_run() and not (resume or overwrite):
-            raise UserError(f"output_dir {self.root} already holds a run; pass --resume to continue it, "
-                            "--overwrite to replace it, or choose another output_dir=...")
-        try:
-            os.makedirs(self.root, exist_ok=True)
-            probe = os.path.join(self.root, f".write-test-{os.getpid()}")
-            with open(probe, "w"):
-                pass
-            os.remove(probe)
-        except OSError as e:
-            raise UserError(f"output_dir {self.root} is not writable ({e.strerror}); "
-                            "choose another output_dir=...") from None
-        if overwrite and not resume:
-            for path in (self.checkpoints, self.samples_dir):
-                shutil.rmtree(path, ignore_errors=True)
-            for path in (self.loss_csv, self.loss_png, self.samples_png, self.samples_npy, self.gif):
-                if os.path.exists(path):
-                    os.remove(path)
-
-
-class LossLog:
-    """loss.csv, one row per step; on resume rows after the checkpoint's step are dropped."""
-
-    def __init__(self, path, resume_step=None):
-        self.path = path
-        rows = []
-        if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        self.file = open(path, "a", newline="", buffering=1)  # line-buffered: readable while training
-        self.writer = csv.writer(self.file)
-
-    def write(self, *values):
-        self.writer.writerow(values)
-
-    def close(self):
-        self.file.close()
 
 
 class Trainer:
@@ -316,8 +254,8 @@ def write_final_outputs(trainer, run, cfg, progress):
     images, frames = trainer.generate(cfg["num_samples"], seed=cfg["seed"], gif_frames=cfg["gif_frames"],
                                       progress=progress)
     save_grid(images, run.samples_png, nrow=cfg["num_classes"])  # conditional: one column per class
-    np.save(run.samples_npy, images)
-    save_gif(frames, run.gif)
+    write_bytes(run.samples_npy, npy_bytes(images), "samples")
+    save_gif([f[:cfg["gif_images"]] for f in frames], run.gif)
     print(f"done: {trainer.step} steps; wrote {run.samples_png}, {run.gif}, {run.loss_png}", file=sys.stderr)
 
 
@@ -325,11 +263,22 @@ def train(cfg, resume=False, overwrite=False, progress=True):
     """Train as configured; returns the RunDir with checkpoint, CSV, curve, grids and GIF.
 
     Under msrun every process trains on its shard and gradients are averaged; only rank 0
-    writes files (checkpoints, logs, images).
+    writes files (checkpoints, logs, images) and holds the output directory's lock.
+    A file that cannot be written (a full disk) stops the run with a WriteError that names the
+    newest complete checkpoint to continue from with ``resume=True``.
     """
+    run = RunDir(cfg["output_dir"])
+    try:
+        return _train(cfg, run, resume, overwrite, progress)
+    except WriteError as e:
+        raise WriteError(f"{e}; {run.resume_hint(e)}", e.errno, e.filename, e.needed) from None
+    finally:
+        run.release()
+
+
+def _train(cfg, run, resume, overwrite, progress):
     from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
-    run = RunDir(cfg["output_dir"])
     data_dir = locate_fashion_mnist(cfg["data_dir"])
     backend = setup_device(cfg["device"], cfg["mode"], seed=cfg["seed"])
     rank, world_size = init_distributed()
@@ -341,7 +290,7 @@ def train(cfg, resume=False, overwrite=False, progress=True):
     manager = ckpt.CheckpointManager(run.checkpoints, cfg["keep_checkpoints"])
 
     epoch, skip = 0, 0
-    latest = manager.load_latest() if resume else None
+    latest = resume_point(manager, resume, verbose=main_process)
     if latest:
         epoch, skip = trainer.restore(*latest)
         print(f"resumed from {latest[0]} at step {trainer.step}", file=sys.stderr)

@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 
+from . import fileio
+
 
 def to_uint8(images):
     """[N, C, H, W] floats in [-1, 1] -> [N, H, W, C] uint8."""
@@ -36,40 +38,113 @@ def _pil_image(array, scale):
     return img
 
 
-def _atomic_save(save_fn, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"
-    save_fn(tmp)
-    os.replace(tmp, path)
-    return path
+def _image_format(path, default="PNG"):
+    """PIL's format name for ``path``'s extension (PNG when it has none PIL knows)."""
+    from PIL import Image
+
+    return Image.registered_extensions().get(os.path.splitext(path)[1].lower(), default)
 
 
 def save_grid(images, path, nrow=None, scale=2):
-    """Write [N, C, H, W] images in [-1, 1] as one PNG grid."""
+    """Write [N, C, H, W] images in [-1, 1] as one PNG grid (atomically: fileio)."""
     img = _pil_image(make_grid(images, nrow), scale)
-    return _atomic_save(lambda p: img.save(p), path)
+    return fileio.write_bytes(path, fileio.encoded(lambda f: img.save(f, format=_image_format(path))), "image")
 
 
-def save_gif(frames, path, nrow=None, duration=4.0, hold_last=1.0, scale=2):
-    """Write a GIF from a list of [N, C, H, W] batches (one grid per frame).
+PANEL_GAP = 4  # white columns between the panels of a two-panel frame (before scaling)
 
-    duration: seconds for the whole animation; the last frame is held for hold_last seconds.
+
+def frame_grid(frame, nrow=None):
+    """One frame as a uint8 picture: a grid of [N, C, H, W] images in [-1, 1] (C = 1 or 3), or
+    [P, N, C, H, W] -> P grids side by side (e.g. x_t | predicted x_0), PANEL_GAP white columns apart."""
+    frame = np.asarray(frame)
+    if frame.ndim == 4:
+        return make_grid(frame, nrow)
+    grids = [make_grid(panel, nrow) for panel in frame]
+    gap = np.full((grids[0].shape[0], PANEL_GAP) + grids[0].shape[2:], 255, dtype=np.uint8)
+    return np.concatenate([part for g in grids for part in (gap, g)][1:], axis=1)
+
+
+LABEL_HEIGHT = 14  # pixels of the strip under a labelled frame (after scaling)
+
+
+def label_image(img, text):
+    """``img`` with a white strip below holding ``text`` (PIL's default font); the picture itself
+    is pasted unchanged at (0, 0)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    out = Image.new(img.mode, (img.width, img.height + LABEL_HEIGHT), 255 if img.mode == "L" else (255,) * 3)
+    out.paste(img, (0, 0))
+    try:
+        font = ImageFont.load_default(size=11)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    ImageDraw.Draw(out).text((3, img.height + 1), text, fill=0 if img.mode == "L" else (0,) * 3, font=font)
+    return out
+
+
+GRAY_LEVELS = 255  # grayscale GIF frames: 255 of the 256 levels (error <= 1/255), index 255 stays free
+
+
+def _gif_palette(grids):
+    """One palette image for every frame of an animation (no per-frame palettes, no flicker) and
+    with a free index, which PIL's optimize uses to make unchanged pixels transparent.
+
+    Grayscale: GRAY_LEVELS evenly spaced grays. RGB: white, black and a median-cut palette of
+    253 colours from up to 8 of the grids spread over the animation.
+    """
+    from PIL import Image
+
+    pal = Image.new("P", (1, 1))
+    if grids[0].mode == "L":
+        n = GRAY_LEVELS - 1
+        pal.putpalette([round(i * 255 / n) for i in range(GRAY_LEVELS) for _ in range(3)])
+        return pal
+    some = [grids[k] for k in sorted(set(np.linspace(0, len(grids) - 1, 8).round().astype(int)))]
+    montage = Image.new("RGB", (some[0].width, some[0].height * len(some)))
+    for k, im in enumerate(some):
+        montage.paste(im, (0, k * im.height))
+    colours = montage.quantize(colors=253, method=Image.Quantize.MEDIANCUT).getpalette()[:3 * 253]
+    pal.putpalette([255, 255, 255, 0, 0, 0] + colours)
+    return pal
+
+
+def _to_palette(im, pal):
+    """An L or RGB image as a P image on ``pal`` (grayscale: v -> round(v * 254 / 255), no dithering)."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im.quantize(palette=pal, dither=Image.Dither.NONE)
+    lut = np.round(np.arange(256) * (GRAY_LEVELS - 1) / 255).astype(np.uint8)
+    q = Image.frombytes("P", im.size, lut[np.asarray(im)].tobytes())
+    q.putpalette(pal.getpalette())
+    return q
+
+
+def save_gif(frames, path, nrow=None, duration=4.0, hold_last=1.0, scale=2, labels=None):
+    """Write an animation from a list of frames (see :func:`frame_grid`: [N, C, H, W] or [P, N, C, H, W]).
+
+    duration: seconds for the whole animation; the last frame is held for hold_last seconds
+    before the loop restarts. labels: one text per frame, drawn in a strip below the grid
+    (the grid's pixels are not touched). A path ending in .webp writes a lossless animated
+    WebP, anything else a GIF with one shared palette and only the changed pixels of each frame.
     """
     if not frames:
         raise ValueError("save_gif needs at least one frame")
-    images = [_pil_image(make_grid(f, nrow), scale) for f in frames]
+    if labels is not None and len(labels) != len(frames):
+        raise ValueError(f"got {len(labels)} labels for {len(frames)} frames")
+    grids = [_pil_image(frame_grid(f, nrow), scale) for f in frames]
+    images = grids if labels is None else [label_image(im, text) for im, text in zip(grids, labels)]
     per_frame = max(20, int(1000 * duration / len(images)))
     durations = [per_frame] * (len(images) - 1) + [max(per_frame, int(1000 * hold_last))]
-    return _atomic_save(
-        lambda p: images[0].save(p, save_all=True, append_images=images[1:], duration=durations, loop=0), path
-    )
-
-
-def frame_indices(num_steps, num_frames):
-    """Which of num_steps sampler steps to keep as GIF frames (always including the last)."""
-    num_frames = max(1, min(num_frames, num_steps))
-    return set(np.linspace(0, num_steps - 1, num_frames).round().astype(int).tolist())
+    if path.lower().endswith(".webp"):
+        kw = {"lossless": True, "method": 4}
+    else:
+        pal = _gif_palette(grids)  # from the pictures alone: a label cannot change their colours
+        images, kw = [_to_palette(im, pal) for im in images], {"optimize": True}
+    data = fileio.encoded(lambda f: images[0].save(f, format=_image_format(path, "GIF"), save_all=True,
+                                                   append_images=images[1:], duration=durations, loop=0, **kw))
+    return fileio.write_bytes(path, data, "animation")
 
 
 def plot_loss(csv_path, png_path, smooth=50):
@@ -92,7 +167,8 @@ def plot_loss(csv_path, png_path, smooth=50):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _atomic_save(lambda p: fig.savefig(p), png_path)
+    fmt = os.path.splitext(png_path)[1][1:].lower() or "png"
+    fileio.write_bytes(png_path, fileio.encoded(lambda f: fig.savefig(f, format=fmt)), "loss curve")
     return png_path
 
 

@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ddpm_ms  # noqa: E402,F401  (caps oneDNN before MindSpore loads)
+from ddpm_ms import fileio  # noqa: E402
 from ddpm_ms.cli import run_cli  # noqa: E402
 from ddpm_ms.config import SAMPLER_NAMES  # noqa: E402
 from ddpm_ms.errors import UserError  # noqa: E402
@@ -107,11 +108,8 @@ def plot(rows, path):
     ax.set_title(f"Sample quality vs steps ({rows[0]['num_samples']} samples)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    fileio.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), "figure")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

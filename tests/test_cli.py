@@ -11,6 +11,8 @@ from PIL import Image
 
 from idx_files import write_blob_dataset
 
+from ddpm_ms.visualize import LABEL_HEIGHT, PANEL_GAP
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
 
@@ -66,9 +68,11 @@ def test_sample_and_gif_from_checkpoint(trained, tmp_path):
     assert Image.open(tmp_path / "samples_dpm-solver++_4_seed3.png").size[0] > 28
     gif = str(tmp_path / "d.gif")
     proc = run([sys.executable, "-m", "ddpm_ms.gif", "--checkpoint", out, "--sampler", "ddim", "--steps", "5",
-                "--frames", "4", "--num", "4", "--source", "x0", "--out", gif, "--no-progress"])
+                "--frames", "4", "--num", "4", "--source", "both", "--label", "--out", gif, "--no-progress"])
     assert proc.returncode == 0, proc.stderr
+    grid = 2 * (28 + 2) + 2  # 2 x 2 images of 28 px, 2 px padding
     assert Image.open(gif).n_frames == 4
+    assert Image.open(gif).size == (2 * (2 * grid + PANEL_GAP), 2 * grid + LABEL_HEIGHT)  # x_t | x0, label strip
 
 
 def test_figures_from_checkpoint(trained, tmp_path):
@@ -87,6 +91,7 @@ def test_figures_from_checkpoint(trained, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--config", TINY, "lr=-1"], "'lr' must be > 0"),
+    (["--config", TINY, "lr=nan"], "'lr' must be a finite number"),
     (["--config", TINY, "learning_rate=1"], "unknown config key 'learning_rate'"),
     (["--config", TINY, "image_size=29"], "must be divisible by 2"),
     (["--config", TINY, "beta_schedule=cubic"], "'beta_schedule'"),

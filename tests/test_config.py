@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from ddpm_ms.config import (DEFAULTS, load_config, packaged_config_dir, packaged_configs, parse_overrides,
-                            resolve)
+from ddpm_ms.config import (DEFAULTS, FLOAT_KEYS, INT_LIST_KEYS, MAX_FLOAT, MAX_INT, NUMERIC_KEYS, load_config,
+                            packaged_config_dir, packaged_configs, parse_overrides, resolve)
 from ddpm_ms.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,6 +60,51 @@ def test_overrides_win_and_are_parsed_as_yaml():
 def test_invalid_values_are_user_errors(values, message):
     with pytest.raises(UserError, match=message):
         resolve(values)
+
+
+def test_numeric_keys_are_every_key_that_takes_a_number():
+    numbers = {k for k, v in DEFAULTS.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numbers <= set(NUMERIC_KEYS) and len(set(NUMERIC_KEYS)) == len(NUMERIC_KEYS)
+    for key in set(DEFAULTS) - set(NUMERIC_KEYS):  # the rest take strings or booleans, never numbers
+        with pytest.raises(UserError, match=f"{key!r} must be (a string|true or false)"):
+            resolve({key: 5})
+
+
+NON_FINITE = ["nan", ".nan", "NaN", "inf", ".inf", "-.inf", "-inf", "1e999", "Infinity"]
+
+
+@pytest.mark.parametrize("key", NUMERIC_KEYS)
+def test_nan_and_inf_are_one_line_errors_for_every_numeric_key(key):
+    for text in NON_FINITE:
+        value = f"[1, {text}]" if key in INT_LIST_KEYS else text
+        with pytest.raises(UserError) as info:
+            load_config(None, [f"{key}={value}"])
+        message = str(info.value)
+        assert f"config key {key!r}" in message and len(message.splitlines()) == 1, message
+        if key in FLOAT_KEYS:
+            assert "must be a finite number" in message, message
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"lr": 1e39}, "'lr' = 1e[+]39 is beyond the float32 range"),
+    ({"loss_scale": -4e38}, "'loss_scale' = -4e[+]38 is beyond the float32 range"),
+    ({"timesteps": MAX_INT + 1}, f"'timesteps' = {MAX_INT + 1} is too large"),
+    ({"dim_mults": [1, 2**40]}, "'dim_mults' holds a value beyond"),
+    ({"seed": 2**32}, "'seed' = 4294967296 is too large"),
+    ({"seed": 4294968, "epochs": 10}, "'seed' = 4294968 is too large for 10 epochs.*seed <= 4294967"),
+    ({"num_workers": (os.cpu_count() or 1) + 1}, "'num_workers'.*exceeds the .* CPUs"),
+    ({"lr": 1e-4, "min_lr": 1e-4}, "'min_lr' .* must be below lr"),
+])
+def test_absurd_magnitudes_are_user_errors(values, message):
+    with pytest.raises(UserError, match=message):
+        resolve(values)
+
+
+def test_the_largest_sane_values_pass():
+    cfg = resolve({"lr": 1e30, "lr_schedule": "constant", "min_lr": 1e30, "loss_scale": MAX_FLOAT,
+                   "seed": 4294967, "epochs": 10})  # 4294967 * 1000 + 9 < 2**32
+    assert cfg["lr"] == 1e30 and cfg["seed"] == 4294967
+    assert resolve({"seed": 0, "epochs": MAX_INT})["epochs"] == MAX_INT
 
 
 def test_bad_files_and_overrides(tmp_path):

@@ -1,0 +1,180 @@
+"""Denoising GIF frames (ddpm_ms.frames) and their pictures (ddpm_ms.visualize).
+
+The chains come from the real samplers with the exact noise predictor for a one-image data
+set (x_0 = X_STAR always: eps(x_t, t) = (x_t - sqrt(abar_t) X_STAR) / sqrt(1 - abar_t)), so
+the picture forms as in a trained model's chain, late and suddenly with the linear schedule.
+"""
+
+import functools
+
+import ddpm_ms  # noqa: F401  (before mindspore: sets ONEDNN_MAX_CPU_ISA)
+import numpy as np
+import pytest
+from mindspore import Tensor
+from PIL import Image
+
+from ddpm_ms.diffusion import Schedule
+from ddpm_ms.frames import (
+    FrameRecorder,
+    distance_to_final,
+    even_pace_indices,
+    progress_curve,
+    quantize,
+)
+from ddpm_ms.samplers import SAMPLERS, sample
+from ddpm_ms.visualize import LABEL_HEIGHT, PANEL_GAP, frame_grid, make_grid, save_gif
+
+N, H = 6, 12
+yy, xx = np.mgrid[:H, :H]
+X_STAR = np.where((yy - 5.5) ** 2 + (xx - 5.5) ** 2 < 16, 0.8, -0.9).astype(np.float32)  # a disk
+
+
+@functools.lru_cache(maxsize=None)
+def linear_schedule(T=1000):
+    return Schedule.from_config("linear", T)
+
+
+class PointEps:
+    """The exact eps predictor when every training image is X_STAR."""
+
+    def __init__(self, sched):
+        self.a = sched.sqrt_alphas_cumprod
+        self.b = sched.sqrt_one_minus_alphas_cumprod
+
+    def __call__(self, x, t):
+        i = int(t.asnumpy()[0])
+        return (x - float(self.a[i]) * Tensor(X_STAR)) / float(self.b[i])
+
+
+@functools.lru_cache(maxsize=None)
+def run_chain(sampler, steps, source="x", T=1000, seed=0):
+    """(recorder, x_T, sample) for one sampler run recorded by FrameRecorder (cached: frames of
+    several counts are chosen from one chain)."""
+    sched = linear_schedule(T)
+    rng = np.random.default_rng(seed)
+    x_T = rng.standard_normal((N, 1, H, H), dtype=np.float32)
+    rec = FrameRecorder(x_T, 40, source)
+    x = sample(PointEps(sched), sched, x_T.shape, sampler, steps, eta=0.0, rng=rng, callback=rec,
+               progress=False, x_T=Tensor(x_T))
+    return rec, x_T, np.clip(x.asnumpy(), -1, 1)
+
+
+def still_noise_share(frames):
+    """The issue's metric: share of frames at least 90% as far from the final frame as the first."""
+    d = distance_to_final(np.stack([quantize(f) for f in frames]))
+    return float(np.mean(d >= 0.9 * d[0])), d
+
+
+@pytest.mark.parametrize("sampler,steps,T", [(s, n, 1000) for s in SAMPLERS for n in (1, 2, 10, 100)]
+                         + [("ddpm", None, 200)])  # None: all T steps (Algorithm 2's own loop)
+def test_frames_for_every_sampler(sampler, steps, T):
+    n = steps or T
+    rec, x_T, final = run_chain(sampler, steps, "x", T)
+    for num_frames in (1, 2, 7, 40):
+        frames = rec.frames(final, linear_schedule(T), num_frames)
+        assert len(frames) == min(num_frames, n + 1)  # requested count honoured (states: x_T + one per step)
+        assert np.array_equal(quantize(frames[-1]), quantize(final))  # last = returned sample
+        if num_frames > 1:
+            assert np.array_equal(quantize(frames[0]), quantize(x_T))  # first = start noise
+        ts = frames.timesteps
+        assert ts[-1] == -1 and all(a > b for a, b in zip(ts, ts[1:]))  # strictly increasing in the chain
+        assert set(ts) <= set(rec.t + [-1])
+        assert len(frames.labels) == len(frames) and frames.noise[-1] == 0.0
+    if n >= 100:  # 40 of >= 101 states: the picture forms at an even pace (few frames of noise, distance falling)
+        share, d = still_noise_share(frames)
+        assert share <= 0.15, (share, d)
+        assert np.all(np.diff(d) <= 0.02 * d[0]), d
+
+
+def test_frames_spaced_in_steps_show_mostly_noise():
+    """The problem being solved: 40 frames evenly in the 100 steps (as before) fail the metric."""
+    rec, _, final = run_chain("ddpm", 100, "x", 1000)
+    states = rec.x[:-1] + [quantize(final)]
+    old = [states[i + 1] for i in np.linspace(0, 99, 40).round().astype(int)]  # x after step i
+    share, _ = still_noise_share([f.astype(np.float32) / 127.5 - 1 for f in old])
+    assert share > 0.3
+
+
+@pytest.mark.parametrize("source", ["x0", "both"])
+def test_x0_and_both_frames(source):
+    rec, x_T, final = run_chain("ddim", 10, source=source)
+    frames = rec.frames(final, linear_schedule(), 5)
+    assert len(frames) == 5 and frames.timesteps[-1] == -1
+    if source == "x0":  # predictions; the last is the sample
+        assert frames[0].shape == (N, 1, H, H)
+        assert np.array_equal(quantize(frames[0]), rec.x0[0])
+        assert np.array_equal(quantize(frames[-1]), quantize(final))
+    else:  # [x_t, predicted x_0] pairs from the same state
+        assert frames[0].shape == (2, N, 1, H, H)
+        assert np.array_equal(quantize(frames[0][0]), quantize(x_T))
+        assert np.array_equal(quantize(frames[0][1]), rec.x0[0])
+        assert np.array_equal(quantize(frames[-1][0]), quantize(final))
+        assert np.array_equal(quantize(frames[-1][1]), quantize(final))
+
+
+def test_even_pace_on_a_known_curve():
+    """Distance flat for 200 states, then falling linearly to 0: frames spread over the fall."""
+    d = np.concatenate([np.full(200, 100.0), np.linspace(100, 0, 101)])
+    idx = even_pace_indices(d, 40)
+    assert idx[0] == 0 and idx[-1] == 300 and len(idx) == 40 and np.all(np.diff(idx) > 0)
+    assert np.mean(d[idx] >= 90) <= 0.15 and np.all(np.diff(d[idx]) <= 0)
+    p = progress_curve(d)
+    assert np.all(np.diff(p) >= 0) and p[0] == 0 and p[-1] == 1
+    assert np.all(np.diff(progress_curve(d, step_weight=0.1)) > 0)
+    assert np.max(np.abs(p[idx] - np.linspace(0, 1, 40))) <= np.max(np.diff(p))  # nearest state to each level
+
+
+def test_both_layout_size_and_panels(tmp_path):
+    rng = np.random.default_rng(1)
+    for c in (1, 3):
+        x, x0 = rng.uniform(-1, 1, (2, 5, c, 7, 9)).astype(np.float32)
+        one = make_grid(x, nrow=3)
+        both = frame_grid(np.stack([x, x0]), nrow=3)
+        assert both.shape[:2] == (one.shape[0], 2 * one.shape[1] + PANEL_GAP)
+        assert both.ndim == (3 if c == 3 else 2)
+        assert np.array_equal(both[:, :one.shape[1]], one)
+        assert np.array_equal(both[:, one.shape[1] + PANEL_GAP:], make_grid(x0, nrow=3))
+        path = save_gif([np.stack([x, x0])] * 2, str(tmp_path / f"both{c}.gif"), nrow=3, scale=2)
+        assert Image.open(path).size == (2 * both.shape[1], 2 * both.shape[0])
+
+
+def decode(path):
+    """Every frame of an animation as RGB int16 (as a viewer composites it) and its duration in ms."""
+    frames, durations = [], []
+    with Image.open(path) as im:
+        for k in range(im.n_frames):
+            im.seek(k)
+            frames.append(np.asarray(im.convert("RGB")).astype(np.int16))
+            durations.append(im.info["duration"])
+    return frames, durations
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_gif_pixels_label_and_hold(tmp_path, channels):
+    rng = np.random.default_rng(2)
+    frames = [rng.uniform(-1, 1, (4, channels, 10, 10)).astype(np.float32) for _ in range(4)]
+    plain, durations = decode(save_gif(frames, str(tmp_path / "a.gif"), hold_last=1.5, scale=1))
+    labelled, _ = decode(save_gif(frames, str(tmp_path / "b.gif"), hold_last=1.5, scale=1,
+                                  labels=[f"t={k}" for k in range(4)]))
+    assert len(plain) == len(labelled) == 4
+    assert durations[-1] == 1500 and durations[0] == 1000  # final frame held; 4 s / 4 frames otherwise
+    for k, f in enumerate(frames):
+        grid = make_grid(f).astype(np.int16)
+        grid = np.repeat(grid[..., None], 3, -1) if grid.ndim == 2 else grid
+        err = np.abs(plain[k] - grid)
+        if channels == 1:  # 255 grey levels: at most one level off
+            assert err.max() <= 1
+        else:  # one shared 255-colour palette for random colours: small mean error
+            assert err.mean() < 12
+        h = grid.shape[0]
+        assert labelled[k].shape[0] == h + LABEL_HEIGHT
+        assert np.array_equal(labelled[k][:h], plain[k])  # the label leaves the picture alone
+        assert (labelled[k][h:] < 128).any()  # and is drawn
+
+
+def test_webp(tmp_path):
+    frames = [np.full((4, 1, 6, 6), v, np.float32) for v in (-1.0, 0.0, 1.0)]
+    path = save_gif(frames, str(tmp_path / "a.webp"), scale=1, hold_last=2.0)
+    got, durations = decode(path)
+    assert len(got) == 3 and durations == [1333, 1333, 2000]
+    assert np.array_equal(got[1], np.repeat(make_grid(frames[1])[..., None], 3, -1))
