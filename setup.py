@@ -25,15 +25,18 @@ setup(
         "download",
         "numpy<2",  # MindSpore 2.10 is built against NumPy 1.x (Tensor ops fail under NumPy 2)
         "matplotlib",
+        "pillow",  # image folders are decoded with PIL (matplotlib needs it too)
         "tqdm",
         "pyyaml",
         # OpenBLAS (AVX-512 aware) for the CPU convolution kernels; optional at run time
         'scipy-openblas32>=0.3.28; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel",
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "diffusers", "safetensors",
                  "onnx<1.19", "onnxruntime<1.23"],  # newer ones need NumPy 2 (ml_dtypes), which breaks MindSpore 2.10
         "onnx": ["onnxruntime<1.23"],  # ddpm-sample --exported FILE.onnx
+        # ddpm-convert: diffusers folders <-> checkpoints (safetensors via NumPy; .bin files also need torch)
+        "convert": ["safetensors"],
         "bench": ["torch==2.13.0"],
     },
     entry_points={
@@ -44,6 +47,7 @@ setup(
             "ddpm-figures=ddpm_ms.figures:console_main",
             "ddpm-evaluate=ddpm_ms.evaluate:console_main",
             "ddpm-export=ddpm_ms.export:console_main",
+            "ddpm-convert=ddpm_ms.convert:console_main",
         ]
     },
 )

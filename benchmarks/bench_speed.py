@@ -15,8 +15,8 @@ with other work slows them alike and the ratios stay meaningful:
 * ``ms-builtin`` (``--compare-builtin``): the same network on MindSpore's built-in ops;
 * ``ms-noconv`` (``--compare-noconv``): the fast kernels without the OpenBLAS convolutions
   (``DDPM_MS_FAST_CONV=0``, MindSpore's own conv ops);
-* ``torch`` (``--torch``): the PyTorch eager reference (benchmarks/torch_unet.py) with
-  the same weights, loss, Adam and EMA update, in a child process that runs only while
+* ``torch`` (``--torch``): the PyTorch eager reference (benchmarks/torch_unet.py; for
+  ``arch: ddpm`` configs diffusers' ``UNet2DModel``, which needs diffusers) with the same weights, loss, Adam and EMA update, in a child process that runs only while
   this one waits (so neither framework's idle threads slow the other); needs torch
   (``pip install torch==2.13.0`` takes the CPU build on the project machines).
 
@@ -44,6 +44,7 @@ from ddpm_ms.config import load_config
 from ddpm_ms.device import setup_device
 from ddpm_ms.pipeline import create_model, make_eps_fn
 from ddpm_ms.train import Trainer
+from ddpm_ms import ddpm_unet
 from ddpm_ms import unet as unet_mod
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,6 +85,10 @@ def count_flops(cfg):
             else:
                 total[0] += 2 * 2 * heads * d * d * n
 
+        def ddpm_attn_hook(cell, inputs, output):  # q, k, v, out projections (Dense weights used directly) + attention
+            _, c, h, w = inputs[0].shape
+            total[0] += 2 * 4 * h * w * c * c + 2 * 2 * h * w * h * w * c
+
         for _, cell in model.cells_and_names():
             if isinstance(cell, (nn.Conv2d, nn.Conv2dTranspose)):
                 cell.register_forward_hook(conv_hook)
@@ -91,6 +96,8 @@ def count_flops(cfg):
                 cell.register_forward_hook(dense_hook)
             elif isinstance(cell, (unet_mod.Attention, unet_mod.LinearAttention)):
                 cell.register_forward_hook(attn_hook)
+            elif isinstance(cell, ddpm_unet.AttentionBlock):
+                cell.register_forward_hook(ddpm_attn_hook)
         size = cfg["image_size"]
         x = Tensor(np.zeros((1, cfg["channels"], size, size), np.float32))
         t = Tensor(np.zeros((1,), np.int32))
@@ -166,6 +173,27 @@ def ms_variant(name, cfg, backend, batch, sample_batch, env):
     return v
 
 
+def diffusers_unet(arrays, cfg):
+    """diffusers' UNet2DModel (PyTorch eager) holding the ddpm_ms weights ``arrays``, called as net(x, t) -> eps."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from ddpm_ms.convert import cfg_to_unet_config, to_diffusers_weights
+
+    model = UNet2DModel(**{k: v for k, v in cfg_to_unet_config(cfg).items() if not k.startswith("_")})
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in to_diffusers_weights(arrays).items()}, strict=True)
+
+    class Eps(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = model
+
+        def forward(self, x, t, y=None):
+            return self.unet(x, t, class_labels=y).sample
+
+    return Eps()
+
+
 def torch_worker(args, cfg):
     """Child process: the PyTorch eager reference, timed on request from the parent.
 
@@ -183,9 +211,12 @@ def torch_worker(args, cfg):
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     arrays = dict(np.load(args.torch_worker))
-    kwargs = torch_unet.unet_kwargs_from_config(cfg)
-    net = torch_unet.from_mindspore(arrays, **kwargs)
-    sample_net = torch_unet.from_mindspore(arrays, **kwargs).eval()
+    if cfg["arch"] == "ddpm":  # the paper's U-Net: diffusers' UNet2DModel is the PyTorch reference
+        net, sample_net = diffusers_unet(arrays, cfg), diffusers_unet(arrays, cfg).eval()
+    else:
+        kwargs = torch_unet.unet_kwargs_from_config(cfg)
+        net = torch_unet.from_mindspore(arrays, **kwargs)
+        sample_net = torch_unet.from_mindspore(arrays, **kwargs).eval()
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg["lr"])
     shadow = [p.detach().clone() for p in params]

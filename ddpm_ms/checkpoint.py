@@ -153,7 +153,9 @@ def assign(params, tensors, what, path):
 
 def check_compatible(meta, cfg, keys, path):
     """Raise CheckpointError naming every key in ``keys`` whose value differs between meta and cfg."""
-    saved = meta.get("config", {})
+    from .config import DEFAULTS  # keys added to ddpm_ms after the checkpoint was written have their defaults
+
+    saved = dict(DEFAULTS, **meta.get("config", {}))
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was trained with another architecture ({'; '.join(diffs)}); "

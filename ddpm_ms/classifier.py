@@ -1,25 +1,27 @@
-"""The Fashion-MNIST feature network of the evaluation metrics: a small CNN, its training and cache.
+"""The feature network of the evaluation metrics: a small CNN per labelled dataset, its training and cache.
 
 Inception-v3 cannot be downloaded here and is a poor judge of 28x28 grayscale clothing, so the
 metrics of :mod:`ddpm_ms.evaluation` live in the penultimate feature space of this classifier,
-trained on the real Fashion-MNIST train split:
+trained on the real train split of the dataset (Fashion-MNIST, MNIST or CIFAR-10; folder
+datasets have none, see :func:`require_feature_network`):
 
-    conv3x3-BN-ReLU 1->32, max-pool | conv3x3-BN-ReLU 32->64, max-pool | conv3x3-BN-ReLU 64->128,
-    max-pool (28 -> 14 -> 7 -> 3) -> flatten -> Dense(1152, 256) -> BN -> ReLU  = features(x)
-    -> Dropout(0.3) -> Dense(256, 10)                                        = logits
+    conv3x3-BN-ReLU C->32, max-pool | conv3x3-BN-ReLU 32->64, max-pool | conv3x3-BN-ReLU 64->128,
+    max-pool (28 -> 14 -> 7 -> 3; 32 -> 16 -> 8 -> 4) -> flatten -> Dense(128*3*3 or 128*4*4, 256)
+    -> BN -> ReLU = features(x) -> Dropout(0.3) -> Dense(256, 10) = logits
 
 (one convolution per resolution: a second one per stage costs 2-4x the training time on a CPU
 for little accuracy).
 
 Public API
 ----------
-FashionCNN()                      the network; ``features(x)`` gives the penultimate features
-train_classifier(data_dir, epochs, batch_size, lr, seed, limit=None, progress=True)
+FashionCNN(channels=1, image_size=28)  the network; ``features(x)`` gives the penultimate features
+train_classifier(data_dir, epochs, batch_size, lr, seed, limit=None, progress=True, dataset=...)
                                   -> (net, test_accuracy)
-load_or_train_classifier(cache_dir=None, data_dir=None, ...)
-                                  -> (net, info); trains once, then loads from the per-user cache
+load_or_train_classifier(cache_dir=None, data_dir=None, ..., dataset="fashion_mnist")
+                                  -> (net, info); trains once per dataset, then loads from the cache
 extract(net, images, batch_size=500) -> (features float64 [N, D], probabilities float64 [N, 10])
-to_model_input(images)            uint8 or [-1, 1] float images -> float32 [N, 1, 28, 28] in [-1, 1]
+to_model_input(images, channels=1, image_size=28)
+                                  uint8 or [-1, 1] float images -> float32 [N, C, S, S] in [-1, 1]
 
 The cache is ``$DDPM_MS_CACHE/classifier`` if ``DDPM_MS_CACHE`` is set, else
 ``$XDG_CACHE_HOME/ddpm_ms/classifier`` (``~/.cache/ddpm_ms/classifier``). A cached network is
@@ -44,9 +46,13 @@ from .errors import UserError
 # Bump when the architecture, the preprocessing or the training recipe changes: the metric
 # space changes with it, and numbers computed with different versions are not comparable.
 CLASSIFIER_VERSION = "fmnist-cnn-v1"
+CLASSIFIER_VERSIONS = {"fashion_mnist": CLASSIFIER_VERSION, "mnist": "mnist-cnn-v1", "cifar10": "cifar10-cnn-v1"}
 FEATURE_DIM = 256
 NUM_CLASSES = 10
 MIN_TEST_ACCURACY = 0.92
+# the bar a freshly trained network must reach on the real test split, per dataset (CIFAR-10's is
+# what a 3-conv CNN of 5 epochs can be expected to pass; it has not been measured on real CIFAR-10)
+MIN_ACCURACIES = {"fashion_mnist": MIN_TEST_ACCURACY, "mnist": 0.98, "cifar10": 0.65}
 
 # The recipe of the cached classifier (and the defaults of load_or_train_classifier).
 DEFAULT_EPOCHS = 5
@@ -65,16 +71,19 @@ def _conv_bn_relu(cin, cout):
 
 
 class FashionCNN(nn.Cell):
-    """A conv-BN-ReLU CNN for [N, 1, 28, 28] images in [-1, 1]; ``construct`` returns logits."""
+    """A conv-BN-ReLU CNN for [N, C, S, S] images in [-1, 1]; ``construct`` returns logits."""
 
-    def __init__(self, widths=(32, 64, 128), feature_dim=FEATURE_DIM, num_classes=NUM_CLASSES, dropout=0.3):
+    def __init__(self, widths=(32, 64, 128), feature_dim=FEATURE_DIM, num_classes=NUM_CLASSES, dropout=0.3,
+                 channels=1, image_size=28):
         super().__init__()
         w1, w2, w3 = widths
         pool = lambda: nn.MaxPool2d(2, 2)  # noqa: E731
-        self.body = nn.SequentialCell(_conv_bn_relu(1, w1) + [pool()] + _conv_bn_relu(w1, w2) + [pool()]
+        self.body = nn.SequentialCell(_conv_bn_relu(channels, w1) + [pool()] + _conv_bn_relu(w1, w2) + [pool()]
                                       + _conv_bn_relu(w2, w3) + [pool()])  # 28 -> 14 -> 7 -> 3
+        side = image_size // 2 // 2 // 2
+        self.input_shape = (channels, image_size)  # what to_model_input checks in extract
         self.flatten = nn.Flatten()
-        self.embed = nn.SequentialCell([nn.Dense(w3 * 3 * 3, feature_dim, has_bias=False),
+        self.embed = nn.SequentialCell([nn.Dense(w3 * side * side, feature_dim, has_bias=False),
                                         nn.BatchNorm1d(feature_dim), nn.ReLU()])
         self.dropout = nn.Dropout(p=dropout)
         self.head = nn.Dense(feature_dim, num_classes)
@@ -129,13 +138,16 @@ def graph_mode():
 
 # --------------------------------------------------------------------------- images in, features out
 
-def to_model_input(images):
-    """[N, 28, 28] / [N, 1, 28, 28] uint8 (0..255) or float in [-1, 1] -> float32 [N, 1, 28, 28] in [-1, 1]."""
+def to_model_input(images, channels=1, image_size=28):
+    """[N, C, S, S] (or [N, S, S] for C = 1) uint8 (0..255) or float in [-1, 1] -> float32 [N, C, S, S] in [-1, 1]."""
     images = np.asarray(images)
-    if images.ndim == 3:
+    if images.ndim == 3 and channels == 1:
         images = images[:, None]
-    if images.ndim != 4 or images.shape[1:] != (1, 28, 28):
-        raise UserError(f"images must have shape [N, 1, 28, 28] or [N, 28, 28], got {list(images.shape)}")
+    want = (channels, image_size, image_size)
+    if images.ndim != 4 or images.shape[1:] != want:
+        alt = f" or [N, {image_size}, {image_size}]" if channels == 1 else ""
+        raise UserError(f"images must have shape [N, {channels}, {image_size}, {image_size}]{alt}, "
+                        f"got {list(images.shape)}")
     if images.dtype == np.uint8:
         return (images.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
     if not np.issubdtype(images.dtype, np.floating):
@@ -152,7 +164,7 @@ def extract(net, images, batch_size=_EVAL_BATCH):
     Returns (features float64 [N, D], probabilities float64 [N, classes]). The network runs in
     inference mode in fixed-size batches (the last one padded) so the graph compiles once.
     """
-    x = to_model_input(images)
+    x = to_model_input(images, *net.input_shape)
     n = x.shape[0]
     if n == 0:
         raise UserError("no images to evaluate")
@@ -187,36 +199,55 @@ def accuracy(net, images, labels, batch_size=_EVAL_BATCH):
 def augment(batch, rng, max_shift=1):
     """Random horizontal flips and shifts of up to ``max_shift`` pixels (zero = -1 padding), NumPy.
 
-    batch: float32 [B, 1, 28, 28] in [-1, 1].
+    batch: float32 [B, C, H, W] in [-1, 1].
     """
-    b, _, h, w = batch.shape
+    b, c, h, w = batch.shape
     flip = rng.random(b) < 0.5
     batch = np.where(flip[:, None, None, None], batch[..., ::-1], batch)
     if max_shift:
         s = max_shift
-        padded = np.pad(batch[:, 0], ((0, 0), (s, s), (s, s)), constant_values=-1.0)
-        windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(1, 2))  # [B, 2s+1, 2s+1, h, w]
+        padded = np.pad(batch, ((0, 0), (0, 0), (s, s), (s, s)), constant_values=-1.0)
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(2, 3))  # [B, C, 2s+1, 2s+1, h, w]
         dy, dx = rng.integers(0, 2 * s + 1, (2, b))
-        batch = windows[np.arange(b), dy, dx][:, None]
+        batch = windows[np.arange(b), :, dy, dx]
     return np.ascontiguousarray(batch, dtype=np.float32)
 
 
+def create_classifier(dataset="fashion_mnist"):
+    """The untrained network for ``dataset``'s images (its channels and size from the dataset spec)."""
+    from .data import dataset_spec
+
+    spec = dataset_spec(dataset)
+    return FashionCNN(num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
+
+
+def require_feature_network(dataset):
+    """UserError unless ``dataset`` has a feature network (the labelled datasets do, folders do not)."""
+    from .data import LABELLED
+
+    if dataset not in LABELLED:
+        raise UserError(f"no feature network exists for dataset {dataset!r}: FD, IS, precision and recall are "
+                        f"measured in the feature space of a classifier trained on a labelled dataset "
+                        f"({', '.join(LABELLED)}); a folder of images has none, so its samples cannot be scored")
+
+
 def train_classifier(data_dir, epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH_SIZE, lr=DEFAULT_LR,
-                     seed=DEFAULT_SEED, limit=None, progress=True, test_limit=None, max_shift=DEFAULT_SHIFT):
-    """Train :class:`FashionCNN` on the train split of ``data_dir`` -> (net, test accuracy).
+                     seed=DEFAULT_SEED, limit=None, progress=True, test_limit=None, max_shift=DEFAULT_SHIFT,
+                     dataset="fashion_mnist"):
+    """Train :class:`FashionCNN` on the train split of ``dataset`` in ``data_dir`` -> (net, test accuracy).
 
     Adam with a cosine-decayed learning rate (``lr`` -> ``lr``/100), random horizontal flips (and
     shifts of up to ``max_shift`` pixels), one compiled training step. ``limit`` trains on the
     first ``limit`` train images only, ``test_limit`` tests on the first ``test_limit`` test
     images (both for quick checks); progress goes to stderr.
     """
-    from .data import load_arrays
+    from .data import load_split
 
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UserError(f"classifier training needs epochs >= 1, batch_size >= 1, lr > 0; "
                         f"got {epochs}, {batch_size}, {lr}")
-    train_x, train_y = load_arrays(data_dir, "train")
-    test_x, test_y = load_arrays(data_dir, "test")
+    train_x, train_y = load_split(dataset, data_dir, "train")
+    test_x, test_y = load_split(dataset, data_dir, "test")
     if limit:
         train_x, train_y = train_x[:limit], train_y[:limit]
     if test_limit:
@@ -225,12 +256,12 @@ def train_classifier(data_dir, epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH_S
     batch_size = min(batch_size, n)
     steps_per_epoch = n // batch_size
     total = epochs * steps_per_epoch
-    train_x = to_model_input(train_x)
+    train_x = to_model_input(train_x, train_x.shape[1], train_x.shape[2])
     train_y = train_y.astype(np.int32)
 
     ms.set_seed(seed)
     rng = np.random.default_rng([seed, 7])
-    net = FashionCNN()
+    net = create_classifier(dataset)
     rates = nn.cosine_decay_lr(lr / 100, lr, total, 1, total) if total > 1 else [lr]
     optimizer = nn.Adam(net.trainable_params(), learning_rate=rates, weight_decay=1e-4)
     step = _TrainStep(net, optimizer)
@@ -266,8 +297,9 @@ def default_cache_dir():
     return os.path.join(os.path.abspath(os.path.expanduser(root)), "classifier")
 
 
-def cache_key(epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH_SIZE, lr=DEFAULT_LR, seed=DEFAULT_SEED, limit=None):
-    key = f"{CLASSIFIER_VERSION}_e{epochs}_b{batch_size}_lr{lr:g}_s{seed}"
+def cache_key(epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH_SIZE, lr=DEFAULT_LR, seed=DEFAULT_SEED, limit=None,
+              dataset="fashion_mnist"):
+    key = f"{CLASSIFIER_VERSIONS[dataset]}_e{epochs}_b{batch_size}_lr{lr:g}_s{seed}"
     return key + (f"_n{limit}" if limit else "")
 
 
@@ -283,10 +315,12 @@ def load_classifier(path):
     groups, meta = ckpt.load(path)
     if meta.get("kind") != "classifier":
         raise UserError(f"{path} is not a ddpm_ms classifier checkpoint")
-    if meta.get("version") != CLASSIFIER_VERSION:
+    dataset = meta.get("dataset", "fashion_mnist")
+    version = CLASSIFIER_VERSIONS.get(dataset)
+    if meta.get("version") != version:
         raise UserError(f"{path} holds classifier {meta.get('version')!r}, this ddpm_ms uses "
-                        f"{CLASSIFIER_VERSION!r}; delete it to retrain")
-    net = FashionCNN()
+                        f"{version!r}; delete it to retrain")
+    net = create_classifier(dataset)
     ckpt.assign(ckpt.named_params(net), groups["model"], "classifier", path)
     net.set_train(False)
     return net, meta
@@ -294,18 +328,22 @@ def load_classifier(path):
 
 def load_or_train_classifier(cache_dir=None, data_dir=None, epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH_SIZE,
                              lr=DEFAULT_LR, seed=DEFAULT_SEED, limit=None, progress=True,
-                             min_accuracy=MIN_TEST_ACCURACY, retrain=False, test_limit=None, log=sys.stderr):
-    """The cached classifier for these settings, training (and caching) it first if needed.
+                             min_accuracy=None, retrain=False, test_limit=None, log=sys.stderr,
+                             dataset="fashion_mnist"):
+    """The cached classifier of ``dataset`` for these settings, training (and caching) it first if needed.
 
     Returns (net, info) with info = {"version", "key", "test_accuracy", "train_seconds", ...}.
     ``test_limit`` measures the accuracy on the first ``test_limit`` test images only (quick checks).
     The test accuracy is printed to ``log``. Raises UserError when a freshly trained network
-    stays below ``min_accuracy`` on the real test split (it is not cached then).
+    stays below ``min_accuracy`` (default: the dataset's, :data:`MIN_ACCURACIES`) on the real test
+    split (it is not cached then).
     """
-    from .data import locate_fashion_mnist
+    from . import data
 
+    require_feature_network(dataset)
+    min_accuracy = MIN_ACCURACIES[dataset] if min_accuracy is None else min_accuracy
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir()
-    key = cache_key(epochs, batch_size, lr, seed, limit)
+    key = cache_key(epochs, batch_size, lr, seed, limit, dataset)
     path = os.path.join(cache_dir, key + ".ckpt")
     if os.path.isfile(path) and not retrain:
         try:
@@ -317,20 +355,21 @@ def load_or_train_classifier(cache_dir=None, data_dir=None, epochs=DEFAULT_EPOCH
                 print(f"classifier {key}: test accuracy {info['test_accuracy']:.2%} (cached: {path})",
                       file=log, flush=True)
             return net, info
-    data_dir = locate_fashion_mnist(data_dir)
+    data_dir = data.locate(dataset, data_dir)
     if log:
         print(f"training the evaluation classifier {key} ({epochs} epochs; cached afterwards in {cache_dir})",
               file=log, flush=True)
     t0 = time.time()
     net, acc = train_classifier(data_dir, epochs, batch_size, lr, seed, limit=limit, progress=progress,
-                                test_limit=test_limit)
+                                test_limit=test_limit, dataset=dataset)
     seconds = time.time() - t0
     if log:
         print(f"classifier {key}: test accuracy {acc:.2%} (trained in {seconds:.0f} s)", file=log, flush=True)
     if acc < min_accuracy:
         raise UserError(f"the evaluation classifier reached only {acc:.2%} test accuracy (needs "
                         f"{min_accuracy:.0%}); train it longer (more epochs)")
-    info = {"version": CLASSIFIER_VERSION, "key": key, "test_accuracy": acc, "train_seconds": seconds,
+    info = {"version": CLASSIFIER_VERSIONS[dataset], "dataset": dataset, "key": key, "test_accuracy": acc,
+            "train_seconds": seconds,
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "limit": limit,
             "test_images": test_limit or 10000,
             "feature_dim": FEATURE_DIM}

@@ -14,6 +14,7 @@ import os
 import yaml
 
 from . import fileio
+from .data import DATASETS
 from .errors import UserError
 from .schedules import SCHEDULES
 from .diffusion import LOSS_TYPES, LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES
@@ -31,8 +32,10 @@ DEFAULTS = {
     "image_size": 28,
     "channels": 1,
     "random_flip": True,
+    "center_crop": True,   # folder datasets: centre crop after the shorter-side resize (false: random crop)
     "num_workers": 1,
     # --- model (U-Net) ---
+    "arch": "tutorial",
     "dim": 28,
     "init_dim": None,
     "dim_mults": [1, 2, 4],
@@ -43,6 +46,15 @@ DEFAULTS = {
     "attn_levels": None,
     "mid_attn": True,
     "num_classes": None,
+    # --- model, arch: ddpm only (the paper's U-Net = diffusers UNet2DModel; widths dim * dim_mults,
+    # GroupNorm groups resnet_groups, act in the residual blocks, attention at attn_levels) ---
+    "layers_per_block": 2,
+    "norm_eps": 1.0e-6,
+    "dropout": 0.0,
+    "attn_head_dim": None,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "downsample_padding": 0,
     # --- diffusion ---
     "timesteps": 1000,
     "beta_schedule": "linear",
@@ -65,6 +77,7 @@ DEFAULTS = {
     "min_lr": 1.0e-7,
     "lr_schedule": "cosine",
     "warmup_steps": 0,
+    "grad_clip": None,
     "loss_scale": 65536.0,
     "loss_scale_factor": 2,
     "loss_scale_window": 1000,
@@ -94,7 +107,8 @@ DEFAULTS = {
 }
 
 CHOICES = {
-    "dataset": ("fashion_mnist",),
+    "dataset": DATASETS,
+    "arch": ("tutorial", "ddpm"),
     "block_type": ("convnext", "resnet"),
     "act": ("gelu", "silu"),
     "beta_schedule": SCHEDULES,
@@ -112,9 +126,9 @@ CHOICES = {
 
 # numeric keys (every one is checked to be finite and of a sane magnitude)
 INT_LIST_KEYS = ("dim_mults", "attn_levels")
-FLOAT_KEYS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, float))
+FLOAT_KEYS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, float)) + ("grad_clip",)  # optional
 INT_KEYS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, int) and not isinstance(v, bool)) + (
-    "init_dim", "max_steps", "sample_steps", "num_classes", "save_every_steps")  # optional (default None)
+    "init_dim", "max_steps", "sample_steps", "num_classes", "save_every_steps", "attn_head_dim")  # optional
 NUMERIC_KEYS = INT_KEYS + FLOAT_KEYS + INT_LIST_KEYS
 MAX_INT = 2**31 - 1  # step counters, timesteps and labels are int32 tensors
 MAX_FLOAT = 3.4028234663852886e38  # float32: learning rates, loss scales and betas become float32 tensors
@@ -124,12 +138,14 @@ MAX_SEED = 2**32 - 1  # MindSpore's seeds (ms.set_seed, the dataset's) are uint3
 POSITIVE = ("image_size", "channels", "num_workers", "dim", "convnext_mult", "resnet_groups", "timesteps",
             "batch_size", "epochs", "lr", "loss_scale", "loss_scale_window", "save_every", "keep_checkpoints",
             "num_samples", "gif_frames", "save_every_steps", "init_dim", "max_steps", "sample_steps", "num_classes",
-            "beta_start", "beta_end", "loss_scale_factor", "gif_images", "min_snr_gamma")
-NON_NEGATIVE = ("min_lr", "warmup_steps", "sample_every", "seed")
+            "beta_start", "beta_end", "loss_scale_factor", "gif_images", "layers_per_block", "norm_eps",
+            "attn_head_dim", "grad_clip", "min_snr_gamma")
+NON_NEGATIVE = ("min_lr", "warmup_steps", "sample_every", "seed", "freq_shift")
 
 # keys that define the network's architecture (stored in checkpoints, checked on load)
 ARCH_KEYS = ("image_size", "channels", "dim", "init_dim", "dim_mults", "block_type", "convnext_mult",
-             "resnet_groups", "act", "attn_levels", "mid_attn", "num_classes")
+             "resnet_groups", "act", "attn_levels", "mid_attn", "num_classes", "arch", "layers_per_block",
+             "norm_eps", "attn_head_dim", "flip_sin_to_cos", "freq_shift", "downsample_padding")
 SCHEDULE_KEYS = ("timesteps", "beta_schedule", "beta_start", "beta_end", "zero_terminal_snr")
 # keys of the training objective (a resumed run must keep them)
 OBJECTIVE_KEYS = ("loss_type", "prediction_type", "loss_weighting", "min_snr_gamma")
@@ -302,11 +318,34 @@ def validate(cfg):
         raise UserError(f"attn_levels {cfg['attn_levels']} must index levels 0..{len(cfg['dim_mults']) - 1}")
     if cfg["sample_steps"] is not None and cfg["sample_steps"] > cfg["timesteps"]:
         raise UserError(f"sample_steps {cfg['sample_steps']} exceeds timesteps {cfg['timesteps']}")
-    if cfg["block_type"] == "resnet":
+    if cfg["arch"] == "ddpm":
+        _validate_ddpm_arch(cfg)
+    elif cfg["block_type"] == "resnet":
         widths = [cfg["dim"] * m for m in cfg["dim_mults"]] + [cfg["init_dim"] or cfg["dim"] // 3 * 2]
         if any(w % cfg["resnet_groups"] for w in widths):
             raise UserError(f"resnet_groups {cfg['resnet_groups']} must divide every U-Net width {widths}")
     return cfg
+
+
+def _validate_ddpm_arch(cfg):
+    """The keys of ``arch: ddpm`` (the paper's U-Net, see ddpm_ms/ddpm_unet.py) fit together."""
+    widths = [cfg["dim"] * m for m in cfg["dim_mults"]]
+    if any(w % cfg["resnet_groups"] for w in widths):
+        raise UserError(f"resnet_groups {cfg['resnet_groups']} (the GroupNorm groups) must divide every U-Net "
+                        f"width {widths} (dim * dim_mults)")
+    if not 0.0 <= cfg["dropout"] < 1.0:
+        raise UserError(f"config key 'dropout' must be in [0, 1), got {cfg['dropout']}")
+    if cfg["downsample_padding"] not in (0, 1):
+        raise UserError(f"config key 'downsample_padding' must be 0 or 1, got {cfg['downsample_padding']}")
+    if cfg["dim"] % 2:
+        raise UserError(f"arch ddpm needs an even dim (the sinusoidal time embedding width), got {cfg['dim']}")
+    if cfg["freq_shift"] >= cfg["dim"] // 2:
+        raise UserError(f"freq_shift {cfg['freq_shift']} must be below dim / 2 = {cfg['dim'] // 2}")
+    head = cfg["attn_head_dim"]
+    levels = range(len(widths)) if cfg["attn_levels"] is None else cfg["attn_levels"]
+    attn_widths = [widths[i] for i in levels] + ([widths[-1]] if cfg["mid_attn"] else [])
+    if head is not None and any(w % head for w in attn_widths):
+        raise UserError(f"attn_head_dim {head} must divide the width of every level with attention {attn_widths}")
 
 
 def resolve(values, where="config"):
@@ -333,10 +372,6 @@ def load_config(path=None, overrides=()):
             raise _unknown_key(key, path)
     values.update(parse_overrides(overrides))
     return resolve(values, where=path or "overrides")
-
-
-def arch_config(cfg):
-    return {k: cfg[k] for k in ARCH_KEYS}
 
 
 def save_config(cfg, path):

@@ -1,12 +1,14 @@
-"""Score samples offline: FD, IS, precision and recall in the Fashion-MNIST classifier's feature space.
+"""Score samples offline: FD, IS, precision and recall in a dataset classifier's feature space.
 
-    python -m ddpm_ms.evaluate --samples samples.npy [--out results.json]
+    python -m ddpm_ms.evaluate --samples samples.npy [--dataset cifar10] [--out results.json]
     python -m ddpm_ms.evaluate --checkpoint runs/quick --num 10000 --sampler ddim --steps 50 [--out results.json]
 
-``--samples`` takes an ``.npy`` of images [N, 1, 28, 28] (floats in [-1, 1] or uint8 0..255) or a
-folder of 28x28 PNGs; ``--checkpoint`` (a run directory or a ``.ckpt``) generates ``--num`` images
-first. The first run trains the evaluation classifier (a few minutes on a CPU) and caches it
-(see :mod:`ddpm_ms.classifier`). Prints one line
+``--samples`` takes an ``.npy`` of images [N, C, S, S] (or [N, S, S, C], or [N, S, S] for gray;
+floats in [-1, 1] or uint8 0..255) or a folder of S x S PNGs, of the dataset's channels and size
+(``--dataset``, default fashion_mnist: 1 x 28 x 28; cifar10: 3 x 32 x 32); ``--checkpoint`` (a run
+directory or a ``.ckpt``) generates ``--num`` images first, for the dataset it was trained on.
+The first run trains the dataset's evaluation classifier (a few minutes on a CPU) and caches it
+(see :mod:`ddpm_ms.classifier`); folder datasets have no classifier and cannot be scored. Prints one line
 
     FD x (floor y), IS z, precision p, recall r
 
@@ -31,16 +33,28 @@ from .errors import UserError
 
 # --------------------------------------------------------------------------- reading samples
 
-def _check_image_array(images, path):
-    if images.ndim == 4 and images.shape[1] == 1:
+def _check_image_array(images, path, spec=None):
+    """[N, C, S, S], [N, S, S, C] or (gray) [N, S, S] -> [N, C, S, S], checked against ``spec``
+    (a DatasetSpec; default Fashion-MNIST's)."""
+    from .data import dataset_spec
+
+    spec = spec or dataset_spec("fashion_mnist")
+    c, side = spec.channels, spec.image_size
+    if images.ndim == 4 and images.shape[1] in (1, 3):
         pass
+    elif images.ndim == 4 and images.shape[3] in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
     elif images.ndim == 3:
         images = images[:, None]
     else:
-        raise UserError(f"{path}: expected images of shape [N, 1, 28, 28] (or [N, 28, 28]), "
+        raise UserError(f"{path}: expected images of shape [N, {c}, {side}, {side}] (or [N, {side}, {side}, {c}]), "
                         f"got {list(images.shape)}")
-    if images.shape[2:] != (28, 28):
-        raise UserError(f"{path}: images are {images.shape[2]}x{images.shape[3]}, expected 28x28 (Fashion-MNIST)")
+    if images.shape[1] != c:
+        raise UserError(f"{path}: images have {images.shape[1]} channel(s) ({list(images.shape)}), expected "
+                        f"[N, {c}, {side}, {side}] ({spec.title}; pick the dataset with --dataset)")
+    if images.shape[2:] != (side, side):
+        raise UserError(f"{path}: images are {images.shape[2]}x{images.shape[3]}, expected {side}x{side} "
+                        f"({spec.title})")
     if images.shape[0] < 2:
         raise UserError(f"{path}: holds {images.shape[0]} image(s); at least 2 are needed (thousands for a "
                         "meaningful FD)")
@@ -60,8 +74,12 @@ def _check_image_array(images, path):
     return images.astype(np.float32)
 
 
-def load_png_folder(path):
-    """All ``*.png`` in ``path`` (sorted), as uint8 [N, 1, 28, 28] grayscale."""
+def load_png_folder(path, spec=None):
+    """All ``*.png`` in ``path`` (sorted), as uint8 [N, C, S, S] (gray or RGB as ``spec`` says)."""
+    from .data import dataset_spec
+
+    spec = spec or dataset_spec("fashion_mnist")
+    side = spec.image_size
     from PIL import Image, UnidentifiedImageError
 
     files = sorted(glob.glob(os.path.join(path, "*.png")) + glob.glob(os.path.join(path, "*.PNG")))
@@ -71,19 +89,21 @@ def load_png_folder(path):
     for name in files:
         try:
             with Image.open(name) as img:
-                if img.size != (28, 28):
-                    raise UserError(f"{name}: image is {img.size[0]}x{img.size[1]}, expected 28x28 (one image per "
-                                    "file; for a sample grid, evaluate the .npy written beside it)")
-                images.append(np.asarray(img.convert("L"), dtype=np.uint8))
+                if img.size != (side, side):
+                    raise UserError(f"{name}: image is {img.size[0]}x{img.size[1]}, expected {side}x{side} "
+                                    "(one image per file; for a sample grid, evaluate the .npy written beside it)")
+                array = np.asarray(img.convert("L" if spec.channels == 1 else "RGB"), dtype=np.uint8)
+                images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
         except (UnidentifiedImageError, OSError) as e:
             raise UserError(f"{name}: cannot read the image ({e})") from None
-    return np.stack(images)[:, None]
+    return np.stack(images)
 
 
-def load_samples(path):
-    """Images from an ``.npy`` file or a folder of PNGs -> uint8 or float32 [N, 1, 28, 28]."""
+def load_samples(path, spec=None):
+    """Images from an ``.npy`` file or a folder of PNGs -> uint8 or float32 [N, C, S, S] (``spec``:
+    the dataset's DatasetSpec, default Fashion-MNIST's)."""
     if os.path.isdir(path):
-        return _check_image_array(load_png_folder(path), path)
+        return _check_image_array(load_png_folder(path, spec), path, spec)
     if not os.path.exists(path):
         raise UserError(f"--samples {path} does not exist; pass an .npy file or a folder of PNG images")
     if not path.endswith(".npy"):
@@ -92,20 +112,21 @@ def load_samples(path):
         images = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise UserError(f"{path}: not a readable .npy array ({' '.join(str(e).split())})") from None
-    return _check_image_array(np.asarray(images), path)
+    return _check_image_array(np.asarray(images), path, spec)
 
 
 # --------------------------------------------------------------------------- shared set-up
 
-def prepare_reference(data_dir=None, cache_dir=None, progress=True):
-    """The cached (or freshly trained) classifier and the real reference -> (net, info, reference)."""
-    from .classifier import load_or_train_classifier
-    from .data import locate_fashion_mnist
+def prepare_reference(data_dir=None, cache_dir=None, progress=True, dataset="fashion_mnist"):
+    """The cached (or freshly trained) classifier of ``dataset`` and its real reference -> (net, info, reference)."""
+    from . import data
+    from .classifier import load_or_train_classifier, require_feature_network
     from .evaluation import RealReference
 
-    data_dir = locate_fashion_mnist(data_dir)
-    net, info = load_or_train_classifier(cache_dir=cache_dir, data_dir=data_dir, progress=progress)
-    return net, info, RealReference.build(net, data_dir)
+    require_feature_network(dataset)
+    data_dir = data.locate(dataset, data_dir)
+    net, info = load_or_train_classifier(cache_dir=cache_dir, data_dir=data_dir, progress=progress, dataset=dataset)
+    return net, info, RealReference.build(net, data_dir, dataset)
 
 
 def classifier_record(info):
@@ -137,9 +158,9 @@ def _check_out(path):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="ddpm-evaluate",
-        description="FD / IS / precision / recall of samples in a Fashion-MNIST classifier's feature space.")
+        description="FD / IS / precision / recall of samples in a dataset classifier's feature space.")
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--samples", help=".npy of images [N, 1, 28, 28] (floats in [-1, 1] or uint8) or a folder of PNGs")
+    src.add_argument("--samples", help=".npy of images [N, C, S, S] (floats in [-1, 1] or uint8) or a folder of PNGs")
     src.add_argument("--checkpoint", help="checkpoint file or run directory: generate --num samples first")
     parser.add_argument("--num", type=int, default=1000, help="images to generate (with --checkpoint)")
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="default: the run's config")
@@ -154,7 +175,10 @@ def build_parser():
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     parser.add_argument("--k", type=int, default=3, help="neighbours of the precision/recall manifolds")
     parser.add_argument("--splits", type=int, default=10, help="splits of the Inception-like score")
-    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files (default: located automatically)")
+    parser.add_argument("--dataset", default=None,
+                        help="the real data to compare with: fashion_mnist (default for --samples), mnist or cifar10; "
+                             "with --checkpoint, default: the dataset it was trained on")
+    parser.add_argument("--data-dir", default=None, help="the dataset's files (default: located automatically)")
     parser.add_argument("--cache-dir", default=None, help="classifier cache (default: ~/.cache/ddpm_ms/classifier)")
     parser.add_argument("--device", default="auto", help="auto, Ascend, GPU or CPU")
     parser.add_argument("--mode", default="graph", choices=("graph", "pynative"))
@@ -205,18 +229,29 @@ def main(argv=None):
         raise UserError(f"--k must be >= 1, got {args.k}")
     if args.splits < 1:
         raise UserError(f"--splits must be >= 1, got {args.splits}")
+    from .classifier import require_feature_network
+    from .data import DATASETS, dataset_spec
+
+    if args.dataset is not None and args.dataset not in DATASETS:
+        raise UserError(f"--dataset {args.dataset!r} is not one of: {', '.join(DATASETS)}")
     if args.samples is not None:
-        images = load_samples(args.samples)  # check the input before any expensive work
+        dataset = args.dataset or "fashion_mnist"
+        require_feature_network(dataset)
+        images = load_samples(args.samples, dataset_spec(dataset))  # check the input before any expensive work
         source = {"samples": os.path.abspath(args.samples)}
     else:
         if args.num < 2:
             raise UserError(f"--num must be >= 2, got {args.num}")
+        from . import checkpoint as ckpt
         from .sample import resolve_checkpoint
 
         args.checkpoint = resolve_checkpoint(args.checkpoint)
+        dataset = args.dataset or ckpt.load(args.checkpoint)[1]["config"].get("dataset", "fashion_mnist")
+        require_feature_network(dataset)
     args.backend = setup_device(args.device, args.mode)
     # the classifier first: a missing data set or a first-time training shows up before sampling
-    net, info, reference = prepare_reference(args.data_dir, args.cache_dir, progress=not args.no_progress)
+    net, info, reference = prepare_reference(args.data_dir, args.cache_dir, progress=not args.no_progress,
+                                             dataset=dataset)
     if args.checkpoint is not None:
         images, source = generate_samples(args)
         if args.save_samples:

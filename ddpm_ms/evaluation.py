@@ -1,11 +1,11 @@
-"""Sample-quality metrics in the feature space of the Fashion-MNIST classifier (pure NumPy, float64).
+"""Sample-quality metrics in the feature space of a dataset's classifier (pure NumPy, float64).
 
 - Fréchet distance (FD): the FID formula of Heusel et al. 2017,
   ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2)``, between Gaussians fitted to the penultimate
   features of :mod:`ddpm_ms.classifier` (not Inception: these numbers are only comparable with
   other FDs computed with the same classifier version).
 - Inception-Score-like score (Salimans et al. 2016) from the classifier's class probabilities:
-  ``exp(E_x KL(p(y|x) || p(y)))``; 1 (worst) to 10 (best) for Fashion-MNIST's 10 classes.
+  ``exp(E_x KL(p(y|x) || p(y)))``; 1 (worst) to 10 (best) for 10 classes.
 - Precision and recall as k-NN manifold estimates (Kynkäänniemi et al. 2019): precision is the
   fraction of generated samples inside the real manifold (the union of balls around each real
   feature reaching its k-th nearest real neighbour), recall the fraction of real samples inside
@@ -20,7 +20,8 @@ frechet_distance(mu1, sigma1, mu2, sigma2) -> float
 feature_stats(feats) -> (mu, sigma)
 inception_score(probs, splits=10) -> (mean, std)
 precision_recall(real_feats, fake_feats, k=3, batch_size=1000) -> (precision, recall)
-RealReference.build(classifier, data_dir)    the test-split features, train images for the floor
+RealReference.build(classifier, data_dir, dataset="fashion_mnist")
+                                             the test-split features, train images for the floor
 evaluate_images(images, classifier, real_test_feats, ...) -> dict of metrics
 summary_line(result) -> "FD x (floor y), IS z, precision p, recall r"
 """
@@ -167,12 +168,12 @@ class RealReference:
         return self._test_stats
 
     @classmethod
-    def build(cls, classifier, data_dir):
+    def build(cls, classifier, data_dir, dataset="fashion_mnist"):
         from .classifier import extract
-        from .data import load_arrays
+        from .data import load_split
 
-        test_images, _ = load_arrays(data_dir, "test")
-        train_images, _ = load_arrays(data_dir, "train")
+        test_images, _ = load_split(dataset, data_dir, "test")
+        train_images, _ = load_split(dataset, data_dir, "train")
         feats, probs = extract(classifier, test_images)
         return cls(feats, probs, train_images)
 
@@ -203,7 +204,7 @@ def _metrics(feats, probs, reference, k, splits, seed):
 
 def evaluate_images(images, classifier, real_test_feats, real_train_images=None, k=3, splits=10, seed=0,
                     real_test_probs=None):
-    """Score generated ``images`` ([N, 1, 28, 28] in [-1, 1], or uint8) against the real test split.
+    """Score generated ``images`` ([N, C, S, S] in [-1, 1], or uint8) against the real test split.
 
     real_test_feats: classifier features of the real test split (or a :class:`RealReference`,
     which then also supplies the train images). With real train images, the same metrics are

@@ -139,6 +139,10 @@ def export(checkpoint, fmt, batch, out, use_ema=True):
     check_request(fmt, batch, out)
     path = resolve_checkpoint(checkpoint)
     model, sched, cfg = load_model(path, use_ema=use_ema, fast_kernels=False)
+    if fmt == "onnx" and cfg.get("arch") == "ddpm" and cfg.get("downsample_padding") == 0:
+        # its bottom/right-only padding (PadV3, or an asymmetric conv pad) does not survive MindSpore's ONNX exporter
+        raise UserError("ONNX export of arch: ddpm models with downsample_padding: 0 (the DDPM checkpoints) is not "
+                        "supported by MindSpore 2.10's ONNX exporter; use --format mindir")
     groups, meta = ckpt.load(path)
     weights = "ema" if use_ema and groups["ema"] else "model"
     if fmt == "onnx":

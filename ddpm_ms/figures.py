@@ -2,7 +2,7 @@
 
     python -m ddpm_ms.figures interpolate --checkpoint runs/quick --pairs 4 --points 10 --out interp.png
     python -m ddpm_ms.figures compare --checkpoint runs/quick --samplers ddpm,ddim,dpm-solver++ \\
-        --steps 5,10,20,50,100,full --num 8 --out steps.png
+        --step-counts 5,10,20,50,100,full --num 8 --out steps.png
 """
 
 import argparse
@@ -60,7 +60,7 @@ def parse_steps(text, num_timesteps):
         item = item.strip()
         n = num_timesteps if item == "full" else int(item) if item.isdigit() else None
         if n is None or not 1 <= n <= num_timesteps:
-            raise UserError(f"--steps entries must be integers in 1..{num_timesteps} or 'full', got {item!r}")
+            raise UserError(f"--step-counts entries must be integers in 1..{num_timesteps} or 'full', got {item!r}")
         out.append(n)
     return out
 

@@ -14,11 +14,12 @@ from .diffusion import Schedule, classifier_free_guidance
 from .errors import UserError
 from .frames import FrameRecorder
 from .samplers import sample
+from .ddpm_unet import DDPMUnet
 from .unet import Unet
 
 
 def create_model(cfg, fast_kernels=True):
-    """The U-Net described by the architecture keys of ``cfg``.
+    """The U-Net described by the architecture keys of ``cfg`` (``arch``: tutorial or ddpm).
 
     fast_kernels=False builds it on MindSpore's built-in ops only (no C++ custom ops), as an
     exported graph needs; the parameters are the same either way.
@@ -28,6 +29,8 @@ def create_model(cfg, fast_kernels=True):
 
 
 def _unet(cfg):
+    if cfg.get("arch", "tutorial") == "ddpm":
+        return create_ddpm_unet(cfg)
     return Unet(
         dim=cfg["dim"],
         init_dim=cfg["init_dim"],
@@ -39,6 +42,26 @@ def _unet(cfg):
         act=cfg["act"],
         attn_levels=cfg["attn_levels"],
         mid_attn=cfg["mid_attn"],
+        num_classes=cfg["num_classes"],
+    )
+
+
+def create_ddpm_unet(cfg):
+    """The DDPM paper's U-Net (ddpm_ms/ddpm_unet.py, diffusers UNet2DModel layout) for ``arch: ddpm``."""
+    return DDPMUnet(
+        block_out_channels=[cfg["dim"] * m for m in cfg["dim_mults"]],
+        channels=cfg["channels"],
+        layers_per_block=cfg["layers_per_block"],
+        attn_levels=range(len(cfg["dim_mults"])) if cfg["attn_levels"] is None else cfg["attn_levels"],
+        mid_attn=cfg["mid_attn"],
+        groups=cfg["resnet_groups"],
+        eps=cfg["norm_eps"],
+        dropout=cfg["dropout"],
+        act=cfg["act"],
+        attn_head_dim=cfg["attn_head_dim"],
+        flip_sin_to_cos=cfg["flip_sin_to_cos"],
+        freq_shift=cfg["freq_shift"],
+        downsample_padding=cfg["downsample_padding"],
         num_classes=cfg["num_classes"],
     )
 

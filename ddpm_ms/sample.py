@@ -2,7 +2,8 @@
 
     python -m ddpm_ms.sample --checkpoint runs/quick [--sampler ddim --steps 50] [--num 64] [--out DIR]
 
-Writes ``samples.png`` (a grid) and ``samples.npy`` ([N, C, H, W] float32 in [-1, 1]).
+Writes ``samples_<sampler>_<steps>_seed<S>[_w<W>][_classgrid].png`` (a grid) and the ``.npy`` of the same
+name ([N, C, H, W] float32 in [-1, 1]) into ``--out`` (default: the run directory).
 """
 
 import argparse

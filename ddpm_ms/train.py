@@ -13,13 +13,12 @@ import time
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from . import checkpoint as ckpt
-from . import kernels
+from . import data, kernels
 from .cli import run_cli
 from .config import ARCH_KEYS, DEFAULTS, OBJECTIVE_KEYS, SCHEDULE_KEYS, load_config, save_config
-from .data import create_dataset, locate_fashion_mnist
 from .device import compute_dtype, set_jit_level, setup_device
 from .diffusion import loss_weights, p_losses
 from .ema import EMA
@@ -38,11 +37,13 @@ class TrainStep(nn.Cell):
     On overflow (non-finite grads) the update is skipped and the loss scale is reduced.
     With ``scale_loss=False`` (float32 compute, see ``Trainer``) the loss and gradients are
     not scaled and the scaler is left untouched, but non-finite gradients still skip the update.
+    With ``grad_clip`` the unscaled gradients are rescaled to a global L2 norm of at most
+    ``grad_clip`` before the finiteness check and the update.
     Returns (loss, grads_finite).
     """
 
     def __init__(self, net, sched, optimizer, scaler, ema, loss_type, distributed=False, scale_loss=True,
-                 prediction_type="eps", loss_weights=None):
+                 grad_clip=None, prediction_type="eps", loss_weights=None):
         super().__init__(auto_prefix=False)
         self.net = net
         self.sched = sched
@@ -53,6 +54,7 @@ class TrainStep(nn.Cell):
         self.prediction_type = prediction_type  # eps, x0 or v: a Python constant of the graph
         self.loss_weights = loss_weights  # [T] Tensor (min-SNR) or None
         self.scale_loss = scale_loss  # a Python constant: the graph has no scaling ops without it
+        self.grad_clip = None if grad_clip is None else float(grad_clip)  # global-norm clipping (None: off)
         self.grad_fn = ms.value_and_grad(self.forward, None, optimizer.parameters, has_aux=True)
         # data parallel: average the gradients over all devices before the update
         self.distributed = distributed
@@ -75,6 +77,8 @@ class TrainStep(nn.Cell):
             grads = self.grad_reducer(grads)
         if self.scale_loss:
             grads = self.scaler.unscale(grads)
+        if self.grad_clip is not None:  # on the true gradients (after unscaling); NaN/inf stay non-finite
+            grads = ops.clip_by_global_norm(grads, self.grad_clip)
         if self._fast is not None:
             finite = self._fast.all_finite(*grads)[0] > 0.5
         else:
@@ -103,6 +107,25 @@ def learning_rates(lr, min_lr, total_steps, warmup_steps=0, schedule="cosine"):
     return [lr * (i + 1) / warm if i < warm else r for i, r in enumerate(rates)]
 
 
+def steps_and_epochs(epochs, max_steps, steps_per_epoch, notify=True):
+    """(epochs, total steps) of a run: ``epochs`` full epochs, or exactly ``max_steps`` steps when set.
+
+    max_steps below the epochs' steps ends the run early; above them, the run gets the epochs it
+    needs and one notice line says so (not silently fewer steps than asked for).
+    """
+    total = epochs * steps_per_epoch
+    if not max_steps:
+        return epochs, total
+    if max_steps > total:
+        needed = -(-max_steps // steps_per_epoch)
+        if notify:
+            print(f"note: max_steps={max_steps} needs {needed} epochs of {steps_per_epoch} steps; training "
+                  f"{needed} epochs instead of epochs={epochs} (the run still stops at step {max_steps})",
+                  file=sys.stderr, flush=True)
+        epochs = needed
+    return epochs, max_steps
+
+
 class Trainer:
     """Owns the model, optimizer, EMA and loss scaler of one run (its randomness is derived per step)."""
 
@@ -114,9 +137,8 @@ class Trainer:
         self.dtype = compute_dtype(backend, cfg["dtype"])
         self.sched = create_schedule(cfg)
         self.steps_per_epoch = steps_per_epoch
-        self.total_steps = cfg["epochs"] * steps_per_epoch
-        if cfg["max_steps"]:
-            self.total_steps = min(self.total_steps, cfg["max_steps"])
+        self.epochs, self.total_steps = steps_and_epochs(cfg["epochs"], cfg["max_steps"], steps_per_epoch,
+                                                         notify=rank == 0)
         ms.set_seed(cfg["seed"])  # the same initial weights on every device and in every run
         self.model = create_model(cfg)
         self.lrs = learning_rates(cfg["lr"], cfg["min_lr"], self.total_steps, cfg["warmup_steps"],
@@ -132,7 +154,7 @@ class Trainer:
         net = cast_model(self.model, self.dtype)
         self.step_cell = set_jit_level(
             TrainStep(net, self.sched, self.optimizer, self.scaler, self.ema, cfg["loss_type"],
-                      distributed=world_size > 1, scale_loss=self.scale_loss,
+                      distributed=world_size > 1, scale_loss=self.scale_loss, grad_clip=cfg.get("grad_clip"),
                       prediction_type=cfg["prediction_type"],
                       loss_weights=loss_weights(self.sched, cfg["prediction_type"], cfg["loss_weighting"],
                                                 cfg["min_snr_gamma"])), cfg["jit_level"])
@@ -233,13 +255,14 @@ def device_batch_size(cfg, world_size):
 
 def make_dataset(cfg, data_dir, rank, world_size, epoch=0, random_flip=None):
     """This device's shard of the training set; the order and flips depend only on (seed, epoch)."""
-    return create_dataset(data_dir, device_batch_size(cfg, world_size), usage="train",
-                          image_size=cfg["image_size"],
-                          random_flip=cfg["random_flip"] if random_flip is None else random_flip,
-                          num_parallel_workers=cfg["num_workers"], seed=cfg["seed"] * 1000 + epoch,
-                          with_labels=cfg["num_classes"] is not None,
-                          num_shards=world_size if world_size > 1 else None,
-                          shard_id=rank if world_size > 1 else None)
+    return data.create_dataset(cfg["dataset"], data_dir, device_batch_size(cfg, world_size), usage="train",
+                               image_size=cfg["image_size"], channels=cfg["channels"],
+                               center_crop=cfg["center_crop"],
+                               random_flip=cfg["random_flip"] if random_flip is None else random_flip,
+                               num_parallel_workers=cfg["num_workers"], seed=cfg["seed"] * 1000 + epoch,
+                               with_labels=cfg["num_classes"] is not None,
+                               num_shards=world_size if world_size > 1 else None,
+                               shard_id=rank if world_size > 1 else None)
 
 
 def _epoch_batches(dataset, skip):
@@ -279,13 +302,15 @@ def train(cfg, resume=False, overwrite=False, progress=True):
 def _train(cfg, run, resume, overwrite, progress):
     from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
-    data_dir = locate_fashion_mnist(cfg["data_dir"])
+    data_dir = data.locate(cfg["dataset"], cfg["data_dir"])
+    data.check_config(data.dataset_spec(cfg["dataset"], data_dir, cfg["image_size"], cfg["channels"]), cfg)
     backend = setup_device(cfg["device"], cfg["mode"], seed=cfg["seed"])
     rank, world_size = init_distributed()
     main_process = rank == 0
+    # before anything is written: a batch larger than the data set is a user error
+    steps_per_epoch = make_dataset(cfg, data_dir, rank, world_size, random_flip=False).get_dataset_size()
     if main_process:
         run.prepare(resume, overwrite)
-    steps_per_epoch = make_dataset(cfg, data_dir, rank, world_size, random_flip=False).get_dataset_size()
     trainer = Trainer(cfg, backend, steps_per_epoch, rank, world_size)
     manager = ckpt.CheckpointManager(run.checkpoints, cfg["keep_checkpoints"])
 
@@ -309,7 +334,7 @@ def _train(cfg, run, resume, overwrite, progress):
     try:
         while trainer.step < trainer.total_steps:
             bar = tqdm(total=min(trainer.steps_per_epoch, trainer.total_steps - trainer.step + skip),
-                       initial=skip, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                       initial=skip, desc=f"epoch {epoch + 1}/{trainer.epochs}",
                        disable=not (progress and main_process), dynamic_ncols=True)
             t0, done = time.perf_counter(), 0
             for images, labels in _epoch_batches(make_dataset(cfg, data_dir, rank, world_size, epoch), skip):
@@ -352,13 +377,15 @@ def _train(cfg, run, resume, overwrite, progress):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="ddpm-train", description="Train a DDPM on Fashion-MNIST.")
+    parser = argparse.ArgumentParser(prog="ddpm-train",
+                                     description="Train a DDPM on Fashion-MNIST, MNIST, CIFAR-10 or an image folder.")
     parser.add_argument("--config", default=None,
                         help="YAML config file, or a packaged config's name (quick, fashion_mnist, ...)")
     parser.add_argument("--device", default=None, help="auto, Ascend, GPU or CPU (falls back if missing)")
     parser.add_argument("--mode", default=None, help="graph (default) or pynative (debugging)")
     parser.add_argument("--output-dir", default=None, help="where checkpoints, logs and images go")
-    parser.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
+    parser.add_argument("--data-dir", default=None,
+                        help="the dataset's files (default: located automatically); dataset=folder: the image folder")
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in output_dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

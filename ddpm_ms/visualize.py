@@ -15,6 +15,13 @@ def to_uint8(images):
     return images.transpose(0, 2, 3, 1)
 
 
+def to_display(image):
+    """One [C, H, W] image in [-1, 1] -> what ``matplotlib``'s ``imshow`` shows with vmin=0, vmax=1:
+    float [H, W] in [0, 1] for C = 1 (use a gray colormap), float [H, W, 3] in [0, 1] for C = 3."""
+    image = np.clip((np.asarray(image, dtype=np.float32) + 1.0) / 2.0, 0.0, 1.0)
+    return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+
+
 def make_grid(images, nrow=None, pad=2, pad_value=255):
     """Tile [N, C, H, W] images in [-1, 1] into one [rows*(H+pad)+pad, ...] uint8 array (H x W or H x W x 3)."""
     imgs = to_uint8(images)

@@ -39,7 +39,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from ddpm_ms.classifier import extract, load_or_train_classifier
-    from ddpm_ms.data import locate_fashion_mnist
+    from ddpm_ms import data
     from ddpm_ms.device import compute_dtype, setup_device
     from ddpm_ms.evaluation import RealReference, evaluate_images
     from ddpm_ms.pipeline import cast_model, generate, load_model
@@ -53,9 +53,10 @@ def main(argv=None):
         raise UserError(f"{path} is an unconditional model; this table needs a class-conditional checkpoint")
     dtype = compute_dtype(backend, cfg.get("dtype", "auto"))
     model = cast_model(model, dtype)
-    data_dir = locate_fashion_mnist(cfg.get("data_dir"))
-    classifier, info = load_or_train_classifier(data_dir=data_dir)
-    reference = RealReference.build(classifier, data_dir)
+    dataset = cfg.get("dataset", "fashion_mnist")
+    data_dir = data.locate(dataset, cfg.get("data_dir"))
+    classifier, info = load_or_train_classifier(data_dir=data_dir, dataset=dataset)
+    reference = RealReference.build(classifier, data_dir, dataset)
     classes = np.repeat(np.arange(cfg["num_classes"]), args.per_class)
 
     rows = []

@@ -146,7 +146,8 @@ def main(argv=None):
     dtype = compute_dtype(backend, cfg.get("dtype", "auto"))
     net_model = cast_model(model, dtype)
     todo = settings(args.samplers, args.steps, args.ddpm_steps, sched.num_timesteps)
-    net, info, reference = prepare_reference(args.data_dir, args.cache_dir, progress=not args.no_progress)
+    net, info, reference = prepare_reference(args.data_dir, args.cache_dir, progress=not args.no_progress,
+                                             dataset=cfg.get("dataset", "fashion_mnist"))
 
     rows = []
     for sampler, steps in todo:

@@ -376,7 +376,7 @@ def test_locate_default_cache_from_env(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- pipeline
 
 def test_pipeline_shapes_and_value_mapping(small_dir):
-    ds = data.create_dataset(small_dir, batch_size=8, random_flip=False, shuffle=False)
+    ds = data.create_dataset("fashion_mnist", small_dir, batch_size=8, random_flip=False, shuffle=False)
     assert ds.get_dataset_size() == N_TRAIN // 8
     assert ds.get_col_names() == ["image"]
     batches = [row[0] for row in ds.create_tuple_iterator(output_numpy=True, num_epochs=1)]
@@ -394,20 +394,20 @@ def test_pipeline_shapes_and_value_mapping(small_dir):
 def test_pipeline_drop_remainder(small_dir):
     sizes = lambda ds: [r[0].shape[0] for r in ds.create_tuple_iterator(  # noqa: E731
         output_numpy=True, num_epochs=1)]
-    ds = data.create_dataset(small_dir, batch_size=16, shuffle=False)
+    ds = data.create_dataset("fashion_mnist", small_dir, batch_size=16, shuffle=False)
     assert ds.get_dataset_size() == 2 and sizes(ds) == [16, 16]
-    ds = data.create_dataset(small_dir, batch_size=16, shuffle=False, drop_remainder=False)
+    ds = data.create_dataset("fashion_mnist", small_dir, batch_size=16, shuffle=False, drop_remainder=False)
     assert ds.get_dataset_size() == 3 and sizes(ds) == [16, 16, 8]
 
 
 def test_pipeline_without_flip_never_flips(small_dir):
-    rows = collect(data.create_dataset(small_dir, batch_size=10, random_flip=False, seed=3))
+    rows = collect(data.create_dataset("fashion_mnist", small_dir, batch_size=10, random_flip=False, seed=3))
     assert sorted(i for i, _ in rows) == list(range(N_TRAIN))
     assert not any(f for _, f in rows)
 
 
 def test_pipeline_with_flip_flips_some(small_dir, restore_seed):
-    rows = collect(data.create_dataset(small_dir, batch_size=10, random_flip=True,
+    rows = collect(data.create_dataset("fashion_mnist", small_dir, batch_size=10, random_flip=True,
                                        shuffle=False, seed=0))
     assert [i for i, _ in rows] == list(range(N_TRAIN))  # each output: original or mirror
     flips = [f for _, f in rows]
@@ -415,7 +415,7 @@ def test_pipeline_with_flip_flips_some(small_dir, restore_seed):
 
 
 def test_pipeline_seed_reproducible(small_dir, restore_seed):
-    run = lambda s: collect(data.create_dataset(  # noqa: E731
+    run = lambda s: collect(data.create_dataset("fashion_mnist",   # noqa: E731
         small_dir, batch_size=8, random_flip=True, shuffle=True, seed=s))
     a, b, c = run(7), run(7), run(8)
     assert a == b and a != c
@@ -425,7 +425,7 @@ def test_pipeline_seed_reproducible(small_dir, restore_seed):
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_pipeline_shards_are_disjoint(small_dir, shuffle):
-    shards = [collect(data.create_dataset(small_dir, batch_size=4, random_flip=False,
+    shards = [collect(data.create_dataset("fashion_mnist", small_dir, batch_size=4, random_flip=False,
                                           shuffle=shuffle, num_shards=2, shard_id=k))
               for k in (0, 1)]
     ids = [{i for i, _ in s} for s in shards]
@@ -434,23 +434,23 @@ def test_pipeline_shards_are_disjoint(small_dir, shuffle):
 
 
 def test_pipeline_labels_and_test_split(small_dir):
-    ds = data.create_dataset(small_dir, batch_size=4, random_flip=False, with_labels=True)
+    ds = data.create_dataset("fashion_mnist", small_dir, batch_size=4, random_flip=False, with_labels=True)
     assert ds.get_col_names() == ["image", "label"]
     row = next(ds.create_tuple_iterator(output_numpy=True, num_epochs=1))
     assert row[1].dtype == np.int32 and row[1].shape == (4,)
     rows = collect(ds, with_labels=True)
     assert all(label == TRAIN_LABELS[i] for i, _, label in rows)
-    test = data.create_dataset(small_dir, batch_size=4, usage="test", shuffle=False,
+    test = data.create_dataset("fashion_mnist", small_dir, batch_size=4, usage="test", shuffle=False,
                                random_flip=False, with_labels=True)
     labels = np.concatenate([r[1] for r in test.create_tuple_iterator(output_numpy=True,
                                                                       num_epochs=1)])
     np.testing.assert_array_equal(labels, TEST_LABELS)
-    both = data.create_dataset(small_dir, batch_size=8, usage="all", random_flip=False)
+    both = data.create_dataset("fashion_mnist", small_dir, batch_size=8, usage="all", random_flip=False)
     assert both.get_dataset_size() == (N_TRAIN + N_TEST) // 8
 
 
 def test_pipeline_resize(small_dir):
-    ds = data.create_dataset(small_dir, batch_size=4, image_size=32, shuffle=False)
+    ds = data.create_dataset("fashion_mnist", small_dir, batch_size=4, image_size=32, shuffle=False)
     b = next(ds.create_tuple_iterator(output_numpy=True, num_epochs=1))[0]
     assert b.shape == (4, 1, 32, 32) and b.dtype == np.float32
     assert b.min() >= -1.0 and b.max() <= 1.0
@@ -460,18 +460,18 @@ def test_pipeline_user_errors(tmp_path, small_dir):
     train_only = write_dataset(tmp_path / "train_only")
     os.remove(os.path.join(train_only, data.TEST_IMAGES))
     with pytest.raises(UserError, match=data.TEST_IMAGES):
-        data.create_dataset(train_only, batch_size=4, usage="test")
+        data.create_dataset("fashion_mnist", train_only, batch_size=4, usage="test")
     with pytest.raises(UserError, match="larger than"):
-        data.create_dataset(small_dir, batch_size=64)
+        data.create_dataset("fashion_mnist", small_dir, batch_size=64)
     with pytest.raises(UserError, match="batch_size"):
-        data.create_dataset(small_dir, batch_size=0)
+        data.create_dataset("fashion_mnist", small_dir, batch_size=0)
     with pytest.raises(UserError, match="does not exist"):
-        data.create_dataset(tmp_path / "nowhere", batch_size=4)
+        data.create_dataset("fashion_mnist", tmp_path / "nowhere", batch_size=4)
     with pytest.raises(UserError, match="together"):
-        data.create_dataset(small_dir, batch_size=4, num_shards=2)
+        data.create_dataset("fashion_mnist", small_dir, batch_size=4, num_shards=2)
     gz_only = write_dataset(tmp_path / "gz_only", gz=True)
     with pytest.raises(UserError, match="decompress"):
-        data.create_dataset(gz_only, batch_size=4)
+        data.create_dataset("fashion_mnist", gz_only, batch_size=4)
 
 
 # --------------------------------------------------------------------------- real data
@@ -487,7 +487,7 @@ def test_real_fashion_mnist(tmp_path):
     got = data.locate_fashion_mnist(cache_dir=tmp_path / "cache", system_dirs=[REAL_DIR],
                                     download=False)
     assert got == str(tmp_path / "cache")
-    ds = data.create_dataset(got, batch_size=64, usage="test", shuffle=False,
+    ds = data.create_dataset("fashion_mnist", got, batch_size=64, usage="test", shuffle=False,
                              random_flip=False, with_labels=True)
     assert ds.get_dataset_size() == 10000 // 64
     img, lab = next(ds.create_tuple_iterator(output_numpy=True, num_epochs=1))

@@ -233,7 +233,7 @@ def test_classifier_trains_on_a_small_subset_and_is_cached(fashion_dir, tmp_path
 
 def test_classifier_below_the_accuracy_bar_is_an_error_and_not_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "train_classifier", lambda *a, **k: (C.FashionCNN(), 0.5))
-    monkeypatch.setattr("ddpm_ms.data.locate_fashion_mnist", lambda d=None: "unused")
+    monkeypatch.setattr("ddpm_ms.data.locate", lambda *a, **k: "unused")
     with pytest.raises(UserError, match="50.00% test accuracy"):
         C.load_or_train_classifier(cache_dir=str(tmp_path), log=None)
     assert os.listdir(tmp_path) == []

@@ -281,3 +281,23 @@ def test_guidance_on_outputs_is_guidance_in_eps_space(prediction_type):
         null = model_output_to_eps_x0(sched, x, t, net(x, tt, Tensor(np.full(4, 10, np.int32))), prediction_type)
         np.testing.assert_allclose(eps.asnumpy(), ((1 + w) * cond[0] - w * null[0]).asnumpy(), atol=1e-4)
         np.testing.assert_allclose(x0.asnumpy(), ((1 + w) * cond[1] - w * null[1]).asnumpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_diffusers_scheduler_objective_and_zero_terminal_snr_round_trip(prediction):
+    """diffusers' DDPMScheduler (prediction_type, rescale_betas_zero_snr) <-> ddpm_ms's keys: same betas."""
+    diffusers = pytest.importorskip("diffusers")
+    from ddpm_ms import convert
+    from ddpm_ms.pipeline import create_schedule
+
+    ztsnr = prediction != "epsilon"  # refused with eps, as in load_config
+    sched = diffusers.DDPMScheduler(num_train_timesteps=100, beta_schedule="linear", prediction_type=prediction,
+                                    rescale_betas_zero_snr=ztsnr)
+    values = convert.scheduler_config_to_cfg(dict(sched.config))
+    cfg = load_config(None, values)
+    assert cfg["prediction_type"] == {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}[prediction]
+    assert cfg["zero_terminal_snr"] == ztsnr
+    np.testing.assert_allclose(create_schedule(cfg).alphas_cumprod, sched.alphas_cumprod.numpy(), rtol=1e-5,
+                               atol=1e-7)
+    back = convert.cfg_to_scheduler_config(cfg)
+    assert back["prediction_type"] == prediction and back["rescale_betas_zero_snr"] == ztsnr

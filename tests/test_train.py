@@ -198,3 +198,17 @@ def test_jit_level_reaches_the_compiled_cells_and_o1_trains_alike():
         np.testing.assert_allclose(losses["O1"], losses["O0"], rtol=1e-5)
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_max_steps_beyond_the_epochs_extends_them_with_one_notice(capsys):
+    from ddpm_ms.train import steps_and_epochs
+
+    # quick.yaml's case: epochs=1 of 937 steps, max_steps=3600 -> 4 epochs, exactly 3600 steps
+    assert steps_and_epochs(1, 3600, 937) == (4, 3600)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_steps=3600 needs 4 epochs" in err
+    # max_steps within the epochs stops early, without a word; no max_steps: whole epochs
+    assert steps_and_epochs(2, 600, 937) == (2, 600)
+    assert steps_and_epochs(3, None, 10) == (3, 30)
+    assert steps_and_epochs(1, 20, 10, notify=False) == (2, 20)
+    assert capsys.readouterr().err == ""

@@ -115,6 +115,13 @@ def make_ops(lib, conv=False):
     # x viewed as [N, G, C/G, H*W] -> (y, mean [N, G], rstd [N, G]); eps = 1e-5
     group_norm = custom("group_norm_fwd", _stats_shape, _stats_dtype, gn_bprop)
 
+    def gn_eps_bprop(x, gamma, beta, eps, out, dout):
+        return gn_bprop(x, gamma, beta, out, dout) + (ops.zeros_like(eps),)
+
+    # the same with eps given as a float32 [1] tensor (the backward does not depend on it)
+    group_norm_eps = custom("group_norm_fwd", lambda x, g, b, e: _stats_shape(x, g, b),
+                            lambda x, g, b, e: _stats_dtype(x, g, b), gn_eps_bprop)
+
     dw_bwd_input = custom("dwconv_bwd_input", _same, _same)
     dw_bwd_filter = custom("dwconv_bwd_filter", lambda dy, x, w: w, lambda dy, x, w: w)
 
@@ -138,7 +145,8 @@ def make_ops(lib, conv=False):
     # ema_update(decay [1], *shadows, *params) -> new shadows: s * decay + p * (1 - decay)
     ema_update = custom("ema_update", _first_half, _first_half)
 
-    return SimpleNamespace(gelu=gelu, silu=silu, group_norm=group_norm, dwconv=dwconv, plane_add=plane_add,
+    return SimpleNamespace(gelu=gelu, silu=silu, group_norm=group_norm, group_norm_eps=group_norm_eps,
+                           dwconv=dwconv, plane_add=plane_add,
                            all_finite=all_finite, ema_update=ema_update,
                            linear_attention=_attention_op(custom, "linear", lambda d, n: [d, d]),
                            full_attention=_attention_op(custom, "full", lambda d, n: [n, n]),

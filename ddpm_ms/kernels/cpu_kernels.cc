@@ -29,7 +29,7 @@
 //   plane_sum_fwd(dy[N,C,H,W]) -> db[N,C]    its b-gradient: sum over H, W
 //   all_finite(t_1, ..., t_k) -> ok[1]      1.0 if every element of every tensor is finite, else 0.0
 //                                          (one op for all gradients, instead of two per tensor)
-// The group norm epsilon is 1e-5 (nn.GroupNorm's default; other values use the built-in op).
+// The group norm epsilon is 1e-5 (nn.GroupNorm's default), or the value of an extra eps input.
 //
 // Elementwise special functions are written branch-free so that the compiler vectorises
 // the loops; their accuracy (relative error of a few float32 ulps, well under 1e-6) is
@@ -202,15 +202,18 @@ int all_finite(int nparam, void **params, int *ndims, int64_t **shapes, const ch
 }
 
 // x viewed as [N, G, Cg, HW]; gamma, beta [G*Cg]; outputs y (same view), mean, rstd [N, G].
+// With a fourth input eps [1] (group_norm_eps in _ops.py) that epsilon replaces kEps.
 int group_norm_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                    void *, void *) {
-  if (nparam != 6 || ndims[0] != 4 || !all_float32(nparam, dtypes)) return 1;
+  if ((nparam != 6 && nparam != 7) || ndims[0] != 4 || !all_float32(nparam, dtypes)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *gamma = static_cast<const float *>(params[1]);
   const float *beta = static_cast<const float *>(params[2]);
-  float *y = static_cast<float *>(params[3]);
-  float *mean_out = static_cast<float *>(params[4]);
-  float *rstd_out = static_cast<float *>(params[5]);
+  const int out = nparam - 3;  // index of the first output
+  const float eps = nparam == 7 ? *static_cast<const float *>(params[3]) : kEps;
+  float *y = static_cast<float *>(params[out]);
+  float *mean_out = static_cast<float *>(params[out + 1]);
+  float *rstd_out = static_cast<float *>(params[out + 2]);
   const int64_t N = shapes[0][0], G = shapes[0][1], Cg = shapes[0][2], HW = shapes[0][3];
   const int64_t M = Cg * HW;
   const int64_t total = N * G;
@@ -232,7 +235,7 @@ int group_norm_fwd(int nparam, void **params, int *ndims, int64_t **shapes, cons
       ss += d * d;
     }
     const double var = ss / static_cast<double>(M);
-    const float rstd = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(kEps)));
+    const float rstd = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
     mean_out[ng] = meanf;
     rstd_out[ng] = rstd;
     for (int64_t c = 0; c < Cg; ++c) {

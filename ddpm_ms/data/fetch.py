@@ -1,0 +1,72 @@
+"""Helpers shared by the dataset locators: cache directories, atomic writes, checked downloads.
+
+cache_root()                       $XDG_CACHE_HOME/ddpm_ms (~/.cache/ddpm_ms)
+write_atomic(path, data)           through ddpm_ms.fileio (temp file, fsync, os.replace)
+md5(path)                          hex MD5 of a file
+fetch_checked(url, dest, downloader, md5_hex)
+                                   download to dest.part, verify the MD5, rename; None or why not
+download_with_package(url, path)   the default downloader (the ``download`` package)
+"""
+
+import hashlib
+import os
+
+from ddpm_ms import fileio
+
+
+def cache_root():
+    """``$XDG_CACHE_HOME/ddpm_ms`` (``~/.cache/ddpm_ms`` when XDG_CACHE_HOME is unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.path.abspath(base), "ddpm_ms")
+
+
+def write_atomic(path, data, what="decompressed data"):
+    """Write ``data`` to ``path`` atomically (``fileio.write_bytes``; its WriteError is an OSError)."""
+    fileio.write_bytes(path, data, what)
+
+
+def remove_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def download_with_package(url, path):
+    """Default downloader: fetch ``url`` to ``path`` with the ``download`` package."""
+    import download as _download  # imported lazily: only needed when fetching
+
+    _download.download(url, path, kind="file", progressbar=False, replace=True, timeout=60.0,
+                       verbose=False)
+
+
+def md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_checked(url, dest, downloader, want_md5=None):
+    """``downloader(url, dest + ".part")``, check its MD5 (if ``want_md5``), rename to ``dest``.
+
+    Returns None on success, else why not (one line). A failed or corrupt download leaves
+    nothing behind.
+    """
+    part = dest + ".part"
+    try:
+        downloader(url, part)
+    except Exception as e:  # network errors come in many types
+        remove_quietly(part)
+        detail = " ".join(str(e).split())  # one line: the CLI prints it as one
+        return f"fetching {url} failed: {type(e).__name__}: {detail}"
+    if not os.path.isfile(part):
+        return f"fetching {url} produced no file"
+    if want_md5 is not None:
+        got = md5(part)
+        if got != want_md5:
+            remove_quietly(part)
+            return f"{url}: MD5 mismatch: expected {want_md5}, got {got} (download corrupted?)"
+    os.replace(part, dest)
+    return None
