@@ -3,7 +3,7 @@ ddpm-evaluate): their definitions, their one check, the class request and the mo
 
 import numpy as np
 
-from .device import MODES
+from .device import DTYPES, MODES
 from .errors import UserError
 from .samplers import SAMPLERS
 
@@ -26,9 +26,11 @@ def add_weights_arg(parser):
 
 
 def add_runtime_args(parser):
-    """--device, --mode, --no-progress."""
+    """--device, --mode, --dtype, --no-progress."""
     parser.add_argument("--device", default="auto", help="auto, Ascend, GPU or CPU")
     parser.add_argument("--mode", default="graph", choices=MODES)
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="compute dtype (default: the run's config; auto = float16 on Ascend/GPU, float32 on CPU)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -104,6 +106,6 @@ def load_for_args(args):
         return model, model.sched, model.cfg, ms.float32
     from .loading import load_for_sampling
 
-    loaded = load_for_sampling(args.checkpoint, args.device, args.mode, use_ema=not args.no_ema,
+    loaded = load_for_sampling(args.checkpoint, args.device, args.mode, use_ema=not args.no_ema, dtype=args.dtype,
                                check=lambda cfg: check_sampling_args(args, cfg["timesteps"]))
     return loaded.model, loaded.sched, loaded.cfg, loaded.dtype

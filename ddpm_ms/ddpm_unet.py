@@ -80,6 +80,8 @@ def timestep_frequencies(dim, freq_shift=1, max_period=10000.0):
 class TimestepProjection(nn.Cell):
     """Sinusoidal timestep embedding [N] -> [N, dim]: concat(sin(t f), cos(t f)), or (cos, sin) flipped."""
 
+    keep_float32 = True  # unet.to_mixed_precision leaves it in float32 (float16 would round t * f)
+
     def __init__(self, dim, flip_sin_to_cos=False, freq_shift=1):
         super().__init__()
         if dim % 2:

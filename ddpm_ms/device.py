@@ -1,5 +1,6 @@
 """Choosing the backend: Ascend, GPU or CPU, with a loud fallback when one is missing."""
 
+import ctypes
 import os
 import sys
 
@@ -37,8 +38,45 @@ def pick_backend(requested="auto", available=backend_available):
             if requested == "auto":
                 return name, None
             return name, (f"WARNING: device {requested} requested but no {requested} backend is available "
-                          f"on this machine; falling back to {name}.")
+                          f"on this machine ({unavailable_reason(requested)}); falling back to {name}.")
     return "CPU", None
+
+
+# What MindSpore 2.10's device plugins load first (lib/plugin/libmindspore_gpu.so.11.{1,6} list
+# these as NEEDED: CUDA 11 runtime, cuBLAS 11, cuDNN 8; the Ascend plugin needs CANN's libraries).
+# MindSpore's own load errors are hidden by GLOG_v=3 (ddpm_ms/__init__.py), so the fallback names them.
+BACKEND_LIBS = {
+    "GPU": (("libcuda.so.1", "no NVIDIA driver"), ("libcudart.so.11.0", "no CUDA 11.x runtime"),
+            ("libcublas.so.11", "no cuBLAS 11"), ("libcudnn.so.8", "no cuDNN 8")),
+    "Ascend": (("libascendcl.so", "no CANN toolkit (source its set_env.sh)"),
+               ("libge_runner.so", "no CANN GraphEngine runtime (source CANN's set_env.sh)")),
+}
+
+
+def unavailable_reason(name, load=ctypes.CDLL):
+    """Why backend ``name`` cannot load: the first missing library it needs, or a hint to see MindSpore's log."""
+    for lib, reason in BACKEND_LIBS.get(name, ()):
+        try:
+            load(lib)
+        except OSError:
+            return f"{reason}: {lib} not found" + (
+                "; MindSpore 2.10's GPU plugin needs CUDA 11.1 or 11.6 with cuDNN 8" if name == "GPU" else "")
+    return "its libraries load but MindSpore's plugin did not; rerun with GLOG_v=1 to see MindSpore's error"
+
+
+def _set_device(backend, device_id):
+    """``ms.set_device`` (MindSpore 2.5+); where this process's runtime already runs, only on the same device."""
+    try:
+        ms.set_device(backend, device_id)
+    except RuntimeError as e:
+        # the runtime is already running in this process (e.g. a notebook or a test): fine if it is ours.
+        # (set_device records the new target in the context before it raises: ask the device manager)
+        current = ms.get_current_device()
+        wanted = 0 if device_id is None else device_id
+        if current.device_target != backend or (backend != "CPU" and current.device_id != wanted):
+            reason = str(e).strip().splitlines()[0]
+            raise RuntimeError(f"MindSpore already runs on {current.device_target} device {current.device_id} in "
+                               f"this process and cannot switch to {backend} device {wanted} ({reason})") from None
 
 
 def _cpu_has_avx512():
@@ -56,12 +94,7 @@ def setup_device(device="auto", mode="graph", device_id=None, seed=None, quiet=F
         print(warning, file=sys.stderr, flush=True)
     if device_id is None:
         device_id = int(os.environ.get("DEVICE_ID", os.environ.get("LOCAL_RANK", 0)))
-    try:
-        ms.set_device(backend, device_id if backend != "CPU" else None)
-    except RuntimeError:
-        # the runtime is already running in this process (e.g. a notebook or a test): fine if it is ours
-        if ms.get_context("device_target") != backend:
-            raise
+    _set_device(backend, device_id if backend != "CPU" else None)
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     if backend == "CPU" and _MINDSPORE_WAS_IMPORTED_FIRST and _cpu_has_avx512() and not quiet:
         print(f"WARNING: mindspore was imported before ddpm_ms without {_ONEDNN_VAR}=AVX2; on this AVX-512 "

@@ -10,7 +10,7 @@ directory or a ``.ckpt``) generates ``--num`` images first, for the dataset it w
 The first run trains the dataset's evaluation classifier (a few minutes on a CPU) and caches it
 (see :mod:`ddpm_ms.classifier`); folder datasets have no classifier and cannot be scored. Prints one line
 
-    FD x (floor y), IS z, precision p, recall r
+    FD x (floor y), IS z, precision p, recall r, smallest class share s%
 
 where the floor is the FD of as many real train images against the test split, and with
 ``--out`` writes every number (and the floor's other metrics) as JSON.
@@ -186,7 +186,7 @@ def generate_samples(args):
     from .loading import load_for_sampling
     from .pipeline import generate
 
-    loaded = load_for_sampling(args.checkpoint, use_ema=not args.no_ema, backend=args.backend,
+    loaded = load_for_sampling(args.checkpoint, use_ema=not args.no_ema, backend=args.backend, dtype=args.dtype,
                                check=lambda cfg: check_sampling_args(args, cfg["timesteps"], min_num=2))
     sched, cfg, dtype = loaded.sched, loaded.cfg, loaded.dtype
     sampler = args.sampler or cfg["sampler"]

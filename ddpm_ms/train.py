@@ -18,9 +18,9 @@ from mindspore import Tensor, nn, ops
 from . import checkpoint as ckpt
 from . import data, kernels
 from .cli import run_cli
-from .config import ARCH_KEYS, SCHEDULE_KEYS, load_config, save_config
+from .config import ARCH_KEYS, DEFAULTS, OBJECTIVE_KEYS, SCHEDULE_KEYS, load_config, save_config
 from .device import compute_dtype, set_jit_level, setup_device
-from .diffusion import p_losses
+from .diffusion import loss_weights, p_losses
 from .ema import EMA
 from .errors import UserError, WriteError
 from .fileio import npy_bytes, write_bytes
@@ -29,12 +29,17 @@ from .rundir import CSV_FIELDS, LossLog, RunDir, resume_point  # noqa: F401 (CSV
 from .visualize import plot_loss, save_gif, save_grid
 
 MAX_NONFINITE_LOSSES = 10
+# test hook: the rank named here sees an overflow in every step after the gradient reduction, as
+# Ascend's per-card overflow status can (tests/test_distributed.py: both ranks must skip)
+FAULT_OVERFLOW_RANK = "DDPM_MS_FAULT_OVERFLOW_RANK"
 
 
 class TrainStep(nn.Cell):
     """One optimisation step: loss -> scaled grads -> unscale -> finite? -> Adam + EMA update.
 
-    On overflow (non-finite grads) the update is skipped and the loss scale is reduced.
+    On overflow (non-finite grads) the update is skipped and the loss scale is reduced; Adam's
+    step counter still advances, so the LR schedule stays on the training step. Data parallel,
+    the finite flag is reduced over all ranks (an overflow on one skips the step on all).
     With ``scale_loss=False`` (float32 compute, see ``Trainer``) the loss and gradients are
     not scaled and the scaler is left untouched, but non-finite gradients still skip the update.
     With ``grad_clip`` the unscaled gradients are rescaled to a global L2 norm of at most
@@ -43,7 +48,7 @@ class TrainStep(nn.Cell):
     """
 
     def __init__(self, net, sched, optimizer, scaler, ema, loss_type, distributed=False, scale_loss=True,
-                 grad_clip=None):
+                 grad_clip=None, prediction_type="eps", loss_weights=None, fault_overflow=False):
         super().__init__(auto_prefix=False)
         self.net = net
         self.sched = sched
@@ -51,19 +56,26 @@ class TrainStep(nn.Cell):
         self.scaler = scaler
         self.ema = ema
         self.loss_type = loss_type
+        self.prediction_type = prediction_type  # eps, x0 or v: a Python constant of the graph
+        self.loss_weights = loss_weights  # [T] Tensor (min-SNR) or None
         self.scale_loss = scale_loss  # a Python constant: the graph has no scaling ops without it
         self.grad_clip = None if grad_clip is None else float(grad_clip)  # global-norm clipping (None: off)
         self.grad_fn = ms.value_and_grad(self.forward, None, optimizer.parameters, has_aux=True)
         # data parallel: average the gradients over all devices before the update
         self.distributed = distributed
         self.grad_reducer = nn.DistributedGradReducer(optimizer.parameters, mean=True) if distributed else None
+        # the number of ranks whose gradients overflowed (a sum: every backend reduces sums)
+        self.count_overflows = ops.AllReduce(ops.ReduceOp.SUM) if distributed else None
+        self.fault_overflow = fault_overflow  # test hook, see FAULT_OVERFLOW_RANK
+        self._no = Tensor(False)
         # one compiled CPU op checks every gradient (MindSpore's all_finite runs two per tensor)
         # (kept as the kernels namespace: a Primitive attribute set to None confuses Cell)
         self._fast = kernels.ops() if kernels.enabled() and all(
             p.dtype == ms.float32 for p in optimizer.parameters) else None
 
     def forward(self, x_start, t, noise, y=None):
-        loss = p_losses(self.net, self.sched, x_start, t, noise, self.loss_type, y)
+        loss = p_losses(self.net, self.sched, x_start, t, noise, self.loss_type, y, self.prediction_type,
+                        self.loss_weights)
         if self.scale_loss:
             return self.scaler.scale(loss), loss
         return loss, loss
@@ -80,11 +92,19 @@ class TrainStep(nn.Cell):
             finite = self._fast.all_finite(*grads)[0] > 0.5
         else:
             finite = ms.amp.all_finite(grads)
+        if self.fault_overflow:
+            finite = ops.logical_and(finite, self._no)
+        if self.distributed:
+            # on Ascend all_finite reads this card's own overflow status: every rank must take the same branch
+            finite = self.count_overflows(ops.logical_not(finite).astype(ms.float32)) == 0
         if self.scale_loss:
             self.scaler.adjust(finite)
         if finite:
             self.optimizer(grads)
             self.ema()
+        else:
+            # a skipped update still uses up its step of the LR schedule (Adam reads the rate at global_step)
+            ops.assign_add(self.optimizer.global_step, self.optimizer.global_step_increase_tensor)
         return loss, finite
 
 
@@ -151,8 +171,11 @@ class Trainer:
         net = cast_model(self.model, self.dtype)
         self.step_cell = set_jit_level(
             TrainStep(net, self.sched, self.optimizer, self.scaler, self.ema, cfg["loss_type"],
-                      distributed=world_size > 1, scale_loss=self.scale_loss, grad_clip=cfg.get("grad_clip")),
-            cfg["jit_level"])
+                      distributed=world_size > 1, scale_loss=self.scale_loss, grad_clip=cfg.get("grad_clip"),
+                      prediction_type=cfg["prediction_type"],
+                      loss_weights=loss_weights(self.sched, cfg["prediction_type"], cfg["loss_weighting"],
+                                                cfg["min_snr_gamma"]),
+                      fault_overflow=os.environ.get(FAULT_OVERFLOW_RANK) == str(rank)), cfg["jit_level"])
         self.step = 0
         self._sample_model = None
 
@@ -205,7 +228,8 @@ class Trainer:
         return manager.save(self.step, self.state_groups(), meta)
 
     def restore(self, path, groups, meta):
-        ckpt.check_compatible(meta, self.cfg, ARCH_KEYS + SCHEDULE_KEYS + ("loss_type",), path)
+        saved = {"config": dict(DEFAULTS, **meta["config"])}  # keys added to ddpm_ms after it was written
+        ckpt.check_compatible(saved, self.cfg, ARCH_KEYS + SCHEDULE_KEYS + OBJECTIVE_KEYS, path)
         for group, params in self.state_groups().items():
             ckpt.assign(params, groups[group], f"{group} state of this run", path)
         self.step = meta["step"]
@@ -237,6 +261,34 @@ def init_distributed():
     ms.reset_auto_parallel_context()
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
     return get_rank(), get_group_size()
+
+
+class _AllReduceSum(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
+
+    def construct(self, x):
+        return self.all_reduce(x)
+
+
+def check_same_resume_step(step, rank, world_size, checkpoints):
+    """Every rank must resume from the same step (``step``: this rank's, -1 without a checkpoint).
+
+    Each rank sees its own filesystem: a node without the run's checkpoints would start at step 0
+    and wait forever in the first gradient AllReduce. The steps are gathered by one AllReduce
+    (one-hot rows, summed); if they differ every rank raises the same one-line UserError.
+    """
+    if world_size == 1:
+        return
+    rows = np.zeros(world_size, np.float32)  # float32 holds every step below 2^24 exactly
+    rows[rank] = step + 1
+    steps = [int(v) - 1 for v in _AllReduceSum()(Tensor(rows)).asnumpy()]
+    if len(set(steps)) > 1:
+        held = ", ".join(f"rank {r}: " + (f"step {s}" if s >= 0 else "no checkpoint") for r, s in enumerate(steps))
+        raise UserError(f"--resume: the ranks found different checkpoints ({held}; this is rank {rank}, reading "
+                        f"{checkpoints}); every node must see the same checkpoints directory (a shared "
+                        "filesystem, or a copy of it on each node)")
 
 
 def device_batch_size(cfg, world_size):
@@ -280,7 +332,8 @@ def train(cfg, resume=False, overwrite=False, progress=True):
     """Train as configured; returns the RunDir with checkpoint, CSV, curve, grids and GIF.
 
     Under msrun every process trains on its shard and gradients are averaged; only rank 0
-    writes files (checkpoints, logs, images) and holds the output directory's lock.
+    writes files (checkpoints, logs, images) and holds the output directory's lock; all ranks
+    sample the per-epoch grids (to stay in step).
     A file that cannot be written (a full disk) stops the run with a WriteError that names the
     newest complete checkpoint to continue from with ``resume=True``.
     """
@@ -310,6 +363,8 @@ def _train(cfg, run, resume, overwrite, progress):
 
     epoch, skip = 0, 0
     latest = resume_point(manager, resume, verbose=main_process)
+    if resume:
+        check_same_resume_step(latest[2]["step"] if latest else -1, rank, world_size, run.checkpoints)
     if latest:
         epoch, skip = trainer.restore(*latest)
         print(f"resumed from {latest[0]} at step {trainer.step}", file=sys.stderr)
@@ -358,10 +413,13 @@ def _train(cfg, run, resume, overwrite, progress):
             finished = trainer.step >= trainer.total_steps
             if finished or (epoch_done and epoch % cfg["save_every"] == 0):
                 save(epoch, skip)
-            if (main_process and not finished and epoch_done and cfg["sample_every"]
-                    and epoch % cfg["sample_every"] == 0):
-                images, _ = trainer.generate(cfg["num_samples"], seed=cfg["seed"], progress=progress)
-                save_grid(images, os.path.join(run.samples_dir, f"epoch_{epoch:03d}.png"), nrow=cfg["num_classes"])
+            if not finished and epoch_done and cfg["sample_every"] and epoch % cfg["sample_every"] == 0:
+                # every rank samples the same grid (rank 0 saves it): no rank waits in the next
+                # AllReduce while rank 0 samples, which could outlast the collective timeout
+                images, _ = trainer.generate(cfg["num_samples"], seed=cfg["seed"], progress=progress and main_process)
+                if main_process:
+                    save_grid(images, os.path.join(run.samples_dir, f"epoch_{epoch:03d}.png"),
+                              nrow=cfg["num_classes"])
     finally:
         if log:
             log.close()

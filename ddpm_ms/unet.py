@@ -39,6 +39,9 @@ Differences from the tutorial code, all deliberate:
 
 Group norms and softmaxes compute in float32 even when the network is cast to
 float16 with ``Cell.to_float``; results are cast back to the input dtype.
+``to_mixed_precision`` is the float16 policy of Ascend/GPU (float16 compute, group norms in
+float32) set with flags on the network's own cells, so parameter names stay those of the
+float32 model.
 
 On CPU, GroupNorm, GELU, SiLU, the ConvNeXt depthwise 7x7 convolution and the blocks'
 time shift run as compiled C++ kernels (``ddpm_ms.kernels``: same functions, forward and
@@ -74,6 +77,7 @@ __all__ = [
     "UpLevel",
     "Unet",
     "make_act",
+    "to_mixed_precision",
 ]
 
 
@@ -205,6 +209,8 @@ class SinusoidalPositionEmbeddings(nn.Cell):
     ``out = concat(sin(t * freq), cos(t * freq))``. Computed in float32.
     """
 
+    keep_float32 = True  # to_mixed_precision leaves it in float32
+
     def __init__(self, dim):
         super().__init__()
         if dim < 4 or dim % 2:
@@ -229,17 +235,40 @@ class GroupNorm(nn.GroupNorm):
                  beta_init="zeros", dtype=ms.float32):
         super().__init__(num_groups, num_channels, eps, affine, gamma_init, beta_init, dtype)
         self._fast = _fast_ops() if eps == _kernels.GROUP_NORM_EPS else None
+        self.out_dtype = None  # None: the input's dtype; set by to_mixed_precision
 
     def _cal_output(self, x):
         if self._fast is not None and x.dtype == ms.float32 and x.ndim == 4 \
                 and self.gamma.dtype == ms.float32:
             n, c, h, w = x.shape
             out = self._fast.group_norm(x.reshape(n, self.num_groups, c // self.num_groups, h * w),
-                                        self.gamma, self.beta)
-            return out[0].reshape(n, c, h, w)
+                                        self.gamma, self.beta)[0].reshape(n, c, h, w)
+            return out if self.out_dtype is None else out.astype(self.out_dtype)
         out = ops.group_norm(x.astype(ms.float32), self.num_groups, self.gamma.astype(ms.float32),
                              self.beta.astype(ms.float32), self.eps)
-        return out.astype(x.dtype)
+        return out.astype(x.dtype if self.out_dtype is None else self.out_dtype)
+
+
+def to_mixed_precision(net, dtype=ms.float16):
+    """Ascend/GPU precision: ``net`` computes in ``dtype``, its GroupNorms in float32 -> ``net``.
+
+    The policy of ``ms.amp.custom_mixed_precision(net, black_list=[GroupNorm, ...])`` (every
+    cell's inputs and parameters cast to ``dtype``, the norms' to float32 and their outputs
+    back to ``dtype``; here the cells marked ``keep_float32``, the timestep embeddings, stay
+    float32 too), set as flags on the
+    cells themselves instead of wrapping
+    each norm in an ``_OutputTo16`` cell: parameter names are unchanged, so checkpoints of
+    float16 and float32 runs are interchangeable. Changes ``net`` in place.
+    """
+    net.to_float(dtype)
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, GroupNorm):
+            cell.to_float(ms.float32)
+            cell.out_dtype = dtype
+        elif getattr(cell, "keep_float32", False):
+            # timestep embeddings: in float16 the embedding of t = 999 is off by 0.15 (t * freq rounded)
+            cell.to_float(ms.float32)
+    return net
 
 
 def _split_qkv(qkv, heads, dim_head, b, n):

@@ -2,6 +2,8 @@
 
     python tests/dist_worker.py steps OUT_DIR   # 3 steps on fixed global batches, weights saved per step
     python tests/dist_worker.py train OUT_DIR DATA_DIR   # a real train() run
+    python tests/dist_worker.py overflow OUT_DIR   # 2 steps, rank 1 sees an overflow (DDPM_MS_FAULT_OVERFLOW_RANK)
+    python tests/dist_worker.py resume OUT_DIR DATA_DIR   # --resume with rank r reading OUT_DIR/node{r}
 """
 
 import os
@@ -17,6 +19,7 @@ from ddpm_ms import checkpoint as ckpt  # noqa: E402
 from ddpm_ms.config import load_config  # noqa: E402
 from ddpm_ms.device import setup_device  # noqa: E402
 from ddpm_ms.train import Trainer, init_distributed, train  # noqa: E402
+from ddpm_ms.train import main as train_main  # noqa: E402
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
 GLOBAL_BATCH = 8
@@ -45,8 +48,42 @@ def real_run(out, data_dir):
     train(cfg, progress=False)
 
 
+def overflow_steps(out):
+    """Two steps on the same global batches as fixed_steps; weights, flags and Adam's step saved per rank."""
+    cfg = load_config(TINY, ["max_steps=10", "lr=0.003", "batch_size=8"])
+    setup_device("CPU", "graph")
+    rank, world = init_distributed()
+    trainer = Trainer(cfg, "CPU", 100, rank, world)
+    share = GLOBAL_BATCH // world
+    part = slice(rank * share, (rank + 1) * share)
+    flags = []
+    for step in range(2):
+        rng = np.random.default_rng([123, step])
+        x = rng.uniform(-1, 1, (GLOBAL_BATCH, 1, 28, 28)).astype(np.float32)
+        t = rng.integers(0, cfg["timesteps"], GLOBAL_BATCH).astype(np.int32)
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        flags.append(bool(trainer.step_cell(Tensor(x[part]), Tensor(t[part]), Tensor(noise[part]))[1].asnumpy()))
+    params = {n: p.asnumpy() for n, p in ckpt.named_params(trainer.model).items()}
+    np.savez(os.path.join(out, f"overflow_rank{rank}.npz"), finite=np.array(flags),
+             global_step=trainer.optimizer.global_step.asnumpy(), **params)
+
+
+def resume_run(out, data_dir):
+    """ddpm-train --resume where each rank reads its own directory (as nodes without a shared filesystem)."""
+    rank = int(os.environ.get("RANK_ID", "0"))  # msrun sets it before init()
+    train_main(["--config", TINY, "--output-dir", os.path.join(out, f"node{rank}"), "--data-dir", data_dir,
+                "--resume", "--no-progress", "max_steps=4", "batch_size=8", "num_samples=2", "sample_steps=2",
+                "gif_frames=2"])
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "steps":
         fixed_steps(sys.argv[2])
+    elif sys.argv[1] == "overflow":
+        overflow_steps(sys.argv[2])
+    elif sys.argv[1] == "resume":
+        from ddpm_ms.cli import run_cli
+
+        run_cli(lambda argv: resume_run(sys.argv[2], sys.argv[3]))
     else:
         real_run(sys.argv[2], sys.argv[3])

@@ -22,13 +22,13 @@ def data_dir(tmp_path_factory):
     return write_blob_dataset(tmp_path_factory.mktemp("crash") / "data", n_train=40)
 
 
-def train_cmd(out, data_dir, resume=False):
+def train_cmd(out, data_dir, resume=False, extra=()):
     return [sys.executable, "-m", "ddpm_ms.train", "--config", TINY, "--output-dir", str(out), "--data-dir",
             data_dir, "--no-progress", "epochs=2", "max_steps=8", "save_every_steps=2", "keep_checkpoints=10",
-            "num_samples=2", "sample_steps=2", "gif_frames=2"] + (["--resume"] if resume else [])
+            "num_samples=2", "sample_steps=2", "gif_frames=2", *extra] + (["--resume"] if resume else [])
 
 
-def train(out, data_dir, kill_at=None, resume=False, fail_write=None):
+def train(out, data_dir, kill_at=None, resume=False, fail_write=None, extra=()):
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("DDPM_MS_KILL_AT", None)
     env.pop(fileio.FAIL_ENV, None)
@@ -36,7 +36,8 @@ def train(out, data_dir, kill_at=None, resume=False, fail_write=None):
         env["DDPM_MS_KILL_AT"] = kill_at
     if fail_write:
         env[fileio.FAIL_ENV] = fail_write
-    return subprocess.run(train_cmd(out, data_dir, resume), env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(train_cmd(out, data_dir, resume, extra), env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +177,20 @@ def test_full_disk_then_resume(tmp_path, data_dir, reference):
     assert (tmp_path / "second.rc").read_text().strip() == "0", (tmp_path / "second.err").read_text()
     assert_same_as_reference(tmp_path / "final", reference)
     assert not hidden_files(tmp_path / "final")
+
+
+def test_float16_sigkill_then_resume_is_identical(tmp_path, data_dir):
+    """The Ascend/GPU precision path (float16 compute, loss scaling) resumes bit for bit too."""
+    fp16 = ["dtype=float16"]
+    reference = tmp_path / "ref"
+    proc = train(reference, data_dir, extra=fp16)
+    assert proc.returncode == 0, proc.stderr
+    assert "(Float16)" in proc.stderr
+    out = tmp_path / "run"
+    assert train(out, data_dir, kill_at="step:5", extra=fp16).returncode == -signal.SIGKILL
+    proc = train(out, data_dir, resume=True, extra=fp16)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_as_reference(out, reference)
+    assert not hidden_files(out)
+    groups, _ = final_state(out)
+    assert float(groups["state"]["scale_value"].asnumpy()) == 65536.0  # no overflow in this run

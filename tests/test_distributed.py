@@ -13,6 +13,7 @@ from idx_files import write_blob_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "dist_worker.py")
+TINY = os.path.join(HERE, "configs", "tiny.yaml")
 LR = 0.003  # the learning rate dist_worker.py trains with
 
 pytestmark = pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun (MindSpore's launcher) not found")
@@ -24,18 +25,20 @@ def free_port():
         return s.getsockname()[1]
 
 
-def msrun(args, log_dir):
+def msrun(args, log_dir, env=None, timeout=600, expect_ok=True):
     cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
            f"--log_dir={log_dir}", "--join=True", "python", WORKER] + args
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE,
+                          env=dict(os.environ, **(env or {})))
     logs = ""
     for name in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
         with open(os.path.join(log_dir, name), errors="replace") as f:
             logs += f"--- {name}\n" + f.read()[-3000:]
     if proc.returncode != 0 and "Failed to" in (proc.stdout + proc.stderr + logs) and "cluster" in logs.lower():
         pytest.skip(f"msrun could not start its cluster here: {logs[-500:]}")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
-    return logs
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
+    return logs if expect_ok else (proc, logs)
 
 
 def test_two_workers_match_single_process_on_the_same_global_batch(tmp_path):
@@ -71,3 +74,45 @@ def test_only_rank_zero_writes_files(tmp_path):
     with open(out / "loss.csv") as f:
         rows = f.read().strip().splitlines()
     assert rows[0].startswith("step,") and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+
+
+def test_an_overflow_seen_by_one_rank_skips_the_step_on_both(tmp_path):
+    """Rank 1's own overflow check fails after the gradient AllReduce (as Ascend's per-card overflow
+    status can, while the averaged gradients are finite): the finite flag is reduced over the ranks,
+    so both skip, keep identical weights and still advance Adam's step (the LR schedule)."""
+    msrun(["overflow", str(tmp_path)], str(tmp_path / "logs"), env={"DDPM_MS_FAULT_OVERFLOW_RANK": "1"})
+    r0, r1 = (np.load(tmp_path / f"overflow_rank{r}.npz") for r in (0, 1))
+    assert r0["finite"].tolist() == r1["finite"].tolist() == [False, False]
+    assert r0["global_step"].tolist() == r1["global_step"].tolist() == [2]
+    from ddpm_ms import checkpoint as ckpt
+    from ddpm_ms.config import load_config
+    from ddpm_ms.train import Trainer
+
+    # the initial weights: the same seeded model, built in this process
+    cfg = load_config(TINY, ["max_steps=10", "lr=0.003", "batch_size=8"])
+    init = {n: p.asnumpy() for n, p in ckpt.named_params(Trainer(cfg, "CPU", 100).model).items()}
+    for name, value in init.items():
+        assert np.array_equal(r0[name], value) and np.array_equal(r1[name], value), name
+
+
+def test_resume_where_one_rank_lacks_the_checkpoint_fails_on_every_rank(tmp_path):
+    """Rank 0's directory holds a step-2 checkpoint, rank 1's (another node, no shared filesystem)
+    none: every rank exits 2 with the same one-line error instead of hanging in an AllReduce."""
+    from ddpm_ms import checkpoint as ckpt
+    from ddpm_ms.config import load_config
+    from ddpm_ms.train import Trainer
+
+    data_dir = write_blob_dataset(tmp_path / "data")
+    cfg = load_config(TINY, ["max_steps=4", "batch_size=8"])
+    trainer = Trainer(cfg, "CPU", steps_per_epoch=4)
+    trainer.step = 2
+    trainer.save(ckpt.CheckpointManager(str(tmp_path / "run" / "node0" / "checkpoints"), 3), 0, 2)
+    proc, logs = msrun(["resume", str(tmp_path / "run"), data_dir], str(tmp_path / "logs"), timeout=240,
+                       expect_ok=False)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        with open(tmp_path / "logs" / f"worker_{rank}.log", errors="replace") as f:
+            errors = [line for line in f if line.startswith("error: ")]
+        assert len(errors) == 1, logs
+        assert "rank 0: step 2, rank 1: no checkpoint" in errors[0] and f"this is rank {rank}" in errors[0]
+    assert not os.path.exists(tmp_path / "run" / "node0" / "checkpoints" / "ckpt_step00000004.ckpt")

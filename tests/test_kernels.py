@@ -491,7 +491,7 @@ def test_conv_kernels_left_out_without_openblas(tmp_path, monkeypatch, mode):
         monkeypatch.setenv(kernels.ENV_CONV, "1")
         assert unet_mod.Conv2d(2, 3, 3, padding=1)._fast is not None
     monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
-    monkeypatch.setattr(kernels, "_state", {"lib": None, "error": None, "tried": False, "warned": False})
+    monkeypatch.setattr(kernels, "_state", dict(kernels._state, lib=None, error=None, tried=False, warned=False))
     monkeypatch.setattr(kernels, "_openblas", lambda: None)
     if not kernels.enabled():
         pytest.skip(f"fast kernels unavailable: {kernels.status()}")
@@ -559,7 +559,7 @@ def test_missing_compiler_or_failed_build_falls_back_with_one_warning(tmp_path, 
     if mode == "graph":
         pytest.skip("mode independent")
     monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
-    monkeypatch.setattr(kernels, "_state", {"lib": None, "error": None, "tried": False, "warned": False})
+    monkeypatch.setattr(kernels, "_state", dict(kernels._state, lib=None, error=None, tried=False, warned=False))
     monkeypatch.setenv("CXX", "definitely-not-a-compiler")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -574,7 +574,7 @@ def test_missing_compiler_or_failed_build_falls_back_with_one_warning(tmp_path, 
                                rtol=1e-6, atol=1e-6)
 
     # a compiler that fails
-    monkeypatch.setattr(kernels, "_state", {"lib": None, "error": None, "tried": False, "warned": False})
+    monkeypatch.setattr(kernels, "_state", dict(kernels._state, lib=None, error=None, tried=False, warned=False))
     monkeypatch.setenv("CXX", "false")
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
@@ -664,3 +664,20 @@ def test_avx2_code_paths_on_an_avx512_machine(tmp_path, mode):
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert any(f.endswith(".so") for f in os.listdir(tmp_path))  # built here, for haswell
+
+
+def test_non_x86_hosts_use_builtin_ops_with_one_note_and_no_build(monkeypatch, capsys, mode):
+    """The sources use x86 intrinsics: on aarch64 (the Kunpeng hosts of Ascend servers) nothing is compiled."""
+    if mode == "graph":
+        pytest.skip("mode independent")
+    monkeypatch.setattr(kernels, "_state", dict(kernels._state, lib=None, error=None, tried=False, warned=False))
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(kernels, "build", lambda: pytest.fail("the kernels must not be built on aarch64"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a note, not a warning per cell
+        assert not kernels.enabled()
+        assert not kernels.enabled()
+        assert unet_mod.GroupNorm(1, 4)._fast is None
+    notes = [line for line in capsys.readouterr().err.splitlines() if "x86-64 only" in line]
+    assert len(notes) == 1 and "aarch64" in notes[0]
+    assert "x86-64 only" in kernels.status()

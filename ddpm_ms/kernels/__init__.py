@@ -22,7 +22,8 @@ The kernels are used only when all of these hold, else the built-in MindSpore op
 (with one warning when something went wrong, none when they are just not applicable):
 
 * the environment variable ``DDPM_MS_FAST_KERNELS`` is not ``0``;
-* MindSpore's device target is CPU on Linux x86-64 (Ascend and GPU keep the built-in ops);
+* MindSpore's device target is CPU on Linux x86-64 (Ascend and GPU keep the built-in ops; on other
+  CPUs, e.g. aarch64, one note says the built-in ops run: the sources use x86 intrinsics);
 * ``g++`` (or ``$CXX``) is found and the compilation succeeds;
 * the cell is not built inside ``with builtin_ops():`` (how ``ddpm_ms.export`` builds a network
   that MindIR consumers and ONNX can run: custom aot ops cannot be exported).
@@ -171,6 +172,18 @@ def _warn(msg):
                       RuntimeWarning, stacklevel=3)
 
 
+# the sources use x86 SIMD intrinsics (immintrin.h in common.h and conv_kernels.cc): elsewhere,
+# e.g. on the aarch64 (Kunpeng) hosts of Ascend servers, the build would fail every time
+X86_64 = ("x86_64", "AMD64")
+
+
+def _notice_not_x86():
+    if not _state["warned"]:
+        _state["warned"] = True
+        print(f"note: ddpm_ms's fast CPU kernels are x86-64 only; on this {platform.machine()} host "
+              "MindSpore's built-in CPU ops run", file=sys.stderr, flush=True)
+
+
 def switched_off():
     return _off(ENV_SWITCH)
 
@@ -189,9 +202,10 @@ def enabled():
     """True if the fast kernels can be used in the current MindSpore context."""
     if switched_off() or _state["builtin"]:
         return False
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+    if sys.platform != "linux" or _device_target() != "CPU":
         return False
-    if _device_target() != "CPU":
+    if platform.machine() not in X86_64:
+        _notice_not_x86()
         return False
     if not _state["tried"]:
         _state["tried"] = True
@@ -213,6 +227,8 @@ def status():
         conv = "with OpenBLAS convolutions" if conv_enabled() else \
             f"convolutions built-in (scipy-openblas32 absent or {ENV_CONV}=0)"
         return f"fast CPU kernels, {conv} ({_state['lib']})"
+    if platform.machine() not in X86_64:
+        return f"built-in MindSpore ops (the kernels are x86-64 only; this host is {platform.machine()})"
     if _state["error"]:
         return f"built-in MindSpore ops (kernel build failed: {_state['error'].splitlines()[0]})"
     return f"built-in MindSpore ops (device {_device_target()})"
