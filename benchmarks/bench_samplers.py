@@ -7,17 +7,15 @@ compiled beforehand), printed as a Markdown table. DDPM also gets its full chain
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
-import os
-import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import ddpm_ms  # noqa: E402,F401  (sets ONEDNN_MAX_CPU_ISA before MindSpore loads)
-
-from ddpm_ms.device import compute_dtype, setup_device
-from ddpm_ms.pipeline import cast_model, generate, load_model
-from ddpm_ms.sample import resolve_checkpoint
+from ddpm_ms.loading import load_for_sampling  # noqa: E402
+from ddpm_ms.pipeline import generate  # noqa: E402
 
 
 def main():
@@ -31,10 +29,8 @@ def main():
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    backend = setup_device(args.device, "graph")
-    model, sched, cfg = load_model(resolve_checkpoint(args.checkpoint))
-    dtype = compute_dtype(backend, cfg.get("dtype", "auto"))
-    model = cast_model(model, dtype)
+    loaded = load_for_sampling(args.checkpoint, args.device, "graph")
+    model, sched, cfg, dtype, backend = loaded.model, loaded.sched, loaded.cfg, loaded.dtype, loaded.backend
     generate(model, sched, cfg, args.num, sampler="ddim", steps=2, dtype=dtype, progress=False)  # compile
 
     cases = [(s, int(n)) for s in args.samplers.split(",") for n in args.steps.split(",")]

@@ -8,7 +8,8 @@ and does not fsync, so we always write a new name, fsync it, rename it into plac
 fsync the directory (``fileio.atomic_write``), and only then delete old checkpoints (the
 last ``keep``). A write that fails (a full disk) removes its partial files, leaves every
 older checkpoint as it was and raises ``WriteError``. A CRC32 written by MindSpore is
-verified on load.
+verified on load. ``resolve_checkpoint(path)`` turns what a command's ``--checkpoint``
+accepts (a file, or a run directory: its newest checkpoint) into the file to load.
 """
 
 import contextlib
@@ -206,3 +207,16 @@ class CheckpointManager:
                 continue
             return path, groups, meta
         return None
+
+
+def resolve_checkpoint(path):
+    """A checkpoint file, or a run directory (its newest checkpoint)."""
+    if os.path.isdir(path):
+        manager = CheckpointManager(os.path.join(path, "checkpoints"))
+        found = manager.list() or CheckpointManager(path).list()
+        if not found:
+            raise UserError(f"{path} holds no checkpoints (expected {path}/checkpoints/ckpt_step*.ckpt)")
+        return found[-1]
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; pass a .ckpt file or a run directory")
+    return path

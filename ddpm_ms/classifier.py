@@ -41,6 +41,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from . import checkpoint as ckpt
+from .cache import cache_dir
 from .errors import UserError
 
 # Bump when the architecture, the preprocessing or the training recipe changes: the metric
@@ -290,11 +291,7 @@ def train_classifier(data_dir, epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH_S
 
 def default_cache_dir():
     """``$DDPM_MS_CACHE/classifier``, else ``$XDG_CACHE_HOME/ddpm_ms/classifier`` (``~/.cache/...``)."""
-    root = os.environ.get("DDPM_MS_CACHE")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "ddpm_ms")
-    return os.path.join(os.path.abspath(os.path.expanduser(root)), "classifier")
+    return cache_dir("classifier")
 
 
 def cache_key(epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH_SIZE, lr=DEFAULT_LR, seed=DEFAULT_SEED, limit=None,

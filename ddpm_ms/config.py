@@ -18,11 +18,11 @@ from .data import DATASETS
 from .errors import UserError
 from .schedules import SCHEDULES
 from .diffusion import LOSS_TYPES, LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES
+from .device import DEVICES, DTYPES, JIT_LEVELS, MODES
+from .samplers import SAMPLERS
+from .unet import ACTIVATIONS, BLOCK_TYPES, level_problem
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-SAMPLER_NAMES = ("ddpm", "ddim", "dpm-solver++")
-DEVICES = ("auto", "Ascend", "GPU", "CPU")
-MODES = ("graph", "pynative")
 
 # name: default (the type of the default is the expected type; None means "optional")
 DEFAULTS = {
@@ -109,19 +109,19 @@ DEFAULTS = {
 CHOICES = {
     "dataset": DATASETS,
     "arch": ("tutorial", "ddpm"),
-    "block_type": ("convnext", "resnet"),
-    "act": ("gelu", "silu"),
+    "block_type": BLOCK_TYPES,
+    "act": ACTIVATIONS,
     "beta_schedule": SCHEDULES,
     "loss_type": LOSS_TYPES,
     "prediction_type": PREDICTION_TYPES,
     "loss_weighting": LOSS_WEIGHTINGS,
     "lr_schedule": ("cosine", "constant"),
-    "sampler": SAMPLER_NAMES,
+    "sampler": SAMPLERS,
     "variance": VARIANCE_TYPES,
     "device": DEVICES,
     "mode": MODES,
-    "dtype": ("auto", "float32", "float16"),
-    "jit_level": ("O0", "O1"),
+    "dtype": DTYPES,
+    "jit_level": JIT_LEVELS,
 }
 
 # numeric keys (every one is checked to be finite and of a sane magnitude)
@@ -307,15 +307,16 @@ def validate(cfg):
     if cfg["zero_terminal_snr"] and cfg["prediction_type"] == "eps":
         raise UserError("zero_terminal_snr: true needs prediction_type v (or x0): at alpha_bar_T = 0 the noise "
                         "prediction says nothing about x_0 (Lin et al. 2024); set prediction_type=v")
-    if not cfg["dim_mults"]:
+    problem = level_problem(cfg["dim_mults"], cfg["attn_levels"])
+    if problem and problem[0] == "dim_mults":
         raise UserError("config key 'dim_mults' must not be empty")
     factor = 2 ** (len(cfg["dim_mults"]) - 1)
     if cfg["image_size"] % factor:
         raise UserError(f"image_size {cfg['image_size']} must be divisible by {factor} "
                         f"(the U-Net downsamples {len(cfg['dim_mults']) - 1} times for dim_mults "
                         f"{cfg['dim_mults']}); change image_size or dim_mults")
-    if cfg["attn_levels"] is not None and any(not 0 <= i < len(cfg["dim_mults"]) for i in cfg["attn_levels"]):
-        raise UserError(f"attn_levels {cfg['attn_levels']} must index levels 0..{len(cfg['dim_mults']) - 1}")
+    if problem:
+        raise UserError(" ".join(problem))
     if cfg["sample_steps"] is not None and cfg["sample_steps"] > cfg["timesteps"]:
         raise UserError(f"sample_steps {cfg['sample_steps']} exceeds timesteps {cfg['timesteps']}")
     if cfg["arch"] == "ddpm":

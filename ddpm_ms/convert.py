@@ -308,9 +308,7 @@ def from_diffusers(src, out, overrides=None):
 
 def to_diffusers(src, out_dir):
     """Write the ``arch: ddpm`` checkpoint ``src`` as a diffusers folder ``out_dir``; returns the config."""
-    from .sample import resolve_checkpoint
-
-    path = resolve_checkpoint(src)
+    path = ckpt.resolve_checkpoint(src)
     groups, meta = ckpt.load(path)
     cfg = dict(DEFAULTS, **meta["config"])
     if cfg["arch"] != "ddpm":

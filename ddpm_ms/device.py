@@ -9,6 +9,10 @@ import mindspore as ms
 from . import _MINDSPORE_WAS_IMPORTED_FIRST, _ONEDNN_VAR
 
 FALLBACK_ORDER = ("Ascend", "GPU", "CPU")
+DEVICES = ("auto",) + FALLBACK_ORDER
+MODES = ("graph", "pynative")
+DTYPES = ("auto", "float32", "float16")  # compute_dtype's choices
+JIT_LEVELS = ("O0", "O1")  # set_jit_level's choices on every backend ("O2" is Ascend-only)
 
 
 def backend_available(name):

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import fileio
 from .cli import run_cli
-from .config import SAMPLER_NAMES
+from .cli_args import add_guidance_arg, add_runtime_args, add_sampler_args, add_weights_arg, check_sampling_args
 from .errors import UserError
 
 
@@ -163,14 +163,11 @@ def build_parser():
     src.add_argument("--samples", help=".npy of images [N, C, S, S] (floats in [-1, 1] or uint8) or a folder of PNGs")
     src.add_argument("--checkpoint", help="checkpoint file or run directory: generate --num samples first")
     parser.add_argument("--num", type=int, default=1000, help="images to generate (with --checkpoint)")
-    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="default: the run's config")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's config)")
-    parser.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (and seed of the floor's real subset)")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="class-conditional models: classifier-free guidance weight (default: the run's "
-                             "config); classes cycle 0..9 so every class gets N/10 images")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    add_sampler_args(parser, steps_help="sampling steps (default: the run's config)",
+                     seed_help="sampling seed (and seed of the floor's real subset)")
+    add_guidance_arg(parser, help="class-conditional models: classifier-free guidance weight (default: the run's "
+                                  "config); classes cycle 0..9 so every class gets N/10 images")
+    add_weights_arg(parser)
     parser.add_argument("--save-samples", default=None, help="also save the generated images to this .npy")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     parser.add_argument("--k", type=int, default=3, help="neighbours of the precision/recall manifolds")
@@ -180,40 +177,25 @@ def build_parser():
                              "with --checkpoint, default: the dataset it was trained on")
     parser.add_argument("--data-dir", default=None, help="the dataset's files (default: located automatically)")
     parser.add_argument("--cache-dir", default=None, help="classifier cache (default: ~/.cache/ddpm_ms/classifier)")
-    parser.add_argument("--device", default="auto", help="auto, Ascend, GPU or CPU")
-    parser.add_argument("--mode", default="graph", choices=("graph", "pynative"))
-    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "float16"),
-                        help="compute dtype (default: the run's config; auto = float16 on Ascend/GPU, float32 on CPU)")
-    parser.add_argument("--no-progress", action="store_true")
+    add_runtime_args(parser)
     return parser
 
 
-def check_generation_args(args, timesteps):
-    if args.steps is not None and not 1 <= args.steps <= timesteps:
-        raise UserError(f"--steps must be in 1..{timesteps} (the model's timesteps), got {args.steps}")
-    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
-        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
-    if args.guidance is not None and not 0 <= args.guidance < float("inf"):
-        raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
-
-
 def generate_samples(args):
-    """Load the checkpoint and generate ``args.num`` images -> (images, source record)."""
-    from .sample import resolve_checkpoint
-    from .device import compute_dtype
-    from .pipeline import cast_model, generate, load_model
+    """Load the checkpoint (resolved by main) and generate ``args.num`` images -> (images, source record)."""
+    from .loading import load_for_sampling
+    from .pipeline import generate
 
-    path = resolve_checkpoint(args.checkpoint)
-    model, sched, cfg = load_model(path, use_ema=not args.no_ema)
-    check_generation_args(args, sched.num_timesteps)
-    dtype = compute_dtype(args.backend, args.dtype or cfg.get("dtype", "auto"))
+    loaded = load_for_sampling(args.checkpoint, use_ema=not args.no_ema, backend=args.backend, dtype=args.dtype,
+                               check=lambda cfg: check_sampling_args(args, cfg["timesteps"], min_num=2))
+    sched, cfg, dtype = loaded.sched, loaded.cfg, loaded.dtype
     sampler = args.sampler or cfg["sampler"]
     steps = args.steps if args.steps is not None else (cfg["sample_steps"] or sched.num_timesteps)
     t0 = time.time()
     extra = {} if args.guidance is None else {"guidance": args.guidance}
-    images, _ = generate(cast_model(model, dtype), sched, cfg, args.num, sampler=sampler, steps=steps,
+    images, _ = generate(loaded.model, sched, cfg, args.num, sampler=sampler, steps=steps,
                          eta=args.eta, seed=args.seed, dtype=dtype, progress=not args.no_progress, **extra)
-    source = {"checkpoint": os.path.abspath(path), "sampler": sampler, "steps": steps,
+    source = {"checkpoint": os.path.abspath(loaded.path), "sampler": sampler, "steps": steps,
               "eta": cfg["eta"] if args.eta is None else args.eta, "seed": args.seed, "ema": not args.no_ema,
               "timesteps": sched.num_timesteps, "sampling_seconds": time.time() - t0}
     if cfg.get("num_classes"):
@@ -245,9 +227,8 @@ def main(argv=None):
         if args.num < 2:
             raise UserError(f"--num must be >= 2, got {args.num}")
         from . import checkpoint as ckpt
-        from .sample import resolve_checkpoint
 
-        args.checkpoint = resolve_checkpoint(args.checkpoint)
+        args.checkpoint = ckpt.resolve_checkpoint(args.checkpoint)
         dataset = args.dataset or ckpt.load(args.checkpoint)[1]["config"].get("dataset", "fashion_mnist")
         require_feature_network(dataset)
     args.backend = setup_device(args.device, args.mode)

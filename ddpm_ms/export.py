@@ -30,16 +30,9 @@ from . import fileio
 from .cli import run_cli
 from .diffusion import classifier_free_guidance
 from .errors import UserError
+from .exported import FORMAT_NAME, FORMAT_VERSION, FORMATS, metadata_path  # the format, defined by its reader
 
-FORMATS = {"mindir": ".mindir", "onnx": ".onnx"}
-FORMAT_NAME = "ddpm_ms-exported-denoiser"
-FORMAT_VERSION = 1
 OUTPUT_NAME = "model_output"
-
-
-def metadata_path(path):
-    """The JSON beside an exported file: ``model.onnx`` -> ``model.onnx.json``."""
-    return path + ".json"
 
 
 def input_spec(cfg, batch):
@@ -133,12 +126,11 @@ def export(checkpoint, fmt, batch, out, use_ema=True):
     """
     from . import checkpoint as ckpt
     from .onnx_forms import to_export_forms
-    from .pipeline import load_model
-    from .sample import resolve_checkpoint
+    from .pipeline import load_checkpoint_file
 
     check_request(fmt, batch, out)
-    path = resolve_checkpoint(checkpoint)
-    model, sched, cfg = load_model(path, use_ema=use_ema, fast_kernels=False)
+    path = ckpt.resolve_checkpoint(checkpoint)
+    model, sched, cfg = load_checkpoint_file(path, use_ema=use_ema, fast_kernels=False)
     if fmt == "onnx" and cfg.get("arch") == "ddpm" and cfg.get("downsample_padding") == 0:
         # its bottom/right-only padding (PadV3, or an asymmetric conv pad) does not survive MindSpore's ONNX exporter
         raise UserError("ONNX export of arch: ddpm models with downsample_padding: 0 (the DDPM checkpoints) is not "

@@ -17,7 +17,16 @@ from mindspore import Tensor
 from .config import DEFAULTS
 from .diffusion import Schedule
 from .errors import UserError
-from .export import FORMAT_NAME, FORMAT_VERSION, FORMATS, metadata_path
+
+# the exported files (written by ddpm_ms.export): model file + metadata JSON
+FORMATS = {"mindir": ".mindir", "onnx": ".onnx"}
+FORMAT_NAME = "ddpm_ms-exported-denoiser"
+FORMAT_VERSION = 1
+
+
+def metadata_path(path):
+    """The JSON beside an exported file: ``model.onnx`` -> ``model.onnx.json``."""
+    return path + ".json"
 
 
 def read_metadata(path):

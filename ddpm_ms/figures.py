@@ -100,7 +100,7 @@ def save_comparison(results, path, num_timesteps):
 
 
 def main(argv=None):
-    from .sample import add_sampling_args, load_for_args
+    from .cli_args import add_sampling_args, load_for_args
     from .visualize import save_grid
 
     parser = argparse.ArgumentParser(prog="ddpm-figures", description=__doc__.splitlines()[0])

@@ -12,9 +12,9 @@ import os
 import sys
 
 from .cli import run_cli
+from .cli_args import add_sampling_args, class_request, load_for_args
 from .errors import UserError
 from .frames import SOURCES
-from .sample import add_sampling_args, class_request, load_for_args
 
 
 def main(argv=None):

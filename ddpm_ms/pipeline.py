@@ -88,9 +88,11 @@ def load_model(path, use_ema=True, cfg_overrides=None, fast_kernels=True):
     ``path`` is a checkpoint file or a run directory (then its newest checkpoint, as for
     ``ddpm-sample --checkpoint``); fast_kernels as for create_model.
     """
-    from .sample import resolve_checkpoint  # at call time: sample.py imports this module (no import cycle)
+    return load_checkpoint_file(ckpt.resolve_checkpoint(path), use_ema, cfg_overrides, fast_kernels)
 
-    path = resolve_checkpoint(path)
+
+def load_checkpoint_file(path, use_ema=True, cfg_overrides=None, fast_kernels=True):
+    """load_model for a path already resolved to a checkpoint file (ckpt.resolve_checkpoint)."""
     groups, meta = ckpt.load(path)
     cfg = dict(DEFAULTS, **meta["config"])  # keys added to ddpm_ms after the checkpoint was written
     if cfg_overrides:

@@ -112,6 +112,10 @@ class SiLU(nn.SiLU):
         return super().construct(x)
 
 
+ACTIVATIONS = ("gelu", "silu")  # make_act's choices (config key act)
+BLOCK_TYPES = ("convnext", "resnet")  # Unet's block_type choices (config key block_type)
+
+
 def make_act(act):
     """Return a fresh activation Cell for ``act`` ("gelu" = exact erf GELU, or "silu")."""
     if act == "gelu":
@@ -119,6 +123,18 @@ def make_act(act):
     if act == "silu":
         return SiLU()
     raise ValueError(f"act must be 'gelu' or 'silu', got {act!r}")
+
+
+def level_problem(dim_mults, attn_levels):
+    """Why ``dim_mults`` / ``attn_levels`` describe no U-Net, as (key, what is wrong), or None.
+
+    Shared by Unet and config.validate (which words it as a config error).
+    """
+    if not dim_mults:
+        return "dim_mults", "must not be empty"
+    if attn_levels is not None and any(not 0 <= i < len(dim_mults) for i in attn_levels):
+        return "attn_levels", f"{list(attn_levels)} must index levels 0..{len(dim_mults) - 1}"
+    return None
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -524,18 +540,16 @@ class Unet(nn.Cell):
                  act="gelu", attn_levels=None, mid_attn=True, num_classes=None):
         super().__init__()
         dim_mults = tuple(int(m) for m in dim_mults)
-        if not dim_mults:
-            raise ValueError("dim_mults must not be empty")
-        if block_type not in ("convnext", "resnet"):
+        problem = level_problem(dim_mults, None if attn_levels is None else [int(i) for i in attn_levels])
+        if problem:
+            raise ValueError(" ".join(problem))
+        if block_type not in BLOCK_TYPES:
             raise ValueError(f"block_type must be 'convnext' or 'resnet', got {block_type!r}")
         make_act(act)  # validates
         num_levels = len(dim_mults)
         if attn_levels is None:
             attn_levels = tuple(range(num_levels))
         attn_levels = tuple(int(i) for i in attn_levels)
-        for i in attn_levels:
-            if not 0 <= i < num_levels:
-                raise ValueError(f"attn_levels entry {i} is outside 0..{num_levels - 1}")
         if num_classes is not None:
             num_classes = int(num_classes)
             if num_classes < 1:

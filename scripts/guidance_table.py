@@ -17,9 +17,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ddpm_ms  # noqa: E402,F401  (caps oneDNN before MindSpore loads)
 import numpy as np  # noqa: E402
 
+import ddpm_ms  # noqa: E402,F401  (caps oneDNN before MindSpore loads)
 from ddpm_ms.cli import run_cli  # noqa: E402
 from ddpm_ms.errors import UserError  # noqa: E402
 
@@ -38,21 +38,17 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
-    from ddpm_ms.classifier import extract, load_or_train_classifier
     from ddpm_ms import data
-    from ddpm_ms.device import compute_dtype, setup_device
+    from ddpm_ms.classifier import extract, load_or_train_classifier
     from ddpm_ms.evaluation import RealReference, evaluate_images
-    from ddpm_ms.pipeline import cast_model, generate, load_model
-    from ddpm_ms.sample import resolve_checkpoint
+    from ddpm_ms.loading import load_for_sampling
+    from ddpm_ms.pipeline import generate
 
     weights = [float(w) for w in args.weights.split(",")]
-    path = resolve_checkpoint(args.checkpoint)
-    backend = setup_device(args.device, "graph")
-    model, sched, cfg = load_model(path)
+    loaded = load_for_sampling(args.checkpoint, args.device, "graph")
+    model, sched, cfg, dtype, path = loaded.model, loaded.sched, loaded.cfg, loaded.dtype, loaded.path
     if cfg["num_classes"] is None:
         raise UserError(f"{path} is an unconditional model; this table needs a class-conditional checkpoint")
-    dtype = compute_dtype(backend, cfg.get("dtype", "auto"))
-    model = cast_model(model, dtype)
     dataset = cfg.get("dataset", "fashion_mnist")
     data_dir = data.locate(dataset, cfg.get("data_dir"))
     classifier, info = load_or_train_classifier(data_dir=data_dir, dataset=dataset)

@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ddpm_ms  # noqa: E402,F401  (caps oneDNN before MindSpore loads)
 from ddpm_ms import fileio  # noqa: E402
 from ddpm_ms.cli import run_cli  # noqa: E402
-from ddpm_ms.config import SAMPLER_NAMES  # noqa: E402
 from ddpm_ms.errors import UserError  # noqa: E402
+from ddpm_ms.samplers import SAMPLERS  # noqa: E402
 
 
 def int_list(text):
@@ -43,9 +43,9 @@ def int_list(text):
 
 def name_list(text):
     names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in SAMPLER_NAMES]
+    bad = [n for n in names if n not in SAMPLERS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown sampler(s) {bad or text!r}; choose from {', '.join(SAMPLER_NAMES)}")
+        raise argparse.ArgumentTypeError(f"unknown sampler(s) {bad or text!r}; choose from {', '.join(SAMPLERS)}")
     return names
 
 
@@ -117,7 +117,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="quality_vs_steps", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
     parser.add_argument("--num", type=int, default=1000, help="samples per setting")
-    parser.add_argument("--samplers", type=name_list, default=list(SAMPLER_NAMES), help="comma-separated")
+    parser.add_argument("--samplers", type=name_list, default=list(SAMPLERS), help="comma-separated")
     parser.add_argument("--steps", type=int_list, default=[5, 10, 20, 50, 100], help="DDIM / DPM-Solver++ step counts")
     parser.add_argument("--ddpm-steps", type=int_list, default=[], help="respaced DDPM step counts (besides the full chain)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
@@ -132,19 +132,15 @@ def main(argv=None):
     if args.num < 2:
         raise UserError(f"--num must be >= 2, got {args.num}")
 
-    from ddpm_ms.device import compute_dtype, setup_device
     from ddpm_ms.evaluate import classifier_record, prepare_reference, write_json, write_text
     from ddpm_ms.evaluation import evaluate_images, summary_line
-    from ddpm_ms.pipeline import cast_model, generate, load_model
-    from ddpm_ms.sample import resolve_checkpoint
+    from ddpm_ms.loading import load_for_sampling
+    from ddpm_ms.pipeline import generate
 
-    path = resolve_checkpoint(args.checkpoint)
+    loaded = load_for_sampling(args.checkpoint, args.device, "graph", use_ema=not args.no_ema)
+    net_model, sched, cfg, dtype, path = loaded.model, loaded.sched, loaded.cfg, loaded.dtype, loaded.path
     run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(path))
     out_dir = args.out_dir or os.path.join(run_dir, "quality_vs_steps")
-    backend = setup_device(args.device, "graph")
-    model, sched, cfg = load_model(path, use_ema=not args.no_ema)
-    dtype = compute_dtype(backend, cfg.get("dtype", "auto"))
-    net_model = cast_model(model, dtype)
     todo = settings(args.samplers, args.steps, args.ddpm_steps, sched.num_timesteps)
     net, info, reference = prepare_reference(args.data_dir, args.cache_dir, progress=not args.no_progress,
                                              dataset=cfg.get("dataset", "fashion_mnist"))

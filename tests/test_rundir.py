@@ -178,7 +178,7 @@ def test_two_trainings_on_one_directory(tmp_path):
         # a reader (sampling, GIF, evaluation) takes the newest complete checkpoint meanwhile, never one
         # being written (a write in progress, as A leaves it when killed mid-save; A's next save removes it)
         from ddpm_ms.pipeline import load_model
-        from ddpm_ms.sample import resolve_checkpoint
+        from ddpm_ms.checkpoint import resolve_checkpoint
 
         complete = sorted(n for n in os.listdir(out / "checkpoints") if n.startswith("ckpt_step"))
         (out / "checkpoints" / ".tmp-1-ckpt_step00000099.ckpt").write_bytes(b"partial")

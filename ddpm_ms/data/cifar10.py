@@ -20,9 +20,10 @@ import tarfile
 import numpy as np
 
 from ddpm_ms import fileio
+from ddpm_ms.cache import cache_dir
 from ddpm_ms.errors import UserError
 
-from .fetch import cache_root, download_with_package, fetch_checked, remove_quietly
+from .fetch import download_with_package, fetch_checked, remove_quietly
 
 RECORDS = 10000
 SIDE = 32
@@ -40,7 +41,7 @@ ARCHIVE_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"  # published on the dataset's p
 
 def default_cache_dir():
     """``~/.cache/ddpm_ms/cifar-10`` (under ``$XDG_CACHE_HOME`` when set)."""
-    return os.path.join(cache_root(), "cifar-10")
+    return cache_dir("cifar-10")
 
 
 def _check_file(path):

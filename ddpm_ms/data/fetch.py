@@ -1,6 +1,5 @@
-"""Helpers shared by the dataset locators: cache directories, atomic writes, checked downloads.
+"""Helpers shared by the dataset locators: atomic writes, checked downloads (caches: ddpm_ms.cache).
 
-cache_root()                       $XDG_CACHE_HOME/ddpm_ms (~/.cache/ddpm_ms)
 write_atomic(path, data)           through ddpm_ms.fileio (temp file, fsync, os.replace)
 md5(path)                          hex MD5 of a file
 fetch_checked(url, dest, downloader, md5_hex)
@@ -12,12 +11,6 @@ import hashlib
 import os
 
 from ddpm_ms import fileio
-
-
-def cache_root():
-    """``$XDG_CACHE_HOME/ddpm_ms`` (``~/.cache/ddpm_ms`` when XDG_CACHE_HOME is unset)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(os.path.abspath(base), "ddpm_ms")
 
 
 def write_atomic(path, data, what="decompressed data"):

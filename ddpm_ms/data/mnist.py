@@ -14,9 +14,10 @@ names and the format; only titles, mirrors, MD5s and system locations differ (SO
 
 import os
 
+from ddpm_ms.cache import cache_dir
 from ddpm_ms.errors import UserError
 
-from .fetch import cache_root, download_with_package, fetch_checked, remove_quietly, write_atomic
+from .fetch import download_with_package, fetch_checked, remove_quietly, write_atomic
 from .idx import FILES, SPLITS, _check_pair, _expect_kind, _header_of_raw_file, _parse_idx, _read_bytes, validate_dir
 
 # Where Debian's package ``dataset-fashion-mnist`` installs the four gz files.
@@ -58,10 +59,7 @@ def default_cache_dir(name="fashion_mnist"):
     """The cache of an IDX dataset: ``~/.cache/ddpm_ms/<fashion-mnist|mnist>`` (under
     ``$XDG_CACHE_HOME`` when set). For Fashion-MNIST ``$DDPM_MS_DATA``, if set, wins (as before
     there were other datasets)."""
-    explicit = os.environ.get("DDPM_MS_DATA")
-    if explicit and name == "fashion_mnist":
-        return os.path.abspath(os.path.expanduser(explicit))
-    return os.path.join(cache_root(), SOURCES[name]["cache_name"])
+    return cache_dir(SOURCES[name]["cache_name"])  # ddpm_ms.cache: $DDPM_MS_DATA names fashion-mnist's
 
 
 def _complete_raw(directory):

@@ -40,11 +40,14 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import warnings
 
+from .. import fileio
+from ..cache import DIR_VARIABLES
+from ..cache import cache_dir as _cache_dir
+
 ENV_SWITCH = "DDPM_MS_FAST_KERNELS"
-ENV_CACHE = "DDPM_MS_KERNEL_CACHE"
+ENV_CACHE = DIR_VARIABLES["kernels"]  # "DDPM_MS_KERNEL_CACHE"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(_HERE, "cpu_kernels.cc")
 ATTN_SOURCE = os.path.join(_HERE, "attn_kernels.cc")  # fused attention, always built
@@ -70,10 +73,7 @@ def _cxxflags():
 
 
 def cache_dir():
-    if os.environ.get(ENV_CACHE):
-        return os.environ[ENV_CACHE]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "ddpm_ms", "kernels")
+    return _cache_dir("kernels")  # $DDPM_MS_KERNEL_CACHE (ENV_CACHE), else ~/.cache/ddpm_ms/kernels
 
 
 def _cpu_flags():
@@ -146,20 +146,15 @@ def build(force=False):
     path = library_path(cxx, plan)
     if os.path.exists(path) and not force:
         return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
+    def compile_to(tmp):
         proc = subprocess.run([cxx, *_cxxflags(), "-o", tmp, *plan[0], *plan[1]], capture_output=True,
                               text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"{os.path.basename(cxx)} failed:\n{proc.stderr.strip()[-2000:]}")
         os.chmod(tmp, 0o755)
-        os.replace(tmp, path)  # atomic: other processes see the old name absent or complete
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+
+    # atomic (fileio): other processes see the library's name absent or complete, never half-written
+    return fileio.atomic_write(path, compile_to, "compiled kernels", sync=False)
 
 
 def _device_target():

@@ -1,0 +1,111 @@
+"""Arguments shared by the commands that sample from a model (ddpm-sample, ddpm-gif, ddpm-figures,
+ddpm-evaluate): their definitions, their one check, the class request and the model loading."""
+
+import numpy as np
+
+from .device import DTYPES, MODES
+from .errors import UserError
+from .samplers import SAMPLERS
+
+# --------------------------------------------------------------------------- definitions
+
+def add_sampler_args(parser, steps_help="sampling steps (default: config)", seed_help=None):
+    """--sampler, --steps, --eta, --seed."""
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the run's config")
+    parser.add_argument("--steps", type=int, default=None, help=steps_help)
+    parser.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
+def add_guidance_arg(parser, help="classifier-free guidance weight w >= 0 (default: the run's config)"):
+    parser.add_argument("--guidance", type=float, default=None, help=help)
+
+
+def add_weights_arg(parser):
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+
+
+def add_runtime_args(parser):
+    """--device, --mode, --dtype, --no-progress."""
+    parser.add_argument("--device", default="auto", help="auto, Ascend, GPU or CPU")
+    parser.add_argument("--mode", default="graph", choices=MODES)
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="compute dtype (default: the run's config; auto = float16 on Ascend/GPU, float32 on CPU)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def add_sampling_args(parser):
+    """Everything ddpm-sample, ddpm-gif and ddpm-figures take: the model source, sampler, images, runtime."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint file or run directory")
+    source.add_argument("--exported", metavar="FILE",
+                        help="a .mindir or .onnx file written by ddpm-export (instead of --checkpoint)")
+    add_sampler_args(parser)
+    parser.add_argument("--num", type=int, default=64, help="number of images")
+    parser.add_argument("--classes", default=None,
+                        help="class-conditional models: comma-separated labels, one per image, e.g. 7,7,9")
+    parser.add_argument("--class-grid", type=int, default=None, metavar="N",
+                        help="class-conditional models: N images of every class, one row per class")
+    add_guidance_arg(parser)
+    add_weights_arg(parser)
+    add_runtime_args(parser)
+
+
+# --------------------------------------------------------------------------- checks
+
+def check_sampling_args(args, timesteps, min_num=1):
+    """The sampling options against the model's ``timesteps`` (UserError naming the option)."""
+    if args.guidance is not None and not 0 <= args.guidance < float("inf"):
+        raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if args.num < min_num:
+        raise UserError(f"--num must be >= {min_num}, got {args.num}")
+    if args.steps is not None and not 1 <= args.steps <= timesteps:
+        raise UserError(f"--steps must be in 1..{timesteps} (the model's timesteps), got {args.steps}")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
+        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+
+
+def parse_classes(text):
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise UserError(f"--classes must be comma-separated integers, e.g. 7,7,9; got {text!r}") from None
+
+
+def class_request(args, cfg):
+    """(classes or None, number of images, images per grid row) from --classes / --class-grid / --num."""
+    if args.class_grid is not None:
+        if cfg["num_classes"] is None:
+            raise UserError("--class-grid needs a class-conditional checkpoint (num_classes is not set in this one)")
+        if args.class_grid < 1:
+            raise UserError(f"--class-grid must be >= 1, got {args.class_grid}")
+        classes = np.repeat(np.arange(cfg["num_classes"]), args.class_grid).tolist()
+        return classes, len(classes), args.class_grid
+    if args.classes is not None:
+        classes = parse_classes(args.classes)
+        return classes, len(classes), None
+    return None, args.num, None
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_for_args(args):
+    """The model of --checkpoint or --exported, checked against the options -> (model, sched, cfg, dtype)."""
+    if args.exported:
+        import mindspore as ms
+
+        from .device import setup_device
+        from .exported import load_exported
+
+        if args.no_ema:
+            raise UserError("--no-ema applies to checkpoints; an exported file holds the weights it was "
+                            "exported with (ddpm-export --no-ema)")
+        setup_device(args.device, args.mode)
+        model = load_exported(args.exported)
+        check_sampling_args(args, model.cfg["timesteps"])
+        return model, model.sched, model.cfg, ms.float32
+    from .loading import load_for_sampling
+
+    loaded = load_for_sampling(args.checkpoint, args.device, args.mode, use_ema=not args.no_ema, dtype=args.dtype,
+                               check=lambda cfg: check_sampling_args(args, cfg["timesteps"]))
+    return loaded.model, loaded.sched, loaded.cfg, loaded.dtype
