@@ -2,7 +2,8 @@
 
 A checkpoint is one MindSpore ``.ckpt`` file (loadable with ``ms.load_checkpoint``)
 holding named groups of tensors -- ``model.*``, ``ema.*``, ``opt.*``, ``state.*`` --
-plus a JSON metadata record (format version, resolved config, step, RNG state) stored
+plus a JSON metadata record (format version, resolved config, step, epoch position; no RNG state: the
+training randomness is re-derived from seed, epoch, step and rank) stored
 as a uint8 tensor. ``ms.save_checkpoint`` deletes an existing file before writing
 and does not fsync, so we always write a new name, fsync it, rename it into place,
 fsync the directory (``fileio.atomic_write``), and only then delete old checkpoints (the
