@@ -24,7 +24,8 @@ import ddpm_ms  # noqa: E402,F401  (sets ONEDNN_MAX_CPU_ISA before MindSpore loa
 from ddpm_ms import data  # noqa: E402
 from ddpm_ms.config import load_config  # noqa: E402
 from ddpm_ms.device import setup_device  # noqa: E402
-from ddpm_ms.train import Trainer, _epoch_batches, make_dataset  # noqa: E402
+from ddpm_ms.train import _epoch_batches, make_dataset  # noqa: E402
+from ddpm_ms.trainer import Trainer  # noqa: E402
 
 
 def main():

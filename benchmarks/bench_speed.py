@@ -43,7 +43,7 @@ from ddpm_ms import kernels
 from ddpm_ms.config import load_config
 from ddpm_ms.device import setup_device
 from ddpm_ms.pipeline import create_model, make_eps_fn
-from ddpm_ms.train import Trainer
+from ddpm_ms.trainer import Trainer
 from ddpm_ms import ddpm_unet
 from ddpm_ms import unet as unet_mod
 

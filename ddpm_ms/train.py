@@ -1,9 +1,11 @@
-"""Training (Algorithm 1 of Ho et al. 2020) as a compiled MindSpore step plus a plain loop.
+"""Training: the loop of Algorithm 1 (Ho et al. 2020) around a compiled step, and its command line.
 
     python -m ddpm_ms.train --config configs/quick.yaml [--device CPU] [key=value ...]
 
-The step (forward, backward, loss scaling, Adam, EMA) is one Cell compiled once; the loop
-feeds it batches, logs the loss, writes checkpoints, sample grids, a GIF and a loss curve.
+The data path reads top-down: config -> dataset (:mod:`ddpm_ms.data`) -> model and train step
+(:mod:`ddpm_ms.trainer`, :mod:`ddpm_ms.train_step`) -> checkpoints (:mod:`ddpm_ms.checkpoint`) ->
+samples, GIF and loss curve. This module feeds the step batches, logs the loss and writes the
+run directory (:mod:`ddpm_ms.rundir`); data parallelism is :mod:`ddpm_ms.distributed`.
 """
 
 import argparse
@@ -12,291 +14,20 @@ import sys
 import time
 
 import numpy as np
-import mindspore as ms
-from mindspore import Tensor, nn, ops
 
 from . import checkpoint as ckpt
-from . import data, kernels
+from . import data
 from .cli import run_cli
-from .config import ARCH_KEYS, DEFAULTS, OBJECTIVE_KEYS, SCHEDULE_KEYS, load_config, save_config
-from .device import compute_dtype, set_jit_level, setup_device
-from .diffusion import loss_weights, p_losses
-from .ema import EMA
-from .errors import UserError, WriteError
+from .config import load_config, save_config
+from .device import setup_device
+from .distributed import check_same_resume_step, device_batch_size, init_distributed
+from .errors import WriteError
 from .fileio import npy_bytes, write_bytes
-from .pipeline import cast_model, create_model, create_schedule, generate
 from .rundir import CSV_FIELDS, LossLog, RunDir, resume_point  # noqa: F401 (CSV_FIELDS lived here)
+from .trainer import Trainer
 from .visualize import plot_loss, save_gif, save_grid
 
 MAX_NONFINITE_LOSSES = 10
-# test hook: the rank named here sees an overflow in every step after the gradient reduction, as
-# Ascend's per-card overflow status can (tests/test_distributed.py: both ranks must skip)
-FAULT_OVERFLOW_RANK = "DDPM_MS_FAULT_OVERFLOW_RANK"
-
-
-class TrainStep(nn.Cell):
-    """One optimisation step: loss -> scaled grads -> unscale -> finite? -> Adam + EMA update.
-
-    On overflow (non-finite grads) the update is skipped and the loss scale is reduced; Adam's
-    step counter still advances, so the LR schedule stays on the training step. Data parallel,
-    the finite flag is reduced over all ranks (an overflow on one skips the step on all).
-    With ``scale_loss=False`` (float32 compute, see ``Trainer``) the loss and gradients are
-    not scaled and the scaler is left untouched, but non-finite gradients still skip the update.
-    With ``grad_clip`` the unscaled gradients are rescaled to a global L2 norm of at most
-    ``grad_clip`` before the finiteness check and the update.
-    Returns (loss, grads_finite).
-    """
-
-    def __init__(self, net, sched, optimizer, scaler, ema, loss_type, distributed=False, scale_loss=True,
-                 grad_clip=None, prediction_type="eps", loss_weights=None, fault_overflow=False):
-        super().__init__(auto_prefix=False)
-        self.net = net
-        self.sched = sched
-        self.optimizer = optimizer
-        self.scaler = scaler
-        self.ema = ema
-        self.loss_type = loss_type
-        self.prediction_type = prediction_type  # eps, x0 or v: a Python constant of the graph
-        self.loss_weights = loss_weights  # [T] Tensor (min-SNR) or None
-        self.scale_loss = scale_loss  # a Python constant: the graph has no scaling ops without it
-        self.grad_clip = None if grad_clip is None else float(grad_clip)  # global-norm clipping (None: off)
-        self.grad_fn = ms.value_and_grad(self.forward, None, optimizer.parameters, has_aux=True)
-        # data parallel: average the gradients over all devices before the update
-        self.distributed = distributed
-        self.grad_reducer = nn.DistributedGradReducer(optimizer.parameters, mean=True) if distributed else None
-        # the number of ranks whose gradients overflowed (a sum: every backend reduces sums)
-        self.count_overflows = ops.AllReduce(ops.ReduceOp.SUM) if distributed else None
-        self.fault_overflow = fault_overflow  # test hook, see FAULT_OVERFLOW_RANK
-        self._no = Tensor(False)
-        # one compiled CPU op checks every gradient (MindSpore's all_finite runs two per tensor)
-        # (kept as the kernels namespace: a Primitive attribute set to None confuses Cell)
-        self._fast = kernels.ops() if kernels.enabled() and all(
-            p.dtype == ms.float32 for p in optimizer.parameters) else None
-
-    def forward(self, x_start, t, noise, y=None):
-        loss = p_losses(self.net, self.sched, x_start, t, noise, self.loss_type, y, self.prediction_type,
-                        self.loss_weights)
-        if self.scale_loss:
-            return self.scaler.scale(loss), loss
-        return loss, loss
-
-    def construct(self, x_start, t, noise, y=None):
-        (_, loss), grads = self.grad_fn(x_start, t, noise, y)
-        if self.distributed:
-            grads = self.grad_reducer(grads)
-        if self.scale_loss:
-            grads = self.scaler.unscale(grads)
-        if self.grad_clip is not None:  # on the true gradients (after unscaling); NaN/inf stay non-finite
-            grads = ops.clip_by_global_norm(grads, self.grad_clip)
-        if self._fast is not None:
-            finite = self._fast.all_finite(*grads)[0] > 0.5
-        else:
-            finite = ms.amp.all_finite(grads)
-        if self.fault_overflow:
-            finite = ops.logical_and(finite, self._no)
-        if self.distributed:
-            # on Ascend all_finite reads this card's own overflow status: every rank must take the same branch
-            finite = self.count_overflows(ops.logical_not(finite).astype(ms.float32)) == 0
-        if self.scale_loss:
-            self.scaler.adjust(finite)
-        if finite:
-            self.optimizer(grads)
-            self.ema()
-        else:
-            # a skipped update still uses up its step of the LR schedule (Adam reads the rate at global_step)
-            ops.assign_add(self.optimizer.global_step, self.optimizer.global_step_increase_tensor)
-        return loss, finite
-
-
-def drop_labels(labels, p, null_class, rng):
-    """Classifier-free guidance training (Ho & Salimans 2022): each label becomes the null class with prob. p."""
-    drop = rng.random(labels.shape[0]) < p
-    return np.where(drop, null_class, labels).astype(np.int32)
-
-
-def learning_rates(lr, min_lr, total_steps, warmup_steps=0, schedule="cosine"):
-    """Per-step learning rates: linear warm-up, then cosine decay (nn.cosine_decay_lr) or constant."""
-    if schedule == "cosine" and total_steps > 1:
-        rates = nn.cosine_decay_lr(min_lr, lr, total_steps, 1, total_steps)
-    else:
-        rates = [lr] * total_steps
-    warm = min(warmup_steps, total_steps)
-    return [lr * (i + 1) / warm if i < warm else r for i, r in enumerate(rates)]
-
-
-def steps_and_epochs(epochs, max_steps, steps_per_epoch, notify=True):
-    """(epochs, total steps) of a run: ``epochs`` full epochs, or exactly ``max_steps`` steps when set.
-
-    max_steps below the epochs' steps ends the run early; above them, the run gets the epochs it
-    needs and one notice line says so (not silently fewer steps than asked for).
-    """
-    total = epochs * steps_per_epoch
-    if not max_steps:
-        return epochs, total
-    if max_steps > total:
-        needed = -(-max_steps // steps_per_epoch)
-        if notify:
-            print(f"note: max_steps={max_steps} needs {needed} epochs of {steps_per_epoch} steps; training "
-                  f"{needed} epochs instead of epochs={epochs} (the run still stops at step {max_steps})",
-                  file=sys.stderr, flush=True)
-        epochs = needed
-    return epochs, max_steps
-
-
-class Trainer:
-    """Owns the model, optimizer, EMA and loss scaler of one run (its randomness is derived per step)."""
-
-    def __init__(self, cfg, backend, steps_per_epoch, rank=0, world_size=1, scale_loss=None):
-        """``scale_loss``: None (the default) scales the loss only for float16 compute."""
-        self.cfg = cfg
-        self.rank, self.world_size = rank, world_size
-        self.backend = backend
-        self.dtype = compute_dtype(backend, cfg["dtype"])
-        self.sched = create_schedule(cfg)
-        self.steps_per_epoch = steps_per_epoch
-        self.epochs, self.total_steps = steps_and_epochs(cfg["epochs"], cfg["max_steps"], steps_per_epoch,
-                                                         notify=rank == 0)
-        ms.set_seed(cfg["seed"])  # the same initial weights on every device and in every run
-        self.model = create_model(cfg)
-        self.lrs = learning_rates(cfg["lr"], cfg["min_lr"], self.total_steps, cfg["warmup_steps"],
-                                  cfg["lr_schedule"])
-        self.optimizer = nn.Adam(self.model.trainable_params(), learning_rate=self.lrs)
-        self.scaler = ms.amp.DynamicLossScaler(cfg["loss_scale"], cfg["loss_scale_factor"],
-                                               cfg["loss_scale_window"])
-        # scaling guards float16 gradients against underflow; in float32 multiplying by a power
-        # of two commutes with rounding (bar overflow/underflow at 2^+-126), so scaling would
-        # give the same weights and only cost one Mul per gradient (README, "Devices and precision")
-        self.scale_loss = self.dtype == ms.float16 if scale_loss is None else scale_loss
-        self.ema = EMA(self.model.trainable_params(), cfg["ema_decay"], cfg["ema_warmup"])
-        net = cast_model(self.model, self.dtype)
-        self.step_cell = set_jit_level(
-            TrainStep(net, self.sched, self.optimizer, self.scaler, self.ema, cfg["loss_type"],
-                      distributed=world_size > 1, scale_loss=self.scale_loss, grad_clip=cfg.get("grad_clip"),
-                      prediction_type=cfg["prediction_type"],
-                      loss_weights=loss_weights(self.sched, cfg["prediction_type"], cfg["loss_weighting"],
-                                                cfg["min_snr_gamma"]),
-                      fault_overflow=os.environ.get(FAULT_OVERFLOW_RANK) == str(rank)), cfg["jit_level"])
-        self.step = 0
-        self._sample_model = None
-
-    # ----- one step -----
-    def train_step(self, x_start, labels=None):
-        """One step on a batch (and its class labels, for a class-conditional model) -> (loss, applied)."""
-        batch = x_start.shape[0]
-        # timesteps and noise depend only on (seed, step, rank): nothing to save for an exact resume
-        rng = np.random.default_rng([self.cfg["seed"], self.step, self.rank])
-        t = rng.integers(0, self.sched.num_timesteps, size=(batch,)).astype(np.int32)
-        noise = rng.standard_normal(x_start.shape, dtype=np.float32)
-        if self.cfg["num_classes"] is None:
-            loss, finite = self.step_cell(x_start, Tensor(t), Tensor(noise))
-        else:
-            y = drop_labels(np.asarray(labels.asnumpy() if isinstance(labels, Tensor) else labels),
-                            self.cfg["label_dropout"], self.cfg["num_classes"], rng)
-            loss, finite = self.step_cell(x_start, Tensor(t), Tensor(noise), Tensor(y))
-        self.step += 1
-        return float(loss.asnumpy()), bool(finite.asnumpy())
-
-    def loss_scale(self):
-        """The loss scale for the next step (after this step's adjustment); 1.0 when not scaling."""
-        return float(self.scaler.scale_value.asnumpy()) if self.scale_loss else 1.0
-
-    # ----- state for checkpoints -----
-    def _param_names(self):
-        return ckpt.named_params(self.model)
-
-    def _opt_state(self):
-        """Adam's moments, beta powers and step counter (the LR table is rebuilt from the config)."""
-        model_ids = {id(p) for p in self.model.trainable_params()}
-        return {name: p for name, p in self.optimizer.parameters_and_names()
-                if id(p) not in model_ids and not name.startswith("learning_rate")}
-
-    def _ema_state(self):
-        names = [n for n, p in self.model.parameters_and_names() if p.requires_grad]
-        return dict(zip(names, self.ema.shadow))
-
-    def _misc_state(self):
-        return {"scale_value": self.scaler.scale_value, "scale_counter": self.scaler.counter,
-                "ema_num_updates": self.ema.num_updates}
-
-    def state_groups(self):
-        return {"model": self._param_names(), "ema": self._ema_state(), "opt": self._opt_state(),
-                "state": self._misc_state()}
-
-    def save(self, manager, epoch, step_in_epoch):
-        meta = {"config": self.cfg, "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "world_size": self.world_size, "backend": self.backend, "time": time.time()}
-        return manager.save(self.step, self.state_groups(), meta)
-
-    def restore(self, path, groups, meta):
-        saved = {"config": dict(DEFAULTS, **meta["config"])}  # keys added to ddpm_ms after it was written
-        ckpt.check_compatible(saved, self.cfg, ARCH_KEYS + SCHEDULE_KEYS + OBJECTIVE_KEYS, path)
-        for group, params in self.state_groups().items():
-            ckpt.assign(params, groups[group], f"{group} state of this run", path)
-        self.step = meta["step"]
-        return meta["epoch"], meta["step_in_epoch"]
-
-    # ----- sampling with the EMA weights -----
-    def sample_model(self):
-        if self._sample_model is None:
-            model = create_model(self.cfg)
-            model.set_train(False)
-            self._sample_params = ckpt.named_params(model)  # names before any float16 wrapping
-            self._sample_model = set_jit_level(cast_model(model, self.dtype), self.cfg["jit_level"])
-        for name, shadow in self._ema_state().items():
-            self._sample_params[name].set_data(shadow.value().copy())
-        return self._sample_model
-
-    def generate(self, num, seed, gif_frames=0, progress=True):
-        return generate(self.sample_model(), self.sched, self.cfg, num, seed=seed, dtype=self.dtype,
-                        gif_frames=gif_frames, progress=progress)
-
-
-def init_distributed():
-    """(rank, world_size); under msrun (MS_WORKER_NUM > 1) this joins the data-parallel group."""
-    if int(os.environ.get("MS_WORKER_NUM", "1")) <= 1:
-        return 0, 1
-    from mindspore.communication import get_group_size, get_rank, init
-
-    init()
-    ms.reset_auto_parallel_context()
-    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
-    return get_rank(), get_group_size()
-
-
-class _AllReduceSum(nn.Cell):
-    def __init__(self):
-        super().__init__()
-        self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
-
-    def construct(self, x):
-        return self.all_reduce(x)
-
-
-def check_same_resume_step(step, rank, world_size, checkpoints):
-    """Every rank must resume from the same step (``step``: this rank's, -1 without a checkpoint).
-
-    Each rank sees its own filesystem: a node without the run's checkpoints would start at step 0
-    and wait forever in the first gradient AllReduce. The steps are gathered by one AllReduce
-    (one-hot rows, summed); if they differ every rank raises the same one-line UserError.
-    """
-    if world_size == 1:
-        return
-    rows = np.zeros(world_size, np.float32)  # float32 holds every step below 2^24 exactly
-    rows[rank] = step + 1
-    steps = [int(v) - 1 for v in _AllReduceSum()(Tensor(rows)).asnumpy()]
-    if len(set(steps)) > 1:
-        held = ", ".join(f"rank {r}: " + (f"step {s}" if s >= 0 else "no checkpoint") for r, s in enumerate(steps))
-        raise UserError(f"--resume: the ranks found different checkpoints ({held}; this is rank {rank}, reading "
-                        f"{checkpoints}); every node must see the same checkpoints directory (a shared "
-                        "filesystem, or a copy of it on each node)")
-
-
-def device_batch_size(cfg, world_size):
-    """batch_size is the global batch; each of world_size devices takes an equal share."""
-    if cfg["batch_size"] % world_size:
-        raise UserError(f"batch_size {cfg['batch_size']} (the global batch) must be divisible by the number "
-                        f"of devices {world_size}")
-    return cfg["batch_size"] // world_size
 
 
 def make_dataset(cfg, data_dir, rank, world_size, epoch=0, random_flip=None):

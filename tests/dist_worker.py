@@ -18,7 +18,9 @@ from mindspore import Tensor  # noqa: E402
 from ddpm_ms import checkpoint as ckpt  # noqa: E402
 from ddpm_ms.config import load_config  # noqa: E402
 from ddpm_ms.device import setup_device  # noqa: E402
-from ddpm_ms.train import Trainer, init_distributed, train  # noqa: E402
+from ddpm_ms.distributed import init_distributed  # noqa: E402
+from ddpm_ms.train import train  # noqa: E402
+from ddpm_ms.trainer import Trainer  # noqa: E402
 from ddpm_ms.train import main as train_main  # noqa: E402
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")

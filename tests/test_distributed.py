@@ -86,7 +86,7 @@ def test_an_overflow_seen_by_one_rank_skips_the_step_on_both(tmp_path):
     assert r0["global_step"].tolist() == r1["global_step"].tolist() == [2]
     from ddpm_ms import checkpoint as ckpt
     from ddpm_ms.config import load_config
-    from ddpm_ms.train import Trainer
+    from ddpm_ms.trainer import Trainer
 
     # the initial weights: the same seeded model, built in this process
     cfg = load_config(TINY, ["max_steps=10", "lr=0.003", "batch_size=8"])
@@ -100,7 +100,7 @@ def test_resume_where_one_rank_lacks_the_checkpoint_fails_on_every_rank(tmp_path
     none: every rank exits 2 with the same one-line error instead of hanging in an AllReduce."""
     from ddpm_ms import checkpoint as ckpt
     from ddpm_ms.config import load_config
-    from ddpm_ms.train import Trainer
+    from ddpm_ms.trainer import Trainer
 
     data_dir = write_blob_dataset(tmp_path / "data")
     cfg = load_config(TINY, ["max_steps=4", "batch_size=8"])

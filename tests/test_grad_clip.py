@@ -14,7 +14,7 @@ from ddpm_ms.diffusion import p_losses
 from ddpm_ms.ema import EMA
 from ddpm_ms.errors import UserError
 from ddpm_ms.pipeline import create_model, create_schedule
-from ddpm_ms.train import TrainStep
+from ddpm_ms.train_step import TrainStep
 
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
 LR = 0.5

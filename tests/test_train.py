@@ -15,7 +15,9 @@ from ddpm_ms import checkpoint as ckpt
 from ddpm_ms import kernels
 from ddpm_ms.config import load_config
 from ddpm_ms.ema import EMA
-from ddpm_ms.train import Trainer, learning_rates, train
+from ddpm_ms.lr_schedule import learning_rates
+from ddpm_ms.train import train
+from ddpm_ms.trainer import Trainer
 from idx_files import write_blob_dataset
 
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
@@ -201,7 +203,7 @@ def test_jit_level_reaches_the_compiled_cells_and_o1_trains_alike():
 
 
 def test_max_steps_beyond_the_epochs_extends_them_with_one_notice(capsys):
-    from ddpm_ms.train import steps_and_epochs
+    from ddpm_ms.lr_schedule import steps_and_epochs
 
     # quick.yaml's case: epochs=1 of 937 steps, max_steps=3600 -> 4 epochs, exactly 3600 steps
     assert steps_and_epochs(1, 3600, 937) == (4, 3600)
