@@ -18,7 +18,8 @@ from ddpm_ms import checkpoint as ckpt
 from ddpm_ms.config import load_config
 from ddpm_ms.pipeline import cast_model, create_model
 from ddpm_ms.train import Trainer, train
-from ddpm_ms.unet import GroupNorm, SinusoidalPositionEmbeddings
+from ddpm_ms.layers import GroupNorm
+from ddpm_ms.unet import SinusoidalPositionEmbeddings
 
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
 
