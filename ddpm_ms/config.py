@@ -17,7 +17,7 @@ from . import fileio
 from .data import DATASETS
 from .errors import UserError
 from .schedules import SCHEDULES
-from .diffusion import LOSS_TYPES, VARIANCE_TYPES
+from .diffusion import LOSS_TYPES, LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm-solver++")
@@ -61,6 +61,11 @@ DEFAULTS = {
     "beta_start": 0.0001,
     "beta_end": 0.02,
     "loss_type": "l2",
+    # --- objective (docs/recipes.md): what the network predicts, loss weighting, terminal SNR ---
+    "prediction_type": "eps",
+    "loss_weighting": "none",
+    "min_snr_gamma": 5.0,
+    "zero_terminal_snr": False,
     # --- class conditioning (num_classes above; null class = num_classes) ---
     "label_dropout": 0.1,
     "guidance": 0.0,
@@ -108,6 +113,8 @@ CHOICES = {
     "act": ("gelu", "silu"),
     "beta_schedule": SCHEDULES,
     "loss_type": LOSS_TYPES,
+    "prediction_type": PREDICTION_TYPES,
+    "loss_weighting": LOSS_WEIGHTINGS,
     "lr_schedule": ("cosine", "constant"),
     "sampler": SAMPLER_NAMES,
     "variance": VARIANCE_TYPES,
@@ -132,14 +139,16 @@ POSITIVE = ("image_size", "channels", "num_workers", "dim", "convnext_mult", "re
             "batch_size", "epochs", "lr", "loss_scale", "loss_scale_window", "save_every", "keep_checkpoints",
             "num_samples", "gif_frames", "save_every_steps", "init_dim", "max_steps", "sample_steps", "num_classes",
             "beta_start", "beta_end", "loss_scale_factor", "gif_images", "layers_per_block", "norm_eps",
-            "attn_head_dim", "grad_clip")
+            "attn_head_dim", "grad_clip", "min_snr_gamma")
 NON_NEGATIVE = ("min_lr", "warmup_steps", "sample_every", "seed", "freq_shift")
 
 # keys that define the network's architecture (stored in checkpoints, checked on load)
 ARCH_KEYS = ("image_size", "channels", "dim", "init_dim", "dim_mults", "block_type", "convnext_mult",
              "resnet_groups", "act", "attn_levels", "mid_attn", "num_classes", "arch", "layers_per_block",
              "norm_eps", "attn_head_dim", "flip_sin_to_cos", "freq_shift", "downsample_padding")
-SCHEDULE_KEYS = ("timesteps", "beta_schedule", "beta_start", "beta_end")
+SCHEDULE_KEYS = ("timesteps", "beta_schedule", "beta_start", "beta_end", "zero_terminal_snr")
+# keys of the training objective (a resumed run must keep them)
+OBJECTIVE_KEYS = ("loss_type", "prediction_type", "loss_weighting", "min_snr_gamma")
 
 
 def _unknown_key(key, where):
@@ -295,6 +304,9 @@ def validate(cfg):
     if cfg["beta_schedule"] != "cosine" and not 0 < cfg["beta_start"] <= cfg["beta_end"] < 1:
         raise UserError("config keys beta_start/beta_end need 0 < beta_start <= beta_end < 1, "
                         f"got {cfg['beta_start']} / {cfg['beta_end']}")
+    if cfg["zero_terminal_snr"] and cfg["prediction_type"] == "eps":
+        raise UserError("zero_terminal_snr: true needs prediction_type v (or x0): at alpha_bar_T = 0 the noise "
+                        "prediction says nothing about x_0 (Lin et al. 2024); set prediction_type=v")
     if not cfg["dim_mults"]:
         raise UserError("config key 'dim_mults' must not be empty")
     factor = 2 ** (len(cfg["dim_mults"]) - 1)

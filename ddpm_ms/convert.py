@@ -152,6 +152,10 @@ def cfg_to_unet_config(cfg):
     }
 
 
+# diffusers' prediction_type names -> ddpm_ms's (its rescale_betas_zero_snr is Lin et al.'s Algorithm 1 too)
+PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+
+
 def scheduler_config_to_cfg(config):
     """diffusers DDPMScheduler config -> ddpm_ms schedule / sampling keys; unsupported settings raise UserError."""
     problems = []
@@ -163,16 +167,20 @@ def scheduler_config_to_cfg(config):
     variance = config.get("variance_type", "fixed_small")
     if variance not in VARIANCE_TYPES:
         problems.append(f"variance_type={variance!r} (ddpm_ms has {', '.join(VARIANCE_TYPES)})")
-    for key, want in (("prediction_type", "epsilon"), ("thresholding", False), ("rescale_betas_zero_snr", False)):
-        if config.get(key, want) != want:
-            problems.append(f"{key}={config[key]!r} (ddpm_ms has {want!r})")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        problems.append(f"prediction_type={prediction!r} (ddpm_ms has {', '.join(PREDICTION_TYPES)})")
+    if config.get("thresholding", False):
+        problems.append(f"thresholding={config['thresholding']!r} (ddpm_ms has False)")
     if config.get("clip_sample", True) and float(config.get("clip_sample_range", 1.0)) != 1.0:
         problems.append(f"clip_sample_range={config['clip_sample_range']} (ddpm_ms clips to [-1, 1])")
     if problems:
         raise UserError("unsupported diffusers scheduler config: " + "; ".join(problems))
     return {"timesteps": int(config.get("num_train_timesteps", 1000)), "beta_schedule": BETA_SCHEDULES[schedule],
             "beta_start": float(config.get("beta_start", 1e-4)), "beta_end": float(config.get("beta_end", 0.02)),
-            "variance": VARIANCE_TYPES[variance], "clip_denoised": bool(config.get("clip_sample", True))}
+            "variance": VARIANCE_TYPES[variance], "clip_denoised": bool(config.get("clip_sample", True)),
+            "prediction_type": PREDICTION_TYPES[prediction],
+            "zero_terminal_snr": bool(config.get("rescale_betas_zero_snr", False))}
 
 
 def cfg_to_scheduler_config(cfg):
@@ -182,7 +190,8 @@ def cfg_to_scheduler_config(cfg):
             "beta_schedule": schedules[cfg["beta_schedule"]], "beta_start": cfg["beta_start"],
             "beta_end": cfg["beta_end"], "variance_type": "fixed_small" if cfg["variance"] == "posterior"
             else "fixed_large", "clip_sample": cfg["clip_denoised"], "clip_sample_range": 1.0,
-            "prediction_type": "epsilon", "trained_betas": None}
+            "prediction_type": {v: k for k, v in PREDICTION_TYPES.items()}[cfg.get("prediction_type", "eps")],
+            "rescale_betas_zero_snr": bool(cfg.get("zero_terminal_snr", False)), "trained_betas": None}
 
 
 # ----------------------------------------------------------------------------- weights

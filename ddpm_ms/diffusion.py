@@ -12,10 +12,12 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from .schedules import make_beta_schedule
+from .schedules import make_beta_schedule, rescale_zero_terminal_snr
 
 LOSS_TYPES = ("l1", "l2", "huber")
 VARIANCE_TYPES = ("posterior", "beta")
+PREDICTION_TYPES = ("eps", "x0", "v")  # what the network predicts (see model_output_to_eps_x0)
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
 class NonFiniteError(FloatingPointError):
@@ -31,8 +33,9 @@ class Schedule:
 
     def __init__(self, betas):
         betas = np.asarray(betas, dtype=np.float64)
-        if betas.ndim != 1 or not np.all((betas > 0) & (betas < 1)):
-            raise ValueError("betas must be a 1-D array with values in (0, 1)")
+        # beta = 1 is allowed at the last step only: a zero-terminal-SNR schedule (alpha_bar_T = 0)
+        if betas.ndim != 1 or not (np.all((betas[:-1] > 0) & (betas[:-1] < 1)) and 0 < betas[-1] <= 1):
+            raise ValueError("betas must be a 1-D array with values in (0, 1) (the last one may be 1)")
         self.num_timesteps = len(betas)
         self.betas = betas
         alphas = 1.0 - betas
@@ -44,9 +47,12 @@ class Schedule:
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
 
-        # x_0 from x_t and eps, Eq. 4 solved for x_0
-        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
-        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+        # x_0 from x_t and eps, Eq. 4 solved for x_0 (inf where alpha_bar = 0: there x_0 needs x0- or v-prediction)
+        with np.errstate(divide="ignore"):
+            self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+            self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+            # signal-to-noise ratio alpha_bar / (1 - alpha_bar) (Kingma et al. 2021); 0 at a zero terminal SNR
+            self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
 
         # q(x_{t-1} | x_t, x_0), Eqs. 6-7
         ac, acp = self.alphas_cumprod, self.alphas_cumprod_prev
@@ -64,8 +70,10 @@ class Schedule:
         }
 
     @classmethod
-    def from_config(cls, beta_schedule="linear", timesteps=1000, beta_start=1e-4, beta_end=0.02):
-        return cls(make_beta_schedule(beta_schedule, timesteps, beta_start, beta_end))
+    def from_config(cls, beta_schedule="linear", timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                    zero_terminal_snr=False):
+        betas = make_beta_schedule(beta_schedule, timesteps, beta_start, beta_end)
+        return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
 
 
 def extract(a, t, x_shape):
@@ -102,30 +110,95 @@ def q_sample(sched, x_start, t, noise):
     )
 
 
-def noise_loss(predicted, target, loss_type="huber"):
-    """Mean loss between predicted and true noise: l1, l2 (Eq. 14) or huber (smooth L1, delta 1)."""
-    diff = predicted - target
+def elementwise_loss(diff, loss_type="huber"):
+    """Per-element loss of a prediction error: l1, l2 (Eq. 14) or huber (smooth L1, delta 1)."""
     if loss_type == "l1":
-        return ops.abs(diff).mean()
+        return ops.abs(diff)
     if loss_type == "l2":
-        return (diff * diff).mean()
+        return diff * diff
     if loss_type == "huber":
         adiff = ops.abs(diff)
-        return ops.where(adiff < 1.0, 0.5 * diff * diff, adiff - 0.5).mean()
+        return ops.where(adiff < 1.0, 0.5 * diff * diff, adiff - 0.5)
     raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
 
 
-def p_losses(model, sched, x_start, t, noise, loss_type="huber", y=None):
-    """Algorithm 1, one step: the loss between eps and eps_theta(x_t, t).
+def noise_loss(predicted, target, loss_type="huber"):
+    """Mean loss between predicted and true noise (or any target): l1, l2 (Eq. 14) or huber."""
+    return elementwise_loss(predicted - target, loss_type).mean()
 
+
+def weighted_loss(predicted, target, weight, loss_type="huber"):
+    """Mean over the batch of weight[n] * (mean loss of sample n); weight is a [N] Tensor."""
+    per_sample = elementwise_loss(predicted - target, loss_type).reshape((predicted.shape[0], -1)).mean(1)
+    return (per_sample * weight).mean()
+
+
+# ----- prediction objectives (Salimans & Ho 2022, Sec. 4 and Appendix D) -----
+
+
+def v_target(sched, x_start, t, noise):
+    """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, Sec. 4)."""
+    return (extract(sched.tensors["sqrt_alphas_cumprod"], t, x_start.shape) * noise
+            - extract(sched.tensors["sqrt_one_minus_alphas_cumprod"], t, x_start.shape) * x_start)
+
+
+def training_target(sched, x_start, t, noise, prediction_type="eps"):
+    """What the network learns to output: eps, x_0 or v."""
+    if prediction_type == "eps":
+        return noise
+    if prediction_type == "x0":
+        return x_start
+    if prediction_type == "v":
+        return v_target(sched, x_start, t, noise)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+
+
+def min_snr_weights(snr, prediction_type="eps", gamma=5.0):
+    """Min-SNR-gamma loss weights (Hang et al. 2023, Sec. 3.4), float64 [T] from the SNR per timestep.
+
+    The x_0-loss weight is min(SNR, gamma); the same weighting of an eps-MSE is min(SNR, gamma) / SNR
+    (||eps - eps_hat||^2 = SNR ||x_0 - x_0_hat||^2), of a v-MSE min(SNR, gamma) / (SNR + 1)
+    (||v - v_hat||^2 = (SNR + 1) ||x_0 - x_0_hat||^2).
+    """
+    snr = np.asarray(snr, dtype=np.float64)
+    clipped = np.minimum(snr, gamma)
+    if prediction_type == "x0":
+        return clipped
+    if prediction_type == "v":
+        return clipped / (snr + 1.0)
+    if prediction_type == "eps":
+        if np.any(snr <= 0):
+            raise ValueError("min-SNR weights of an eps loss are undefined at SNR = 0 (zero terminal SNR): "
+                             "use prediction_type x0 or v")
+        return clipped / snr
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+
+
+def loss_weights(sched, prediction_type="eps", weighting="none", gamma=5.0):
+    """The [T] float32 Tensor of per-timestep loss weights for p_losses, or None (unweighted)."""
+    if weighting == "none":
+        return None
+    if weighting == "min_snr":
+        return Tensor(min_snr_weights(sched.snr, prediction_type, gamma), ms.float32)
+    raise ValueError(f"unknown loss_weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+
+
+def p_losses(model, sched, x_start, t, noise, loss_type="huber", y=None, prediction_type="eps", weights=None):
+    """Algorithm 1, one step: the loss between the network's output and its target.
+
+    The target is eps (Ho et al.), x_0 or v (see :func:`training_target`); ``weights`` (a [T]
+    Tensor from :func:`loss_weights`, e.g. min-SNR) weights each sample's loss by its timestep.
     As in :func:`q_sample`, x_start / t / noise (and class labels y) may be NumPy arrays:
     they are converted to float32 / int32 / float32 (int32) Tensors before the model sees them.
     """
     x_start, t, noise = as_inputs(x_start, t, noise)
     y = as_tensor(y, ms.int32)
     x_noisy = q_sample(sched, x_start, t, noise)
-    predicted_noise = model(x_noisy, t) if y is None else model(x_noisy, t, y)
-    return noise_loss(predicted_noise.astype(ms.float32), noise, loss_type)
+    predicted = model(x_noisy, t) if y is None else model(x_noisy, t, y)
+    target = training_target(sched, x_start, t, noise, prediction_type)
+    if weights is None:
+        return noise_loss(predicted.astype(ms.float32), target, loss_type)
+    return weighted_loss(predicted.astype(ms.float32), target, ops.gather(weights, t, 0), loss_type)
 
 
 def classifier_free_guidance(eps_cond, eps_uncond, w):
@@ -142,8 +215,27 @@ def predict_start_from_noise(sched, x_t, t, eps):
 
 
 def predict_noise_from_start(sched, x_t, t, x0):
-    """Eq. 4 solved for eps."""
-    return (float(sched.sqrt_recip_alphas_cumprod[t]) * x_t - x0) / float(sched.sqrt_recipm1_alphas_cumprod[t])
+    """Eq. 4 solved for eps: (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t) (finite at alpha_bar_t = 0)."""
+    return (x_t - float(sched.sqrt_alphas_cumprod[t]) * x0) / float(sched.sqrt_one_minus_alphas_cumprod[t])
+
+
+def model_output_to_eps_x0(sched, x_t, t, out, prediction_type="eps"):
+    """The network output at timestep index t as the pair (eps, x_0) that every sampler uses.
+
+    eps: x_0 by Eq. 4; x0: eps by Eq. 4; v (Salimans & Ho 2022, Eq. 5 and Appendix D):
+    x_0 = sqrt(abar) x_t - sqrt(1 - abar) v, eps = sqrt(1 - abar) x_t + sqrt(abar) v.
+    Each is affine in ``out`` with an x_t-coefficient that does not depend on it, so a
+    classifier-free-guidance combination of outputs (weights summing to 1) is the same
+    combination of the eps (and x_0) it converts to.
+    """
+    if prediction_type == "eps":
+        return out, predict_start_from_noise(sched, x_t, t, out)
+    if prediction_type == "x0":
+        return predict_noise_from_start(sched, x_t, t, out), out
+    if prediction_type == "v":
+        a, s = float(sched.sqrt_alphas_cumprod[t]), float(sched.sqrt_one_minus_alphas_cumprod[t])
+        return s * x_t + a * out, a * x_t - s * out
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
 
 
 def q_posterior_mean(sched, x_start, x_t, t):
@@ -160,21 +252,22 @@ def reverse_variance(sched, t, variance="posterior"):
     raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCE_TYPES)}")
 
 
-def p_mean(sched, x_t, t, eps, clip_denoised=True):
-    """Mean of p_theta(x_{t-1} | x_t) and the predicted x_0.
+def p_mean(sched, x_t, t, eps, clip_denoised=True, x0=None):
+    """Mean of p_theta(x_{t-1} | x_t) and the predicted x_0 (from eps unless given).
 
     With clip_denoised=False this equals Eq. 11; with clipping, x_0 is clipped to
     [-1, 1] before the posterior mean (Eq. 7) is taken.
     """
-    x0 = predict_start_from_noise(sched, x_t, t, eps)
+    if x0 is None:
+        x0 = predict_start_from_noise(sched, x_t, t, eps)
     if clip_denoised:
         x0 = ops.clamp(x0, -1.0, 1.0)
     return q_posterior_mean(sched, x0, x_t, t), x0
 
 
-def p_sample(sched, x_t, t, eps, noise, variance="posterior", clip_denoised=True):
-    """Algorithm 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z (no noise at t = 0)."""
-    mean, x0 = p_mean(sched, x_t, t, eps, clip_denoised)
+def p_sample(sched, x_t, t, eps, noise, variance="posterior", clip_denoised=True, x0=None):
+    """Algorithm 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z (no noise at t = 0); x0 as in p_mean."""
+    mean, x0 = p_mean(sched, x_t, t, eps, clip_denoised, x0)
     if t == 0:
         return mean, x0
     return mean + float(np.sqrt(reverse_variance(sched, t, variance))) * noise, x0
@@ -193,10 +286,11 @@ def timestep_tensor(t, batch):
 
 
 def p_sample_loop(eps_fn, sched, shape, rng, variance="posterior", clip_denoised=True, callback=None,
-                  progress=True, check_every=50, x_T=None):
+                  progress=True, check_every=50, x_T=None, prediction_type="eps"):
     """Algorithm 2: start from x_T ~ N(0, I) and apply p_sample for t = T-1 ... 0.
 
-    eps_fn(x, t_tensor) returns the predicted noise; rng is a numpy Generator that
+    eps_fn(x, t_tensor) returns the network output (the noise for prediction_type "eps", else
+    x_0 or v: see model_output_to_eps_x0); rng is a numpy Generator that
     supplies all noise (so results depend only on its seed); x_T, if given, replaces the
     first draw (the starting noise). callback(t, x_t, x0) is
     called after every step. Returns the final x_0 as a Tensor.
@@ -206,9 +300,9 @@ def p_sample_loop(eps_fn, sched, shape, rng, variance="posterior", clip_denoised
     x = Tensor(rng.standard_normal(shape, dtype=np.float32)) if x_T is None else x_T
     steps = range(sched.num_timesteps - 1, -1, -1)
     for i, t in enumerate(tqdm(steps, desc="DDPM sampling", disable=not progress, leave=False)):
-        eps = eps_fn(x, timestep_tensor(t, shape[0]))
+        eps, x0 = model_output_to_eps_x0(sched, x, t, eps_fn(x, timestep_tensor(t, shape[0])), prediction_type)
         noise = Tensor(rng.standard_normal(shape, dtype=np.float32)) if t > 0 else None
-        x, x0 = p_sample(sched, x, t, eps, noise, variance, clip_denoised)
+        x, x0 = p_sample(sched, x, t, eps, noise, variance, clip_denoised, x0)
         if callback is not None:
             callback(t, x, x0)
         if (i + 1) % check_every == 0 or t == 0:

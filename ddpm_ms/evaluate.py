@@ -10,7 +10,7 @@ directory or a ``.ckpt``) generates ``--num`` images first, for the dataset it w
 The first run trains the dataset's evaluation classifier (a few minutes on a CPU) and caches it
 (see :mod:`ddpm_ms.classifier`); folder datasets have no classifier and cannot be scored. Prints one line
 
-    FD x (floor y), IS z, precision p, recall r
+    FD x (floor y), IS z, precision p, recall r, smallest class share s%
 
 where the floor is the FD of as many real train images against the test split, and with
 ``--out`` writes every number (and the floor's other metrics) as JSON.

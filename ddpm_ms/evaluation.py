@@ -178,9 +178,16 @@ class RealReference:
         return cls(feats, probs, train_images)
 
 
+def class_shares(probs):
+    """Share of the images that the classifier assigns (argmax) to each class: [C] floats summing to 1."""
+    probs = np.asarray(probs)
+    return np.bincount(probs.argmax(1), minlength=probs.shape[1]) / probs.shape[0]
+
+
 def _metrics(feats, probs, reference, k, splits, seed):
     n = feats.shape[0]
     out = {"fd": frechet_distance(*feature_stats(feats), *reference.test_stats)}
+    out["class_shares"] = [float(v) for v in class_shares(probs)]  # class coverage of the samples
     out["is"], out["is_std"] = inception_score(probs, splits)
     # precision/recall compare sets of equal size (as in the paper): m fixed random test images
     # against the first m samples
@@ -202,7 +209,8 @@ def evaluate_images(images, classifier, real_test_feats, real_train_images=None,
     real_test_feats: classifier features of the real test split (or a :class:`RealReference`,
     which then also supplies the train images). With real train images, the same metrics are
     computed for a random train subset of N images -- the real-data floor -- under "floor".
-    Returns a JSON-able dict: num_samples, fd, fd_floor, is, is_std, precision, recall, k, floor.
+    Returns a JSON-able dict: num_samples, fd, fd_floor, is, is_std, precision, recall, class_shares
+    (the share of the images the classifier puts in each class), k, floor.
     """
     from .classifier import extract
 
@@ -236,7 +244,11 @@ def _fmt(value, spec):
 
 
 def summary_line(result):
-    """"FD x (floor y), IS z, precision p, recall r" for one result of :func:`evaluate_images`."""
-    return (f"FD {_fmt(result['fd'], '.3f')} (floor {_fmt(result.get('fd_floor'), '.3f')}), "
+    """"FD x (floor y), IS z, precision p, recall r, smallest class share s%" for one result of
+    :func:`evaluate_images`."""
+    line = (f"FD {_fmt(result['fd'], '.3f')} (floor {_fmt(result.get('fd_floor'), '.3f')}), "
             f"IS {_fmt(result['is'], '.3f')}, precision {_fmt(result['precision'], '.3f')}, "
             f"recall {_fmt(result['recall'], '.3f')}")
+    if result.get("class_shares"):
+        line += f", smallest class share {100 * min(result['class_shares']):.1f}%"
+    return line

@@ -63,7 +63,8 @@ def create_ddpm_unet(cfg, fast_kernels=None):
 
 
 def create_schedule(cfg):
-    return Schedule.from_config(cfg["beta_schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"])
+    return Schedule.from_config(cfg["beta_schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"],
+                                cfg["zero_terminal_snr"])
 
 
 def cast_model(model, dtype):
@@ -103,6 +104,8 @@ def guided_eps_fn(eps_fn, classes, guidance, null_class):
 
     For w > 0 the conditional and unconditional predictions come from one network call on a
     batch of twice the size (Ho & Salimans 2022, Eq. 6); for w = 0 only the conditional one is made.
+    The raw outputs are combined (eps, x_0 or v): the conversion to (eps, x_0) is affine with the
+    same x_t term for both, so this is exactly guidance in eps space (model_output_to_eps_x0).
     """
     y = Tensor(np.asarray(classes, np.int32))
     if guidance == 0:
@@ -135,7 +138,8 @@ def class_labels(cfg, num, classes=None):
 
 
 def make_eps_fn(model, dtype=ms.float32):
-    """eps_theta(x, t[, y]) as a float32 tensor; the model call runs as a compiled graph in GRAPH_MODE."""
+    """The network output (eps, x_0 or v: cfg["prediction_type"]) for (x, t[, y]) as a float32 tensor;
+    the model call runs as a compiled graph in GRAPH_MODE."""
 
     def eps_fn(x, t, y=None):
         out = model(x.astype(dtype), t) if y is None else model(x.astype(dtype), t, y)
@@ -174,7 +178,7 @@ def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0,
     recorder = FrameRecorder(x_T, gif_frames, gif_source) if gif_frames else None
     x = sample(eps_fn, sched, shape, sampler=sampler, steps=steps, eta=eta, rng=rng,
                clip_denoised=cfg["clip_denoised"], variance=cfg["variance"],
-               callback=recorder, progress=progress, x_T=Tensor(x_T))
+               callback=recorder, progress=progress, x_T=Tensor(x_T), prediction_type=cfg["prediction_type"])
     images = ops.clamp(x, -1.0, 1.0).asnumpy()
     return images, (recorder.frames(images, sched) if recorder else [])
 

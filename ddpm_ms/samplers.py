@@ -24,6 +24,13 @@ the final x_0 prediction, matching the last step of Algorithm 2 of Ho et al.).
   step is the one into t = 0; a 2nd-order step there, with a small step-size ratio
   r, overshoots: +39% in std on the Gaussian test data at 10 uniform steps.)
 
+The network may predict eps, x_0 or v (``prediction_type``): its output is turned into
+the pair (eps, x_0) by :func:`ddpm_ms.diffusion.model_output_to_eps_x0` in the loops, and
+every step takes that pair, so no sampler depends on the objective. Every sampler starts
+at the last index T-1 ("trailing"; Lin et al. 2024, Sec. 3.3), where a zero-terminal-SNR
+schedule has alpha_bar = 0 and x_T ~ N(0, I) is exact (with x0- or v-prediction only:
+there eps-prediction cannot give x_0).
+
 Randomness comes only from one NumPy Generator: x_T ~ N(0, I) is drawn first, then
 the per-step noise (DDPM, DDIM with eta > 0), so a seed fixes the result exactly.
 """
@@ -32,9 +39,11 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from .diffusion import (
+    PREDICTION_TYPES,
     VARIANCE_TYPES,
     NonFiniteError,
     check_finite,
+    model_output_to_eps_x0,
     p_sample_loop,
     predict_noise_from_start,
     predict_start_from_noise,
@@ -121,14 +130,15 @@ def respaced_beta(sched, t, t_next):
     return 1.0 - alpha_bar(sched, t) / alpha_bar(sched, t_next)
 
 
-def ddim_step(sched, x_t, t, t_next, eps, sigma=0.0, noise=None, clip_denoised=True, noise_std=None):
+def ddim_step(sched, x_t, t, t_next, eps, sigma=0.0, noise=None, clip_denoised=True, noise_std=None, x0=None):
     """Eq. 12: x_t' = sqrt(abar_t') x0 + sqrt(1 - abar_t' - sigma^2) eps + sigma z.
 
-    With clip_denoised, x0 is clipped to [-1, 1] and eps recomputed from it. noise_std
-    (default sigma) scales z separately from the sigma in the mean (respaced DDPM with
-    variance="beta"). Returns (x_t', x0).
+    x0 is the model's x_0 prediction (computed from eps if not given). With clip_denoised,
+    x0 is clipped to [-1, 1] and eps recomputed from it. noise_std (default sigma) scales z
+    separately from the sigma in the mean (respaced DDPM with variance="beta"). Returns (x_t', x0).
     """
-    x0 = predict_start_from_noise(sched, x_t, t, eps)
+    if x0 is None:
+        x0 = predict_start_from_noise(sched, x_t, t, eps)
     if clip_denoised:
         x0 = ops.clamp(x0, -1.0, 1.0)
         eps = predict_noise_from_start(sched, x_t, t, x0)
@@ -144,10 +154,13 @@ def ddim_step(sched, x_t, t, t_next, eps, sigma=0.0, noise=None, clip_denoised=T
 
 
 def log_snr(sched, t):
-    """lambda_t = log(alpha_t / sigma_t), alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t); +inf at t = -1."""
+    """lambda_t = log(alpha_t / sigma_t), alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t); +inf at t = -1,
+    -inf where abar_t = 0 (zero terminal SNR: the first step is then DDIM's, and the next one first order)."""
     if t < 0:
         return np.inf
     a = alpha_bar(sched, t)
+    if a == 0.0:
+        return -np.inf
     return 0.5 * (np.log(a) - np.log1p(-a))
 
 
@@ -175,7 +188,7 @@ def dpm_solver_pp_step(sched, x_t, t, t_next, x0, x0_prev=None, t_prev=None):
 
 
 class _CheckedEps:
-    """eps_fn wrapper that raises NonFiniteError if the model ever outputs NaN/inf.
+    """eps_fn wrapper (the raw network output) that raises NonFiniteError if the model ever outputs NaN/inf.
 
     Checking x alone is not enough: with clip_denoised, ops.clamp turns a NaN x_0 into
     -1 on MindSpore CPU, so a broken model would silently give finite garbage. The
@@ -200,21 +213,21 @@ class _CheckedEps:
             t = int(self.t.asnumpy()[0])
             where = f"timestep {t}" if self.calls == 1 else f"one of the first {self.calls} steps (now at timestep {t})"
             raise NonFiniteError(
-                f"the {self.name} model output (predicted noise) has NaN/inf values at {where}; "
+                f"the {self.name} model output (its prediction) has NaN/inf values at {where}; "
                 "the model or checkpoint is broken (diverged training?) - try the EMA weights"
             )
 
 
-def _run(name, eps_fn, sched, x, ts, step, callback, progress):
-    """Shared loop: step(i, t, t_next, x, eps) -> (x_next, x0) over ts, then t_next = -1."""
+def _run(name, eps_fn, sched, x, ts, step, callback, progress, prediction_type="eps"):
+    """Shared loop: step(i, t, t_next, x, eps, x0) -> (x_next, x0) over ts, then t_next = -1."""
     from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
     batch = x.shape[0]
     for i in tqdm(range(len(ts)), desc=f"{name} sampling", disable=not progress, leave=False):
         t = int(ts[i])
         t_next = int(ts[i + 1]) if i + 1 < len(ts) else -1
-        eps = eps_fn(x, timestep_tensor(t, batch))
-        x, x0 = step(i, t, t_next, x, eps)
+        eps, x0 = model_output_to_eps_x0(sched, x, t, eps_fn(x, timestep_tensor(t, batch)), prediction_type)
+        x, x0 = step(i, t, t_next, x, eps, x0)
         if callback is not None:
             callback(i, t, x, x0)
         if (i + 1) % CHECK_EVERY == 0 or i + 1 == len(ts):
@@ -223,27 +236,26 @@ def _run(name, eps_fn, sched, x, ts, step, callback, progress):
 
 
 def _ddim_loop(eps_fn, sched, x, ts, rng, eta, clip_denoised, callback, progress, name="DDIM",
-               variance=None):
+               variance=None, prediction_type="eps"):
     """DDIM (eta) or, with variance set, the respaced DDPM (eta = 1, noise per variance)."""
 
-    def step(i, t, t_next, x_t, eps):
+    def step(i, t, t_next, x_t, eps, x0):
         sigma = ddim_sigma(sched, t, t_next, eta)
         noise_std = None
         if variance == "beta":
             noise_std = float(np.sqrt(respaced_beta(sched, t, t_next))) if t_next >= 0 else 0.0
         std = sigma if noise_std is None else noise_std
         noise = Tensor(rng.standard_normal(tuple(x_t.shape), dtype=np.float32)) if std > 0 else None
-        return ddim_step(sched, x_t, t, t_next, eps, sigma, noise, clip_denoised, noise_std)
+        return ddim_step(sched, x_t, t, t_next, eps, sigma, noise, clip_denoised, noise_std, x0)
 
-    return _run(name, eps_fn, sched, x, ts, step, callback, progress)
+    return _run(name, eps_fn, sched, x, ts, step, callback, progress, prediction_type)
 
 
-def _dpm_solver_pp_loop(eps_fn, sched, x, ts, clip_denoised, callback, progress):
+def _dpm_solver_pp_loop(eps_fn, sched, x, ts, clip_denoised, callback, progress, prediction_type="eps"):
     """Algorithm 2 of Lu et al. 2022; first and final steps first order."""
     prev = {}
 
-    def step(i, t, t_next, x_t, eps):
-        x0 = predict_start_from_noise(sched, x_t, t, eps)
+    def step(i, t, t_next, x_t, eps, x0):
         if clip_denoised:  # thresholding (Sec. 5 of the paper) with a fixed [-1, 1] range
             x0 = ops.clamp(x0, -1.0, 1.0)
         second_order = bool(prev) and t_next >= 0
@@ -252,15 +264,16 @@ def _dpm_solver_pp_loop(eps_fn, sched, x, ts, clip_denoised, callback, progress)
         prev.update(x0=x0, t=t)
         return x_next, x0
 
-    return _run("DPM-Solver++", eps_fn, sched, x, ts, step, callback, progress)
+    return _run("DPM-Solver++", eps_fn, sched, x, ts, step, callback, progress, prediction_type)
 
 
 def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rng=None,
            clip_denoised=True, variance="posterior", spacing="uniform", callback=None, progress=True,
-           x_T=None):
+           x_T=None, prediction_type="eps"):
     """Draw samples of ``shape`` from the reverse process with the chosen sampler.
 
-    eps_fn(x [N, ...] float32 Tensor, t [N] int32 Tensor) -> predicted noise.
+    eps_fn(x [N, ...] float32 Tensor, t [N] int32 Tensor) -> the network output: the predicted
+    noise, or with prediction_type "x0" / "v" the predicted x_0 / v (module docstring).
     steps: number of network evaluations, 1..T (None: all T); the timesteps used are
     sampler_timesteps(T, steps, sampler, spacing), spacing "uniform" or "quadratic".
     eta: DDIM stochasticity in [0, 1] (validated always, used by ddim only: ddpm is
@@ -279,23 +292,30 @@ def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rn
         raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
     if variance not in VARIANCE_TYPES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCE_TYPES)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
     T = sched.num_timesteps
     ts = sampler_timesteps(T, steps, sampler, spacing)  # validates steps and spacing
+    if prediction_type == "eps" and sched.alphas_cumprod[ts[0]] == 0.0:
+        raise ValueError("alpha_bar is 0 at the first timestep (zero terminal SNR): an eps-prediction gives no "
+                         "x_0 there; use an x0- or v-prediction model")
     rng = np.random.default_rng(seed) if rng is None else rng
     shape = tuple(int(s) for s in shape)
 
     eps_fn = _CheckedEps(eps_fn, sampler)
     if sampler == "ddpm" and len(ts) == T:
         cb = None if callback is None else (lambda t, x, x0: callback(T - 1 - t, t, x, x0))
-        x = p_sample_loop(eps_fn, sched, shape, rng, variance, clip_denoised, cb, progress, CHECK_EVERY, x_T)
+        x = p_sample_loop(eps_fn, sched, shape, rng, variance, clip_denoised, cb, progress, CHECK_EVERY, x_T,
+                          prediction_type)
     else:
         x = Tensor(rng.standard_normal(shape, dtype=np.float32)) if x_T is None else x_T  # x_T ~ N(0, I)
         if sampler == "ddpm":  # respaced DDPM = DDIM with eta = 1 (module docstring)
             x = _ddim_loop(eps_fn, sched, x, ts, rng, 1.0, clip_denoised, callback, progress,
-                           name="DDPM", variance=variance)
+                           name="DDPM", variance=variance, prediction_type=prediction_type)
         elif sampler == "ddim":
-            x = _ddim_loop(eps_fn, sched, x, ts, rng, eta, clip_denoised, callback, progress)
+            x = _ddim_loop(eps_fn, sched, x, ts, rng, eta, clip_denoised, callback, progress,
+                           prediction_type=prediction_type)
         else:
-            x = _dpm_solver_pp_loop(eps_fn, sched, x, ts, clip_denoised, callback, progress)
+            x = _dpm_solver_pp_loop(eps_fn, sched, x, ts, clip_denoised, callback, progress, prediction_type)
     eps_fn.check()
     return x

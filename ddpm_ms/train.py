@@ -18,9 +18,9 @@ from mindspore import Tensor, nn, ops
 from . import checkpoint as ckpt
 from . import data, kernels
 from .cli import run_cli
-from .config import ARCH_KEYS, SCHEDULE_KEYS, load_config, save_config
+from .config import ARCH_KEYS, DEFAULTS, OBJECTIVE_KEYS, SCHEDULE_KEYS, load_config, save_config
 from .device import compute_dtype, set_jit_level, setup_device
-from .diffusion import p_losses
+from .diffusion import loss_weights, p_losses
 from .ema import EMA
 from .errors import UserError, WriteError
 from .fileio import npy_bytes, write_bytes
@@ -48,7 +48,7 @@ class TrainStep(nn.Cell):
     """
 
     def __init__(self, net, sched, optimizer, scaler, ema, loss_type, distributed=False, scale_loss=True,
-                 grad_clip=None, fault_overflow=False):
+                 grad_clip=None, prediction_type="eps", loss_weights=None, fault_overflow=False):
         super().__init__(auto_prefix=False)
         self.net = net
         self.sched = sched
@@ -56,6 +56,8 @@ class TrainStep(nn.Cell):
         self.scaler = scaler
         self.ema = ema
         self.loss_type = loss_type
+        self.prediction_type = prediction_type  # eps, x0 or v: a Python constant of the graph
+        self.loss_weights = loss_weights  # [T] Tensor (min-SNR) or None
         self.scale_loss = scale_loss  # a Python constant: the graph has no scaling ops without it
         self.grad_clip = None if grad_clip is None else float(grad_clip)  # global-norm clipping (None: off)
         self.grad_fn = ms.value_and_grad(self.forward, None, optimizer.parameters, has_aux=True)
@@ -72,7 +74,8 @@ class TrainStep(nn.Cell):
             p.dtype == ms.float32 for p in optimizer.parameters) else None
 
     def forward(self, x_start, t, noise, y=None):
-        loss = p_losses(self.net, self.sched, x_start, t, noise, self.loss_type, y)
+        loss = p_losses(self.net, self.sched, x_start, t, noise, self.loss_type, y, self.prediction_type,
+                        self.loss_weights)
         if self.scale_loss:
             return self.scaler.scale(loss), loss
         return loss, loss
@@ -169,6 +172,9 @@ class Trainer:
         self.step_cell = set_jit_level(
             TrainStep(net, self.sched, self.optimizer, self.scaler, self.ema, cfg["loss_type"],
                       distributed=world_size > 1, scale_loss=self.scale_loss, grad_clip=cfg.get("grad_clip"),
+                      prediction_type=cfg["prediction_type"],
+                      loss_weights=loss_weights(self.sched, cfg["prediction_type"], cfg["loss_weighting"],
+                                                cfg["min_snr_gamma"]),
                       fault_overflow=os.environ.get(FAULT_OVERFLOW_RANK) == str(rank)), cfg["jit_level"])
         self.step = 0
         self._sample_model = None
@@ -222,7 +228,8 @@ class Trainer:
         return manager.save(self.step, self.state_groups(), meta)
 
     def restore(self, path, groups, meta):
-        ckpt.check_compatible(meta, self.cfg, ARCH_KEYS + SCHEDULE_KEYS + ("loss_type",), path)
+        saved = {"config": dict(DEFAULTS, **meta["config"])}  # keys added to ddpm_ms after it was written
+        ckpt.check_compatible(saved, self.cfg, ARCH_KEYS + SCHEDULE_KEYS + OBJECTIVE_KEYS, path)
         for group, params in self.state_groups().items():
             ckpt.assign(params, groups[group], f"{group} state of this run", path)
         self.step = meta["step"]

@@ -7,6 +7,10 @@ predictor is E[eps | x_t] = b (x_t - a mu) / (a^2 s^2 + b^2).
 The probability-flow ODE keeps each marginal Gaussian and is linear, so it maps
 x_t -> x_t' = a' mu + sqrt(a'^2 s^2 + b'^2) (x_t - a mu) / sqrt(a^2 s^2 + b^2).
 
+The optimal x_0- and v-predictors follow from the same Gaussian conditional:
+E[x_0 | x_t] = mu + a s^2 (x_t - a mu) / (a^2 s^2 + b^2) and E[v | x_t] = a E[eps | x_t] - b E[x_0 | x_t]
+(v = a eps - b x_0, Salimans & Ho 2022); they stay finite at a = 0 (zero terminal SNR).
+
 A DDIM step (Song et al. 2021, Eq. 12) with this predictor is linear too:
 x_0_hat = mu + a s^2 (x_t - a mu) / v and eps_hat = b (x_t - a mu) / v (v = a^2 s^2 + b^2),
 so x_t' - a' mu = c (x_t - a mu) + n z with c = (a a' s^2 + b sqrt(b'^2 - sigma^2)) / v:
@@ -39,6 +43,10 @@ class GaussianEps:
             return x * float(self.c1_np[i]) - float(self.c0_np[i])
         bshape = (-1,) + (1,) * (len(x.shape) - 1)
         return x * ops.gather(self.c1, t, 0).reshape(bshape) - ops.gather(self.c0, t, 0).reshape(bshape)
+
+    def predictor(self, prediction_type):
+        """The optimal network for prediction_type "eps", "x0" or "v" (eps_fn(x, t) on tensors)."""
+        return self if prediction_type == "eps" else GaussianPrediction(self, prediction_type)
 
     def _ab(self, t):
         """(a, b) at index t; t = -1 means alpha_bar = 1 (clean data)."""
@@ -78,3 +86,26 @@ class GaussianEps:
             assert eta == 0.0
             return self.mu + scale * (np.asarray(x_T, dtype=np.float64) - a_T * self.mu)
         return self.mu + dev_mean, float(np.sqrt(dev_var))
+
+
+class GaussianPrediction:
+    """The optimal x_0- or v-predictor for the data of a GaussianEps, from the closed forms above."""
+
+    def __init__(self, eps, prediction_type):
+        assert prediction_type in ("x0", "v")
+        self.eps, self.prediction_type = eps, prediction_type
+        sched, mu, s = eps.sched, eps.mu, eps.s
+        a, b = sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod
+        var = a * a * s**2 + b * b
+        # x0_hat = k1 x_t + k0, eps_hat = c1 x_t - c0; v_hat = a eps_hat - b x0_hat
+        k1 = a * s**2 / var
+        k0 = mu - a * mu * k1
+        if prediction_type == "x0":
+            self.c1_np, self.c0_np = k1, -k0
+        else:
+            self.c1_np, self.c0_np = a * eps.c1_np - b * k1, a * eps.c0_np + b * k0
+
+    def __call__(self, x, t):
+        i = int(t.asnumpy()[0])
+        assert np.all(t.asnumpy() == i)
+        return x * float(self.c1_np[i]) - float(self.c0_np[i])

@@ -74,18 +74,20 @@ def test_class_labels_and_unconditional_confusion():
         ckpt.check_compatible({"config": cond}, uncond, ARCH_KEYS, "c.ckpt")
 
 
-def test_conditional_training_run_and_guided_sampling(tmp_path):
+@pytest.mark.parametrize("objective", [[], ["prediction_type=x0"], ["prediction_type=v", "zero_terminal_snr=true"]])
+def test_conditional_training_run_and_guided_sampling(tmp_path, objective):
     from ddpm_ms.pipeline import generate, load_model
 
     data_dir = write_blob_dataset(tmp_path / "data", n_train=48)
     out = str(tmp_path / "run")
     cfg = load_config(TINY, [f"data_dir={data_dir}", f"output_dir={out}", "num_classes=10", "max_steps=3",
                              "label_dropout=0.5", "num_samples=10", "sample_steps=2", "gif_frames=2",
-                             "guidance=2.0"])
+                             "guidance=2.0"] + objective)
     train(cfg, progress=False)
     path = ckpt.CheckpointManager(os.path.join(out, "checkpoints")).list()[-1]
     model, sched, cfg2 = load_model(path)
     assert cfg2["num_classes"] == 10
+    assert cfg2["prediction_type"] == cfg["prediction_type"]  # the objective is stored in the checkpoint
     a, _ = generate(model, sched, cfg2, 4, classes=[7, 7, 9, 1], guidance=0.0, seed=0, progress=False)
     b, _ = generate(model, sched, cfg2, 4, classes=[7, 7, 9, 1], guidance=3.0, seed=0, progress=False)
     c, _ = generate(model, sched, cfg2, 4, classes=[1, 1, 1, 1], guidance=0.0, seed=0, progress=False)

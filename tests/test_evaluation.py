@@ -262,6 +262,11 @@ def test_evaluate_images_reports_metrics_and_the_real_floor(fixed_net, tmp_path)
     assert good["fd_floor"] == bad["fd_floor"]  # the same real subset (seeded)
     line = E.summary_line(good)
     assert line.startswith("FD ") and "(floor " in line and ", IS " in line and "precision" in line and "recall" in line
+    # class coverage: the share of the images the classifier puts in each class (argmax)
+    probs = C.extract(fixed_net, real)[1]
+    np.testing.assert_allclose(good["class_shares"], [np.mean(probs.argmax(1) == c) for c in range(10)])
+    assert sum(good["class_shares"]) == pytest.approx(1.0)
+    assert f"smallest class share {100 * min(good['class_shares']):.1f}%" in line
     json.dumps(good)  # JSON-able
 
 

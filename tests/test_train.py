@@ -19,6 +19,9 @@ from ddpm_ms.train import Trainer, learning_rates, train
 from idx_files import write_blob_dataset
 
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
+# the other prediction objectives (eps is the default), each with min-SNR weighting; v also with zero terminal SNR
+OBJECTIVES = {"x0": ["prediction_type=x0", "loss_weighting=min_snr"],
+              "v": ["prediction_type=v", "loss_weighting=min_snr", "zero_terminal_snr=true"]}
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +77,14 @@ def _state_np(tr):
     return {(g, n): p.asnumpy().copy() for g in ("model", "ema", "opt") for n, p in groups[g].items()}
 
 
-def test_float32_training_is_the_same_with_and_without_loss_scaling():
+@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
+def test_float32_training_is_the_same_with_and_without_loss_scaling(objective):
     """Scaling by 2^16 and unscaling is exact in float32: skipping it (the float32 default)
-    gives bit-identical losses, weights, EMA and Adam state; with it the scale halves on overflow."""
+    gives bit-identical losses, weights, EMA and Adam state; with it the scale halves on overflow
+    (for every prediction objective)."""
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
-        cfg = load_config(TINY, ["lr=0.003", "batch_size=4", "ema_decay=0.9"])
+        cfg = load_config(TINY, ["lr=0.003", "batch_size=4", "ema_decay=0.9"] + OBJECTIVES.get(objective, []))
         scaled, plain = (Trainer(cfg, "CPU", steps_per_epoch=10, scale_loss=s) for s in (True, False))
         assert scaled.scale_loss and not plain.scale_loss
         # the default: scale only float16 compute
@@ -149,11 +154,12 @@ def read_losses(path):
         return [(int(r["step"]), r["loss"]) for r in csv.DictReader(f)]
 
 
-def test_resume_continues_from_the_same_state(tmp_path):
-    """An interrupted run resumed from its step-3 checkpoint equals the uninterrupted run."""
+@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
+def test_resume_continues_from_the_same_state(tmp_path, objective):
+    """An interrupted run resumed from its step-3 checkpoint equals the uninterrupted run (every objective)."""
     data_dir = write_blob_dataset(tmp_path / "data", n_train=48)
     common = [f"data_dir={data_dir}", "max_steps=6", "save_every_steps=3", "keep_checkpoints=5",
-              "num_samples=2", "sample_every=0", "gif_frames=2", "sample_steps=2"]
+              "num_samples=2", "sample_every=0", "gif_frames=2", "sample_steps=2"] + OBJECTIVES.get(objective, [])
     run_a = str(tmp_path / "a")
     train(load_config(TINY, common + [f"output_dir={run_a}"]), progress=False)
     # run B: a copy of A that "crashed" after step 3 (its step-6 checkpoint and last rows lost)
