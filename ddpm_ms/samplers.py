@@ -7,8 +7,8 @@ after the last one is ``-1``, where alpha_bar = 1 by definition, so every sample
 ends by returning a data-space sample (for DDIM/DPM-Solver++ the last step returns
 the final x_0 prediction, matching the last step of Algorithm 2 of Ho et al.).
 
-- ``ddpm``: ancestral sampling, Ho et al. 2020, Algorithm 2 (all T steps,
-  :func:`ddpm_ms.diffusion.p_sample_loop`). With ``steps < T`` it is the respaced
+- ``ddpm``: ancestral sampling, Ho et al. 2020, Algorithm 2 (all T steps: one
+  :func:`ddpm_ms.diffusion.p_sample` per step). With ``steps < T`` it is the respaced
   DDPM of Nichol & Dhariwal 2021 (Sec. 4): betas recomputed from alpha_bar on the
   sub-sequence, beta'_t = 1 - abar_t / abar_t'. Its posterior-variance form is DDIM
   with eta = 1 (Song et al. 2021, Sec. 4.1), which is how it is implemented here;
@@ -24,8 +24,10 @@ the final x_0 prediction, matching the last step of Algorithm 2 of Ho et al.).
   step is the one into t = 0; a 2nd-order step there, with a small step-size ratio
   r, overshoots: +39% in std on the Gaussian test data at 10 uniform steps.)
 
-The network may predict eps, x_0 or v (``prediction_type``): its output is turned into
-the pair (eps, x_0) by :func:`ddpm_ms.diffusion.model_output_to_eps_x0` in the loops, and
+Every sampler is a step function run by the same loop (``_run``: one progress bar, one
+finite check, one callback ``callback(i, t, x, x0)``). The network may predict eps, x_0 or
+v (``prediction_type``): its output is turned into the pair (eps, x_0) by
+:func:`ddpm_ms.diffusion.model_output_to_eps_x0` in that loop only, and
 every step takes that pair, so no sampler depends on the objective. Every sampler starts
 at the last index T-1 ("trailing"; Lin et al. 2024, Sec. 3.3), where a zero-terminal-SNR
 schedule has alpha_bar = 0 and x_T ~ N(0, I) is exact (with x0- or v-prediction only:
@@ -42,12 +44,10 @@ from .diffusion import (
     PREDICTION_TYPES,
     VARIANCE_TYPES,
     NonFiniteError,
-    check_finite,
     model_output_to_eps_x0,
-    p_sample_loop,
+    p_sample,
     predict_noise_from_start,
     predict_start_from_noise,
-    timestep_tensor,
 )
 
 __all__ = [
@@ -184,7 +184,25 @@ def dpm_solver_pp_step(sched, x_t, t, t_next, x0, x0_prev=None, t_prev=None):
     return coef_x * x_t + coef_d * d
 
 
-# ----- loops -----
+# ----- the sampling loop: one for all samplers -----
+#
+# A sampler is a step function step(i, t, t_next, x_t, eps, x0) -> (x_t', x0) from timestep
+# index t to the next index t_next of its sequence (-1 after the last), given the model's
+# prediction as the pair (eps, x0). _run draws nothing itself: a stochastic step draws its
+# noise from the rng when it is called, so the order is x_T first (in sample), then per step.
+
+
+def timestep_tensor(t, batch):
+    """The [batch] int32 Tensor of timestep index t that the network takes."""
+    return Tensor(np.full((batch,), t, dtype=np.int32))
+
+
+def check_finite(x, where):
+    if not bool(ops.isfinite(x).all()):
+        raise NonFiniteError(
+            f"sampling produced NaN/inf values at {where}; the model or checkpoint is broken "
+            "(diverged training?) - try the EMA weights, a lower learning rate or float32"
+        )
 
 
 class _CheckedEps:
@@ -219,7 +237,7 @@ class _CheckedEps:
 
 
 def _run(name, eps_fn, sched, x, ts, step, callback, progress, prediction_type="eps"):
-    """Shared loop: step(i, t, t_next, x, eps, x0) -> (x_next, x0) over ts, then t_next = -1."""
+    """The loop: over ts, network output -> (eps, x0) -> step -> callback(i, t, x, x0) -> finite check."""
     from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
     batch = x.shape[0]
@@ -235,24 +253,37 @@ def _run(name, eps_fn, sched, x, ts, step, callback, progress, prediction_type="
     return x
 
 
-def _ddim_loop(eps_fn, sched, x, ts, rng, eta, clip_denoised, callback, progress, name="DDIM",
-               variance=None, prediction_type="eps"):
-    """DDIM (eta) or, with variance set, the respaced DDPM (eta = 1, noise per variance)."""
+def _noise(rng, x, draw):
+    """z ~ N(0, I) shaped like x, drawn from rng only if the step uses it (draw), else None."""
+    return Tensor(rng.standard_normal(tuple(x.shape), dtype=np.float32)) if draw else None
+
+
+def ddpm_full_step(sched, rng, variance="posterior", clip_denoised=True):
+    """Algorithm 2 of Ho et al. (all T indices): x_{t-1} = p_sample(x_t), noise z unless t = 0."""
+
+    def step(i, t, t_next, x_t, eps, x0):
+        return p_sample(sched, x_t, t, eps, _noise(rng, x_t, t > 0), variance, clip_denoised, x0)
+
+    return step
+
+
+def ddim_loop_step(sched, rng, eta, clip_denoised=True, variance=None):
+    """DDIM with eta (Eq. 12, sigma from Eq. 16) or, with variance set, the respaced DDPM
+    (eta = 1; variance "beta" draws its noise with std sqrt(beta'_t) instead of sigma)."""
 
     def step(i, t, t_next, x_t, eps, x0):
         sigma = ddim_sigma(sched, t, t_next, eta)
         noise_std = None
         if variance == "beta":
             noise_std = float(np.sqrt(respaced_beta(sched, t, t_next))) if t_next >= 0 else 0.0
-        std = sigma if noise_std is None else noise_std
-        noise = Tensor(rng.standard_normal(tuple(x_t.shape), dtype=np.float32)) if std > 0 else None
+        noise = _noise(rng, x_t, (sigma if noise_std is None else noise_std) > 0)
         return ddim_step(sched, x_t, t, t_next, eps, sigma, noise, clip_denoised, noise_std, x0)
 
-    return _run(name, eps_fn, sched, x, ts, step, callback, progress, prediction_type)
+    return step
 
 
-def _dpm_solver_pp_loop(eps_fn, sched, x, ts, clip_denoised, callback, progress, prediction_type="eps"):
-    """Algorithm 2 of Lu et al. 2022; first and final steps first order."""
+def dpm_solver_pp_loop_step(sched, clip_denoised=True):
+    """Algorithm 2 of Lu et al. 2022; first and final steps first order (it keeps the previous x_0)."""
     prev = {}
 
     def step(i, t, t_next, x_t, eps, x0):
@@ -264,7 +295,18 @@ def _dpm_solver_pp_loop(eps_fn, sched, x, ts, clip_denoised, callback, progress,
         prev.update(x0=x0, t=t)
         return x_next, x0
 
-    return _run("DPM-Solver++", eps_fn, sched, x, ts, step, callback, progress, prediction_type)
+    return step
+
+
+def sampler_step(sampler, sched, ts, rng, eta=0.0, variance="posterior", clip_denoised=True):
+    """(progress-bar name, step function) of ``sampler`` on its timesteps ts."""
+    if sampler == "ddpm" and len(ts) == sched.num_timesteps:
+        return "DDPM", ddpm_full_step(sched, rng, variance, clip_denoised)
+    if sampler == "ddpm":  # respaced DDPM = DDIM with eta = 1 (module docstring)
+        return "DDPM", ddim_loop_step(sched, rng, 1.0, clip_denoised, variance)
+    if sampler == "ddim":
+        return "DDIM", ddim_loop_step(sched, rng, eta, clip_denoised)
+    return "DPM-Solver++", dpm_solver_pp_loop_step(sched, clip_denoised)
 
 
 def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rng=None,
@@ -303,19 +345,8 @@ def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rn
     shape = tuple(int(s) for s in shape)
 
     eps_fn = _CheckedEps(eps_fn, sampler)
-    if sampler == "ddpm" and len(ts) == T:
-        cb = None if callback is None else (lambda t, x, x0: callback(T - 1 - t, t, x, x0))
-        x = p_sample_loop(eps_fn, sched, shape, rng, variance, clip_denoised, cb, progress, CHECK_EVERY, x_T,
-                          prediction_type)
-    else:
-        x = Tensor(rng.standard_normal(shape, dtype=np.float32)) if x_T is None else x_T  # x_T ~ N(0, I)
-        if sampler == "ddpm":  # respaced DDPM = DDIM with eta = 1 (module docstring)
-            x = _ddim_loop(eps_fn, sched, x, ts, rng, 1.0, clip_denoised, callback, progress,
-                           name="DDPM", variance=variance, prediction_type=prediction_type)
-        elif sampler == "ddim":
-            x = _ddim_loop(eps_fn, sched, x, ts, rng, eta, clip_denoised, callback, progress,
-                           prediction_type=prediction_type)
-        else:
-            x = _dpm_solver_pp_loop(eps_fn, sched, x, ts, clip_denoised, callback, progress, prediction_type)
+    x = Tensor(rng.standard_normal(shape, dtype=np.float32)) if x_T is None else x_T  # x_T ~ N(0, I)
+    name, step = sampler_step(sampler, sched, ts, rng, eta, variance, clip_denoised)
+    x = _run(name, eps_fn, sched, x, ts, step, callback, progress, prediction_type)
     eps_fn.check()
     return x

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from ddpm_ms.diffusion import NonFiniteError, Schedule, p_sample, p_sample_loop
+from ddpm_ms.diffusion import NonFiniteError, Schedule, model_output_to_eps_x0, p_sample
 from ddpm_ms.samplers import (
     SAMPLERS,
     ddim_sigma,
@@ -341,12 +341,23 @@ def test_callback_sees_every_step(sampler):
         np.testing.assert_array_equal(calls[-1][2], out.asnumpy())
 
 
-def test_ddpm_full_chain_is_p_sample_loop():
+@pytest.mark.parametrize("variance,prediction_type", [("posterior", "eps"), ("beta", "v")])
+def test_ddpm_full_chain_is_algorithm_2(variance, prediction_type):
+    """The full chain run by the shared loop is Algorithm 2 of Ho et al. written out with p_sample:
+    x_T first from the rng, then z per step for t = T-1 ... 1 (none at t = 0)."""
     sched = Schedule.from_config("linear", 30)
-    eps = GaussianEps(sched, MU, S)
-    a = sample(eps, sched, (4, 1, 2, 2), "ddpm", seed=9, progress=False)
-    b = p_sample_loop(eps, sched, (4, 1, 2, 2), np.random.default_rng(9), progress=False)
-    np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
+    net = GaussianEps(sched, MU, S).predictor(prediction_type)
+    shape = (4, 1, 2, 2)
+    got = sample(net, sched, shape, "ddpm", seed=9, variance=variance, prediction_type=prediction_type,
+                 progress=False).asnumpy()
+    rng = np.random.default_rng(9)
+    x = tensor(rng.standard_normal(shape, dtype=np.float32))
+    for t in range(29, -1, -1):
+        out = net(x, Tensor(np.full((4,), t, dtype=np.int32)))
+        eps, x0 = model_output_to_eps_x0(sched, x, t, out, prediction_type)
+        z = tensor(rng.standard_normal(shape, dtype=np.float32)) if t > 0 else None
+        x, _ = p_sample(sched, x, t, eps, z, variance, True, x0)
+    np.testing.assert_array_equal(got, x.asnumpy())
 
 
 @pytest.mark.parametrize("clip", [True, False])
