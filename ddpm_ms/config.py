@@ -20,7 +20,8 @@ from .schedules import SCHEDULES
 from .diffusion import LOSS_TYPES, LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES
 from .device import DEVICES, DTYPES, JIT_LEVELS, MODES
 from .samplers import SAMPLERS
-from .unet import ACTIVATIONS, BLOCK_TYPES, level_problem
+from .layers import ACTIVATIONS
+from .unet import BLOCK_TYPES, level_problem
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 

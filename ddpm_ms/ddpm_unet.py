@@ -22,7 +22,7 @@ class (index ``num_classes``) for classifier-free guidance, added to the time em
 
 On CPU the convolutions (stride 1), SiLU, GroupNorm (any epsilon, passed to the kernel), the
 time shift and the attention between the qkv projection and the output projection run as the
-project's compiled kernels (``ddpm_ms.unet`` drop-ins); the stride-2 down-sampling conv and the
+project's compiled kernels (``ddpm_ms.layers``, chosen by ``fast_kernels``); the stride-2 down-sampling conv and the
 rest use MindSpore's built-in ops, as everything does on Ascend/GPU.
 """
 
@@ -33,10 +33,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from . import kernels as _kernels
-from .unet import Conv2d, SiLU, TimeShift, _fast_ops, _fused_attention, _matmul_ta, _matmul_tb, _softmax32, \
-    _split_qkv, make_act
-from .unet import GroupNorm as _GroupNorm
+from . import kernels
+from .layers import Conv2d, SiLU, TimeShift, full_attention, kernel_ops, make_act, pointwise
+from .layers import GroupNormAnyEps as GroupNorm
 
 __all__ = ["AttentionBlock", "DDPMUnet", "GroupNorm", "ResnetBlock2D", "TimestepProjection", "diffusers_key"]
 
@@ -48,26 +47,6 @@ def diffusers_key(name):
     """The diffusers ``UNet2DModel`` state-dict key of ddpm_ms parameter ``name``."""
     head, _, last = name.rpartition(".")
     return f"{head}.{DIFFUSERS_SUFFIX.get(last, last)}" if head else DIFFUSERS_SUFFIX.get(last, last)
-
-
-class GroupNorm(_GroupNorm):
-    """``ddpm_ms.unet.GroupNorm`` for any epsilon: on CPU the compiled kernel gets it as an input
-    (``group_norm_eps``; diffusers' DDPM checkpoints use 1e-6, the kernel's own constant is 1e-5)."""
-
-    def __init__(self, num_groups, num_channels, eps=1e-6):
-        super().__init__(num_groups, num_channels, eps)
-        fast = _fast_ops()
-        self._eps_fast = fast if fast is not None and self._fast is None else None
-        self._eps = Tensor(np.array([eps], np.float32))
-
-    def _cal_output(self, x):
-        if self._eps_fast is not None and x.dtype == ms.float32 and x.ndim == 4 \
-                and self.gamma.dtype == ms.float32:
-            n, c, h, w = x.shape
-            out = self._eps_fast.group_norm_eps(x.reshape(n, self.num_groups, c // self.num_groups, h * w),
-                                                self.gamma, self.beta, self._eps)
-            return out[0].reshape(n, c, h, w)
-        return super()._cal_output(x)
 
 
 def timestep_frequencies(dim, freq_shift=1, max_period=10000.0):
@@ -99,10 +78,10 @@ class TimestepProjection(nn.Cell):
 class TimestepEmbedding(nn.Cell):
     """``linear_2(SiLU(linear_1(x)))``."""
 
-    def __init__(self, cin, dim):
+    def __init__(self, cin, dim, fast_kernels=None):
         super().__init__()
         self.linear_1 = nn.Dense(cin, dim)
-        self.act = SiLU()
+        self.act = SiLU(fast_kernels)
         self.linear_2 = nn.Dense(dim, dim)
 
     def construct(self, x):
@@ -112,21 +91,22 @@ class TimestepEmbedding(nn.Cell):
 class ResnetBlock2D(nn.Cell):
     """``skip(x) + conv2(dropout(act(GN(conv1(act(GN(x))) + proj(act(temb))))))``; skip = 1x1 conv if cin != cout."""
 
-    def __init__(self, cin, cout, temb_dim, groups=32, eps=1e-6, dropout=0.0, act="silu"):
+    def __init__(self, cin, cout, temb_dim, groups=32, eps=1e-6, dropout=0.0, act="silu", fast_kernels=None):
         super().__init__()
-        self.norm1 = GroupNorm(groups, cin, eps)
-        self.act = make_act(act)  # one parameter-free cell per use (a shared one confuses the ONNX exporter)
-        self.act_temb = make_act(act)
-        self.act2 = make_act(act)
-        self.conv1 = Conv2d(cin, cout, 3, padding=1, has_bias=True)
+        fk = fast_kernels
+        self.norm1 = GroupNorm(groups, cin, eps, fk)
+        self.act = make_act(act, fk)  # one parameter-free cell per use (a shared one confuses the ONNX exporter)
+        self.act_temb = make_act(act, fk)
+        self.act2 = make_act(act, fk)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1, has_bias=True, fast_kernels=fk)
         self.time_emb_proj = nn.Dense(temb_dim, cout)
-        self.shift = TimeShift()
-        self.norm2 = GroupNorm(groups, cout, eps)
+        self.shift = TimeShift(fk)
+        self.norm2 = GroupNorm(groups, cout, eps, fk)
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = Conv2d(cout, cout, 3, padding=1, has_bias=True)
+        self.conv2 = Conv2d(cout, cout, 3, padding=1, has_bias=True, fast_kernels=fk)
         self.has_shortcut = cin != cout
         if self.has_shortcut:
-            self.conv_shortcut = Conv2d(cin, cout, 1, has_bias=True)
+            self.conv_shortcut = Conv2d(cin, cout, 1, has_bias=True, fast_kernels=fk)
 
     def construct(self, x, temb):
         h = self.conv1(self.act(self.norm1(x)))
@@ -134,16 +114,6 @@ class ResnetBlock2D(nn.Cell):
         h = self.conv2(self.dropout(self.act2(self.norm2(h))))
         skip = self.conv_shortcut(x) if self.has_shortcut else x
         return skip + h
-
-
-def _pointwise(x, weight, bias, fast):
-    """A Dense layer's ``weight`` [Co, Ci] and ``bias`` applied at every pixel of x [N, Ci, H, W]."""
-    w = weight.astype(x.dtype)
-    if fast is not None and x.dtype == ms.float32:
-        return ops.bias_add(fast.conv_same(x, w.reshape(w.shape[0], w.shape[1], 1, 1)), bias)
-    n, c, h, wd = x.shape
-    y = ops.matmul(w, x.reshape(n, c, h * wd)) + bias.astype(x.dtype).reshape(1, -1, 1)
-    return y.reshape(n, w.shape[0], h, wd)
 
 
 class AttentionBlock(nn.Cell):
@@ -154,35 +124,30 @@ class AttentionBlock(nn.Cell):
     as separate Dense layers (diffusers' names) and applied as one concatenated 1x1 projection.
     """
 
-    def __init__(self, channels, head_dim=None, groups=32, eps=1e-6):
+    def __init__(self, channels, head_dim=None, groups=32, eps=1e-6, fast_kernels=None):
         super().__init__()
         head_dim = channels if head_dim is None else int(head_dim)
         if channels % head_dim:
             raise ValueError(f"attention head width {head_dim} does not divide {channels} channels")
         self.heads = channels // head_dim
         self.dim_head = head_dim
-        self.scale = head_dim ** -0.5
-        self.group_norm = GroupNorm(groups, channels, eps)
+        self.group_norm = GroupNorm(groups, channels, eps, fast_kernels)
         self.to_q = nn.Dense(channels, channels)
         self.to_k = nn.Dense(channels, channels)
         self.to_v = nn.Dense(channels, channels)
         self.to_out = nn.CellList([nn.Dense(channels, channels)])
-        self._fast = _fast_ops()
-        self._conv = self._fast if _kernels.conv_enabled() else None
+        self._fast = kernel_ops(fast_kernels)
+        self._conv = kernel_ops(fast_kernels, conv=True)
 
     def construct(self, x):
         b, c, h, w = x.shape
         n = h * w
         weight = ops.concat((self.to_q.weight, self.to_k.weight, self.to_v.weight), 0)
         bias = ops.concat((self.to_q.bias, self.to_k.bias, self.to_v.bias), 0)
-        qkv = _pointwise(self.group_norm(x), weight, bias, self._conv)  # [b, 3c, h, w] = [b, 3, heads, d, n]
-        out = _fused_attention(self._fast, "full", qkv, self.heads, self.dim_head, b, n)
-        if out is None:
-            q, k, v = _split_qkv(qkv, self.heads, self.dim_head, b, n)
-            attn = _softmax32(_matmul_ta(q * self.scale, k), -1)  # [b, heads, n_q, n_k]
-            out = _matmul_tb(v, attn)                               # [b, heads, d, n_q]
+        qkv = pointwise(self.group_norm(x), weight, bias, self._conv)  # [b, 3c, h, w] = [b, 3, heads, d, n]
+        out = full_attention(self._fast, qkv, self.heads, self.dim_head, b, n)
         proj = self.to_out[0]
-        return x + _pointwise(out.reshape(b, c, h, w), proj.weight, proj.bias, self._conv)
+        return x + pointwise(out.reshape(b, c, h, w), proj.weight, proj.bias, self._conv)
 
 
 class Downsample2D(nn.Cell):
@@ -190,13 +155,14 @@ class Downsample2D(nn.Cell):
     (diffusers pads explicitly, then convolves without padding; here the conv's own asymmetric
     padding (top 0, bottom 1, left 0, right 1) does the same, and exports to ONNX, which PadV3 does not)."""
 
-    def __init__(self, channels, padding=0):
+    def __init__(self, channels, padding=0, fast_kernels=None):
         super().__init__()
         if padding == 0:
             self.conv = nn.Conv2d(channels, channels, 3, stride=2, pad_mode="pad", padding=(0, 1, 0, 1),
                                   has_bias=True)
         else:
-            self.conv = Conv2d(channels, channels, 3, padding=padding, stride=2, has_bias=True)
+            self.conv = Conv2d(channels, channels, 3, padding=padding, stride=2, has_bias=True,
+                               fast_kernels=fast_kernels)
 
     def construct(self, x):
         return self.conv(x)
@@ -205,9 +171,9 @@ class Downsample2D(nn.Cell):
 class Upsample2D(nn.Cell):
     """Nearest-neighbour x2, then a 3x3 conv."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, fast_kernels=None):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1, has_bias=True)
+        self.conv = Conv2d(channels, channels, 3, padding=1, has_bias=True, fast_kernels=fast_kernels)
 
     def construct(self, x):
         b, c, h, w = x.shape
@@ -303,11 +269,14 @@ class DDPMUnet(nn.Cell):
         downsample_padding: 0 (pad right/bottom, as the paper's TF code) or 1 [downsample_padding].
         num_classes: class-conditional with ``num_classes + 1`` embeddings, the last the null class
             [num_class_embeds = num_classes + 1].
+        fast_kernels: compiled CPU kernels (True), built-in ops only (False) or None, the user's
+            default (``kernels.requested``; ddpm_ms.layers).
     """
 
     def __init__(self, block_out_channels=(128, 256, 256, 256), channels=3, out_channels=None, layers_per_block=2,
                  attn_levels=(1,), mid_attn=True, groups=32, eps=1e-6, dropout=0.0, act="silu",
-                 attn_head_dim=None, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, num_classes=None):
+                 attn_head_dim=None, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, num_classes=None,
+                 fast_kernels=None):
         super().__init__()
         widths = [int(c) for c in block_out_channels]
         levels = len(widths)
@@ -322,16 +291,17 @@ class DDPMUnet(nn.Cell):
         self.num_classes = None if num_classes is None else int(num_classes)
         self.downsample_factor = 2 ** (levels - 1)
         temb = widths[0] * 4
+        fk = kernels.requested(fast_kernels)  # decided once for every layer
 
         def resnet(cin, cout):
-            return ResnetBlock2D(cin, cout, temb, groups, eps, dropout, act)
+            return ResnetBlock2D(cin, cout, temb, groups, eps, dropout, act, fk)
 
         def attention(c):
-            return AttentionBlock(c, attn_head_dim, groups, eps)
+            return AttentionBlock(c, attn_head_dim, groups, eps, fk)
 
-        self.conv_in = Conv2d(channels, widths[0], 3, padding=1, has_bias=True)
+        self.conv_in = Conv2d(channels, widths[0], 3, padding=1, has_bias=True, fast_kernels=fk)
         self.time_proj = TimestepProjection(widths[0], flip_sin_to_cos, freq_shift)
-        self.time_embedding = TimestepEmbedding(widths[0], temb)
+        self.time_embedding = TimestepEmbedding(widths[0], temb, fk)
         if self.num_classes is not None:
             self.class_embedding = nn.Embedding(self.num_classes + 1, temb)
 
@@ -342,7 +312,7 @@ class DDPMUnet(nn.Cell):
             downs.append(DownBlock2D(
                 [resnet(cin if j == 0 else cout, cout) for j in range(layers_per_block)],
                 [attention(cout) for _ in range(layers_per_block)] if i in attn_levels else None,
-                None if last else Downsample2D(cout, downsample_padding)))
+                None if last else Downsample2D(cout, downsample_padding, fk)))
         self.down_blocks = nn.CellList(downs)
 
         self.mid_block = MidBlock2D([resnet(widths[-1], widths[-1]), resnet(widths[-1], widths[-1])],
@@ -360,13 +330,13 @@ class DDPMUnet(nn.Cell):
             level = levels - 1 - i
             ups.append(UpBlock2D(resnets,
                                  [attention(cout) for _ in resnets] if level in attn_levels else None,
-                                 None if i == levels - 1 else Upsample2D(cout)))
+                                 None if i == levels - 1 else Upsample2D(cout, fk)))
         self.up_blocks = nn.CellList(ups)
         self.skips_per_up = layers_per_block + 1
 
-        self.conv_norm_out = GroupNorm(groups, widths[0], eps)
-        self.conv_act = SiLU()
-        self.conv_out = Conv2d(widths[0], self.out_dim, 3, padding=1, has_bias=True)
+        self.conv_norm_out = GroupNorm(groups, widths[0], eps, fk)
+        self.conv_act = SiLU(fk)
+        self.conv_out = Conv2d(widths[0], self.out_dim, 3, padding=1, has_bias=True, fast_kernels=fk)
 
     def construct(self, x, t, y=None):
         temb = self.time_embedding(self.time_proj(t))

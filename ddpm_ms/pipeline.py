@@ -1,13 +1,10 @@
 """From config or checkpoint to images: model factory, EMA-weight loading, generation."""
 
-import contextlib
-
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
 from . import checkpoint as ckpt
-from . import kernels
 from .config import DEFAULTS
 from .device import set_jit_level
 from .diffusion import Schedule, classifier_free_guidance
@@ -18,19 +15,16 @@ from .ddpm_unet import DDPMUnet
 from .unet import Unet, to_mixed_precision
 
 
-def create_model(cfg, fast_kernels=True):
+def create_model(cfg, fast_kernels=None):
     """The U-Net described by the architecture keys of ``cfg`` (``arch``: tutorial or ddpm).
 
     fast_kernels=False builds it on MindSpore's built-in ops only (no C++ custom ops), as an
-    exported graph needs; the parameters are the same either way.
+    exported graph needs; True asks for the compiled CPU kernels where usable; None (default) is
+    the user's default, on unless DDPM_MS_FAST_KERNELS=0 (``ddpm_ms.layers``). The parameters
+    are the same either way.
     """
-    with contextlib.nullcontext() if fast_kernels else kernels.builtin_ops():
-        return _unet(cfg)
-
-
-def _unet(cfg):
     if cfg.get("arch", "tutorial") == "ddpm":
-        return create_ddpm_unet(cfg)
+        return create_ddpm_unet(cfg, fast_kernels)
     return Unet(
         dim=cfg["dim"],
         init_dim=cfg["init_dim"],
@@ -43,10 +37,11 @@ def _unet(cfg):
         attn_levels=cfg["attn_levels"],
         mid_attn=cfg["mid_attn"],
         num_classes=cfg["num_classes"],
+        fast_kernels=fast_kernels,
     )
 
 
-def create_ddpm_unet(cfg):
+def create_ddpm_unet(cfg, fast_kernels=None):
     """The DDPM paper's U-Net (ddpm_ms/ddpm_unet.py, diffusers UNet2DModel layout) for ``arch: ddpm``."""
     return DDPMUnet(
         block_out_channels=[cfg["dim"] * m for m in cfg["dim_mults"]],
@@ -63,6 +58,7 @@ def create_ddpm_unet(cfg):
         freq_shift=cfg["freq_shift"],
         downsample_padding=cfg["downsample_padding"],
         num_classes=cfg["num_classes"],
+        fast_kernels=fast_kernels,
     )
 
 
@@ -82,7 +78,7 @@ def cast_model(model, dtype):
     return to_mixed_precision(model, ms.float16)
 
 
-def load_model(path, use_ema=True, cfg_overrides=None, fast_kernels=True):
+def load_model(path, use_ema=True, cfg_overrides=None, fast_kernels=None):
     """Rebuild the model stored in ``path`` -> (model, schedule, config).
 
     ``path`` is a checkpoint file or a run directory (then its newest checkpoint, as for

@@ -43,16 +43,9 @@ float16 with ``Cell.to_float``; results are cast back to the input dtype.
 float32) set with flags on the network's own cells, so parameter names stay those of the
 float32 model.
 
-On CPU, GroupNorm, GELU, SiLU, the ConvNeXt depthwise 7x7 convolution and the blocks'
-time shift run as compiled C++ kernels (``ddpm_ms.kernels``: same functions, forward and
-backward; MindSpore's own CPU versions are 3-60x slower, the depthwise weight gradient
-most), the attentions from the qkv projection to ``to_out`` as one fused kernel each way,
-and the dense convolutions as direct convolutions or im2col + OpenBLAS sgemm when the
-scipy-openblas32 wheel is installed.
-Each cell decides when it is built: the kernels are used when the device target is
-CPU, ``DDPM_MS_FAST_KERNELS`` is not ``0`` and the kernels compiled; otherwise, and
-for non-float32 inputs, the built-in MindSpore ops run. Parameter names and values
-are the same either way, so checkpoints move freely between the two paths.
+The layers that run ddpm_ms's compiled CPU kernels (GroupNorm, GELU/SiLU, convolutions, the
+time shift, the attention cores) come from ``ddpm_ms.layers``; ``fast_kernels`` (None: the user's
+default, see there) is passed to each of them. Parameter names and values are the same either way.
 """
 
 import math
@@ -62,11 +55,12 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from . import kernels as _kernels
+from . import kernels
+from .layers import ConvTranspose2d, GroupNorm, TimeShift, conv, full_attention, kernel_ops, linear_attention, \
+    make_act
 
 __all__ = [
     "SinusoidalPositionEmbeddings",
-    "GroupNorm",
     "Residual",
     "PreNorm",
     "Attention",
@@ -76,53 +70,10 @@ __all__ = [
     "DownLevel",
     "UpLevel",
     "Unet",
-    "make_act",
     "to_mixed_precision",
 ]
 
-
-def _fast_ops():
-    """The fast kernel primitives, or None to use MindSpore's built-in ops (decided per cell)."""
-    return _kernels.ops() if _kernels.enabled() else None
-
-
-class GELU(nn.GELU):
-    """Exact (erf) GELU, ``x * Phi(x)``; a compiled kernel on CPU (see module docstring)."""
-
-    def __init__(self):
-        super().__init__(approximate=False)
-        self._fast = _fast_ops()
-
-    def construct(self, x):
-        if self._fast is not None and x.dtype == ms.float32:
-            return self._fast.gelu(x)
-        return super().construct(x)
-
-
-class SiLU(nn.SiLU):
-    """``x * sigmoid(x)``; a compiled kernel on CPU (see module docstring)."""
-
-    def __init__(self):
-        super().__init__()
-        self._fast = _fast_ops()
-
-    def construct(self, x):
-        if self._fast is not None and x.dtype == ms.float32:
-            return self._fast.silu(x)
-        return super().construct(x)
-
-
-ACTIVATIONS = ("gelu", "silu")  # make_act's choices (config key act)
 BLOCK_TYPES = ("convnext", "resnet")  # Unet's block_type choices (config key block_type)
-
-
-def make_act(act):
-    """Return a fresh activation Cell for ``act`` ("gelu" = exact erf GELU, or "silu")."""
-    if act == "gelu":
-        return GELU()
-    if act == "silu":
-        return SiLU()
-    raise ValueError(f"act must be 'gelu' or 'silu', got {act!r}")
 
 
 def level_problem(dim_mults, attn_levels):
@@ -135,71 +86,6 @@ def level_problem(dim_mults, attn_levels):
     if attn_levels is not None and any(not 0 <= i < len(dim_mults) for i in attn_levels):
         return "attn_levels", f"{list(attn_levels)} must index levels 0..{len(dim_mults) - 1}"
     return None
-
-
-class DepthwiseConv2d(nn.Conv2d):
-    """Depthwise KxK conv (``group = channels``), stride 1, zero padding K // 2, no bias.
-
-    An ``nn.Conv2d`` (same parameter ``weight`` [C, 1, K, K]) that runs a compiled
-    kernel on CPU for float32 inputs; MindSpore's CPU depthwise weight gradient is
-    ~50x slower.
-    """
-
-    def __init__(self, channels, kernel):
-        if kernel % 2 != 1:
-            raise ValueError(f"DepthwiseConv2d needs an odd kernel size, got {kernel}")
-        super().__init__(channels, channels, kernel, stride=1, pad_mode="pad", padding=kernel // 2,
-                         group=channels, has_bias=False)
-        self._fast = _fast_ops()
-
-    def construct(self, x):
-        if self._fast is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32:
-            return self._fast.dwconv(x, self.weight)
-        return super().construct(x)
-
-
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (zero padding, PyTorch-style) that runs the OpenBLAS convolution kernels
-    on CPU for float32, when its geometry is one they cover: no groups, and either stride 1
-    with padding K // 2 (odd K) or a 4x4 stride-2 conv with padding 1 on even-sized inputs.
-    Same parameters (``weight`` [Co, Ci, K, K], optional ``bias``) either way."""
-
-    def __init__(self, cin, cout, kernel, padding=0, stride=1, group=1, has_bias=False):
-        super().__init__(cin, cout, kernel, stride=stride, pad_mode="pad" if padding else "valid",
-                         padding=padding, group=group, has_bias=has_bias)
-        fast = _fast_ops() if _kernels.conv_enabled() and group == 1 else None
-        self._same = fast is not None and stride == 1 and kernel % 2 == 1 and padding == kernel // 2
-        self._down = fast is not None and stride == 2 and kernel == 4 and padding == 1
-        self._fast = fast if (self._same or self._down) else None
-
-    def construct(self, x):
-        if self._fast is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32 \
-                and (self._same or (x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)):
-            y = self._fast.conv_same(x, self.weight) if self._same else self._fast.conv_down(x, self.weight)
-            return ops.bias_add(y, self.bias) if self.has_bias else y
-        return super().construct(x)
-
-
-class ConvTranspose2d(nn.Conv2dTranspose):
-    """``nn.Conv2dTranspose(cin, cout, 4, stride=2, padding=1)`` without bias (the U-Net's
-    up-sampling), on CPU the adjoint of the OpenBLAS 4x4 stride-2 conv kernel."""
-
-    def __init__(self, cin, cout):
-        super().__init__(cin, cout, 4, stride=2, pad_mode="pad", padding=1)
-        self._fast = _fast_ops() if _kernels.conv_enabled() else None
-
-    def construct(self, x):
-        if self._fast is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32:
-            return self._fast.conv_up(x, self.weight)
-        return super().construct(x)
-
-
-def _conv(cin, cout, kernel, padding=0, stride=1, group=1, has_bias=False):
-    """Conv2d with explicit (PyTorch-style) zero padding."""
-    if group == cin == cout and stride == 1 and not has_bias and kernel % 2 == 1 \
-            and padding == kernel // 2 and kernel > 1:
-        return DepthwiseConv2d(cin, kernel)
-    return Conv2d(cin, cout, kernel, padding=padding, stride=stride, group=group, has_bias=has_bias)
 
 
 class SinusoidalPositionEmbeddings(nn.Cell):
@@ -225,30 +111,6 @@ class SinusoidalPositionEmbeddings(nn.Cell):
         return ops.concat((ops.sin(args), ops.cos(args)), -1)
 
 
-class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` that always normalises in float32 and returns the input dtype.
-
-    On CPU (float32, eps 1e-5, 4-D input) it runs a compiled kernel, forward and backward.
-    """
-
-    def __init__(self, num_groups, num_channels, eps=1e-05, affine=True, gamma_init="ones",
-                 beta_init="zeros", dtype=ms.float32):
-        super().__init__(num_groups, num_channels, eps, affine, gamma_init, beta_init, dtype)
-        self._fast = _fast_ops() if eps == _kernels.GROUP_NORM_EPS else None
-        self.out_dtype = None  # None: the input's dtype; set by to_mixed_precision
-
-    def _cal_output(self, x):
-        if self._fast is not None and x.dtype == ms.float32 and x.ndim == 4 \
-                and self.gamma.dtype == ms.float32:
-            n, c, h, w = x.shape
-            out = self._fast.group_norm(x.reshape(n, self.num_groups, c // self.num_groups, h * w),
-                                        self.gamma, self.beta)[0].reshape(n, c, h, w)
-            return out if self.out_dtype is None else out.astype(self.out_dtype)
-        out = ops.group_norm(x.astype(ms.float32), self.num_groups, self.gamma.astype(ms.float32),
-                             self.beta.astype(ms.float32), self.eps)
-        return out.astype(x.dtype if self.out_dtype is None else self.out_dtype)
-
-
 def to_mixed_precision(net, dtype=ms.float16):
     """Ascend/GPU precision: ``net`` computes in ``dtype``, its GroupNorms in float32 -> ``net``.
 
@@ -271,38 +133,6 @@ def to_mixed_precision(net, dtype=ms.float16):
     return net
 
 
-def _split_qkv(qkv, heads, dim_head, b, n):
-    """[b, 3*heads*dim_head, h, w] -> q, k, v, each [b, heads, dim_head, n].
-
-    Same values as reshaping to [b, 3, heads, dim_head, n] and indexing [:, i]; a split
-    along the channel axis is ~100x faster than that strided slice on MindSpore's CPU.
-    """
-    q, k, v = ops.split(qkv, heads * dim_head, axis=1)
-    return (q.reshape(b, heads, dim_head, n), k.reshape(b, heads, dim_head, n),
-            v.reshape(b, heads, dim_head, n))
-
-
-# Batched a^T b and a b^T with the transpose folded into the matmul: an explicit swapaxes
-# is a full copy (a Transpose kernel) on MindSpore's CPU backend.
-_matmul_ta = ops.BatchMatMul(transpose_a=True)
-_matmul_tb = ops.BatchMatMul(transpose_b=True)
-
-
-def _softmax32(x, axis):
-    """Softmax over ``axis`` computed in float32, returned in x's dtype."""
-    return ops.softmax(x.astype(ms.float32), axis).astype(x.dtype)
-
-
-def _fused_attention(fast, kind, qkv, heads, dim_head, b, n):
-    """The compiled ``kind`` ("linear" or "full") attention from the qkv projection to the input
-    of ``to_out``, [b, heads, dim_head, n] (one op forward, one backward; scale dim_head ** -0.5),
-    or None where the built-in ops must run (no kernels, or not float32)."""
-    if fast is None or qkv.dtype != ms.float32:
-        return None
-    op = fast.linear_attention if kind == "linear" else fast.full_attention
-    return op(qkv.reshape(b, 3, heads, dim_head, n))[0]
-
-
 class Residual(nn.Cell):
     """``fn(x) + x``."""
 
@@ -317,9 +147,9 @@ class Residual(nn.Cell):
 class PreNorm(nn.Cell):
     """``fn(GroupNorm(1, dim)(x))``."""
 
-    def __init__(self, dim, fn):
+    def __init__(self, dim, fn, fast_kernels=None):
         super().__init__()
-        self.norm = GroupNorm(1, dim)
+        self.norm = GroupNorm(1, dim, fast_kernels=fast_kernels)
         self.fn = fn
 
     def construct(self, x):
@@ -335,26 +165,19 @@ class Attention(nn.Cell):
     ``to_qkv`` and ``to_out`` is one compiled op (``full_attention``) forward and one backward.
     """
 
-    def __init__(self, dim, heads=4, dim_head=32):
+    def __init__(self, dim, heads=4, dim_head=32, fast_kernels=None):
         super().__init__()
         self.heads = heads
         self.dim_head = dim_head
-        self.scale = dim_head ** -0.5
         hidden = heads * dim_head
-        self.to_qkv = _conv(dim, hidden * 3, 1)
-        self.to_out = _conv(hidden, dim, 1, has_bias=True)
-        self._fast = _fast_ops()
+        self.to_qkv = conv(dim, hidden * 3, 1, fast_kernels=fast_kernels)
+        self.to_out = conv(hidden, dim, 1, has_bias=True, fast_kernels=fast_kernels)
+        self._fast = kernel_ops(fast_kernels)
 
     def construct(self, x):
         b, _, h, w = x.shape
         qkv = self.to_qkv(x)
-        out = _fused_attention(self._fast, "full", qkv, self.heads, self.dim_head, b, h * w)
-        if out is None:
-            q, k, v = _split_qkv(qkv, self.heads, self.dim_head, b, h * w)
-            q = q * self.scale
-            sim = _matmul_ta(q, k)                         # q^T k: [b, heads, n_q, n_k]
-            attn = _softmax32(sim, -1)
-            out = _matmul_tb(v, attn)                      # v attn^T: [b, heads, d, n_q]
+        out = full_attention(self._fast, qkv, self.heads, self.dim_head, b, h * w)
         return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
 
 
@@ -368,42 +191,21 @@ class LinearAttention(nn.Cell):
     forward and one backward.
     """
 
-    def __init__(self, dim, heads=4, dim_head=32):
+    def __init__(self, dim, heads=4, dim_head=32, fast_kernels=None):
         super().__init__()
         self.heads = heads
         self.dim_head = dim_head
-        self.scale = dim_head ** -0.5
         hidden = heads * dim_head
-        self.to_qkv = _conv(dim, hidden * 3, 1)
-        self.to_out = nn.SequentialCell(_conv(hidden, dim, 1, has_bias=True), GroupNorm(1, dim))
-        self._fast = _fast_ops()
+        self.to_qkv = conv(dim, hidden * 3, 1, fast_kernels=fast_kernels)
+        self.to_out = nn.SequentialCell(conv(hidden, dim, 1, has_bias=True, fast_kernels=fast_kernels),
+                                        GroupNorm(1, dim, fast_kernels=fast_kernels))
+        self._fast = kernel_ops(fast_kernels)
 
     def construct(self, x):
         b, _, h, w = x.shape
         qkv = self.to_qkv(x)
-        out = _fused_attention(self._fast, "linear", qkv, self.heads, self.dim_head, b, h * w)
-        if out is None:
-            q, k, v = _split_qkv(qkv, self.heads, self.dim_head, b, h * w)
-            q = _softmax32(q, -2) * self.scale
-            k = _softmax32(k, -1)
-            context = _matmul_tb(k, v)                     # k v^T: [b, heads, d, e]
-            out = _matmul_ta(context, q)                   # context^T q: [b, heads, e, n]
+        out = linear_attention(self._fast, qkv, self.heads, self.dim_head, b, h * w)
         return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
-
-
-class TimeShift(nn.Cell):
-    """``h + emb[:, :, None, None]``: a per-sample, per-channel shift (the blocks' time and
-    class conditioning); a compiled kernel on CPU for float32."""
-
-    def __init__(self):
-        super().__init__()
-        self._fast = _fast_ops()
-
-    def construct(self, h, emb):
-        emb = emb.astype(h.dtype)
-        if self._fast is not None and h.dtype == ms.float32:
-            return self._fast.plane_add(h, emb)
-        return h + emb.expand_dims(-1).expand_dims(-1)
 
 
 class ConvNextBlock(nn.Cell):
@@ -414,21 +216,22 @@ class ConvNextBlock(nn.Cell):
     ``out = h + res_conv(x)`` (1x1 conv when the channel count changes).
     """
 
-    def __init__(self, dim, dim_out, time_emb_dim=None, mult=2, norm=True, act="gelu"):
+    def __init__(self, dim, dim_out, time_emb_dim=None, mult=2, norm=True, act="gelu", fast_kernels=None):
         super().__init__()
+        fk = fast_kernels
         self.has_time = time_emb_dim is not None
         if self.has_time:
-            self.mlp = nn.SequentialCell(make_act(act), nn.Dense(time_emb_dim, dim))
-            self.shift = TimeShift()
-        self.ds_conv = _conv(dim, dim, 7, padding=3, group=dim)
+            self.mlp = nn.SequentialCell(make_act(act, fk), nn.Dense(time_emb_dim, dim))
+            self.shift = TimeShift(fk)
+        self.ds_conv = conv(dim, dim, 7, padding=3, group=dim, fast_kernels=fk)
         self.net = nn.SequentialCell(
-            GroupNorm(1, dim) if norm else nn.Identity(),
-            _conv(dim, dim_out * mult, 3, padding=1),
-            make_act(act),
-            GroupNorm(1, dim_out * mult),
-            _conv(dim_out * mult, dim_out, 3, padding=1),
+            GroupNorm(1, dim, fast_kernels=fk) if norm else nn.Identity(),
+            conv(dim, dim_out * mult, 3, padding=1, fast_kernels=fk),
+            make_act(act, fk),
+            GroupNorm(1, dim_out * mult, fast_kernels=fk),
+            conv(dim_out * mult, dim_out, 3, padding=1, fast_kernels=fk),
         )
-        self.res_conv = _conv(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+        self.res_conv = conv(dim, dim_out, 1, fast_kernels=fk) if dim != dim_out else nn.Identity()
 
     def construct(self, x, t=None):
         h = self.ds_conv(x)
@@ -440,11 +243,11 @@ class ConvNextBlock(nn.Cell):
 class _ConvNormAct(nn.Cell):
     """conv3x3 -> GroupNorm(groups) -> act (the ``Block`` of the ResNet variant)."""
 
-    def __init__(self, dim, dim_out, groups=8, act="gelu"):
+    def __init__(self, dim, dim_out, groups=8, act="gelu", fast_kernels=None):
         super().__init__()
-        self.proj = _conv(dim, dim_out, 3, padding=1)
-        self.norm = GroupNorm(groups, dim_out)
-        self.act = make_act(act)
+        self.proj = conv(dim, dim_out, 3, padding=1, fast_kernels=fast_kernels)
+        self.norm = GroupNorm(groups, dim_out, fast_kernels=fast_kernels)
+        self.act = make_act(act, fast_kernels)
 
     def construct(self, x):
         return self.act(self.norm(self.proj(x)))
@@ -457,15 +260,15 @@ class ResnetBlock(nn.Cell):
     is cheaper on CPU for the same width. ``dim_out`` must be divisible by ``groups``.
     """
 
-    def __init__(self, dim, dim_out, time_emb_dim=None, groups=8, act="gelu"):
+    def __init__(self, dim, dim_out, time_emb_dim=None, groups=8, act="gelu", fast_kernels=None):
         super().__init__()
         self.has_time = time_emb_dim is not None
         if self.has_time:
-            self.mlp = nn.SequentialCell(make_act(act), nn.Dense(time_emb_dim, dim_out))
-            self.shift = TimeShift()
-        self.block1 = _ConvNormAct(dim, dim_out, groups, act)
-        self.block2 = _ConvNormAct(dim_out, dim_out, groups, act)
-        self.res_conv = _conv(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+            self.mlp = nn.SequentialCell(make_act(act, fast_kernels), nn.Dense(time_emb_dim, dim_out))
+            self.shift = TimeShift(fast_kernels)
+        self.block1 = _ConvNormAct(dim, dim_out, groups, act, fast_kernels)
+        self.block2 = _ConvNormAct(dim_out, dim_out, groups, act, fast_kernels)
+        self.res_conv = conv(dim, dim_out, 1, fast_kernels=fast_kernels) if dim != dim_out else nn.Identity()
 
     def construct(self, x, t=None):
         h = self.block1(x)
@@ -533,11 +336,13 @@ class Unet(nn.Cell):
         num_classes: if an int, class-conditional: ``y`` in [0, num_classes]
             selects a learned embedding added to the time embedding; index
             ``num_classes`` is the null (unconditional) class.
+        fast_kernels: the compiled CPU kernels where usable (True), MindSpore's built-in ops
+            only (False), or None: the user's default (``kernels.requested``; ddpm_ms.layers).
     """
 
     def __init__(self, dim, init_dim=None, out_dim=None, dim_mults=(1, 2, 4), channels=1,
                  with_time_emb=True, block_type="convnext", convnext_mult=2, resnet_groups=8,
-                 act="gelu", attn_levels=None, mid_attn=True, num_classes=None):
+                 act="gelu", attn_levels=None, mid_attn=True, num_classes=None, fast_kernels=None):
         super().__init__()
         dim_mults = tuple(int(m) for m in dim_mults)
         problem = level_problem(dim_mults, None if attn_levels is None else [int(i) for i in attn_levels])
@@ -545,7 +350,7 @@ class Unet(nn.Cell):
             raise ValueError(" ".join(problem))
         if block_type not in BLOCK_TYPES:
             raise ValueError(f"block_type must be 'convnext' or 'resnet', got {block_type!r}")
-        make_act(act)  # validates
+        make_act(act, False)  # validates
         num_levels = len(dim_mults)
         if attn_levels is None:
             attn_levels = tuple(range(num_levels))
@@ -570,25 +375,26 @@ class Unet(nn.Cell):
         self.attn_levels = attn_levels
         self.downsample_factor = 2 ** (num_levels - 1)
 
+        fk = kernels.requested(fast_kernels)  # decided once for every layer
         dims = [init_dim] + [dim * m for m in dim_mults]
         in_out = list(zip(dims[:-1], dims[1:]))
         time_dim = dim * 4 if self.with_time_emb else None
 
         def block(cin, cout, temb=time_dim, norm=True):
             if block_type == "convnext":
-                return ConvNextBlock(cin, cout, temb, mult=convnext_mult, norm=norm, act=act)
-            return ResnetBlock(cin, cout, temb, groups=resnet_groups, act=act)
+                return ConvNextBlock(cin, cout, temb, mult=convnext_mult, norm=norm, act=act, fast_kernels=fk)
+            return ResnetBlock(cin, cout, temb, groups=resnet_groups, act=act, fast_kernels=fk)
 
         def lin_attn(d):
-            return Residual(PreNorm(d, LinearAttention(d)))
+            return Residual(PreNorm(d, LinearAttention(d, fast_kernels=fk), fast_kernels=fk))
 
-        self.init_conv = _conv(channels, init_dim, 7, padding=3, has_bias=True)
+        self.init_conv = conv(channels, init_dim, 7, padding=3, has_bias=True, fast_kernels=fk)
 
         if self.with_time_emb:
             self.time_mlp = nn.SequentialCell(
                 SinusoidalPositionEmbeddings(dim),
                 nn.Dense(dim, time_dim),
-                make_act(act),
+                make_act(act, fk),
                 nn.Dense(time_dim, time_dim),
             )
         if num_classes is not None:
@@ -601,13 +407,14 @@ class Unet(nn.Cell):
                 block(d_in, d_out, norm=ind != 0),
                 block(d_out, d_out),
                 lin_attn(d_out) if ind in attn_levels else nn.Identity(),
-                _conv(d_out, d_out, 4, padding=1, stride=2) if not is_last else nn.Identity(),
+                conv(d_out, d_out, 4, padding=1, stride=2, fast_kernels=fk) if not is_last else nn.Identity(),
             ))
         self.downs = nn.CellList(downs)
 
         mid = dims[-1]
         self.mid_block1 = block(mid, mid)
-        self.mid_attn = Residual(PreNorm(mid, Attention(mid))) if mid_attn else nn.Identity()
+        self.mid_attn = Residual(PreNorm(mid, Attention(mid, fast_kernels=fk), fast_kernels=fk)) \
+            if mid_attn else nn.Identity()
         self.mid_block2 = block(mid, mid)
 
         # Decoder: stage ind runs at level (num_levels-1-ind)'s resolution, concats
@@ -622,13 +429,13 @@ class Unet(nn.Cell):
                 block(d_out * 2, d_in),
                 block(d_in, d_in),
                 lin_attn(d_in) if level in attn_levels else nn.Identity(),
-                ConvTranspose2d(d_in, d_in),
+                ConvTranspose2d(d_in, d_in, fk),
             ))
         self.ups = nn.CellList(ups)
         self.has_ups = len(ups) > 0
 
         self.final_block = block(dims[1], dim, temb=None)
-        self.final_conv = _conv(dim, out_dim, 1)
+        self.final_conv = conv(dim, out_dim, 1, fast_kernels=fk)
 
     def construct(self, x, t, y=None):
         x = self.init_conv(x)

@@ -17,9 +17,10 @@ import ddpm_ms  # noqa: F401
 from ddpm_ms import checkpoint as ckpt
 from ddpm_ms.config import load_config
 from ddpm_ms.pipeline import cast_model, create_model
+from ddpm_ms.layers import GroupNorm
 from ddpm_ms.train import train
 from ddpm_ms.trainer import Trainer
-from ddpm_ms.unet import GroupNorm, SinusoidalPositionEmbeddings
+from ddpm_ms.unet import SinusoidalPositionEmbeddings
 
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
 

@@ -14,6 +14,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ddpm_ms import kernels
+from ddpm_ms import layers
 from ddpm_ms import unet as unet_mod
 
 needs_kernels = pytest.mark.skipif(not kernels.enabled(), reason=f"fast kernels unavailable: {kernels.status()}")
@@ -113,7 +114,7 @@ def test_activation_forward_and_gradient(name):
 @needs_kernels
 def test_activation_cells_use_the_kernels_and_match_builtin():
     x = Tensor(_act_inputs())
-    for fast_cell, builtin in ((unet_mod.GELU(), nn.GELU(approximate=False)), (unet_mod.SiLU(), nn.SiLU())):
+    for fast_cell, builtin in ((layers.GELU(), nn.GELU(approximate=False)), (layers.SiLU(), nn.SiLU())):
         assert fast_cell._fast is not None
         np.testing.assert_allclose(fast_cell(x).asnumpy(), builtin(x).asnumpy(), rtol=1e-5, atol=1e-6)
 
@@ -173,8 +174,8 @@ def test_group_norm_forward_and_gradients(shape, G):
 
 @needs_kernels
 def test_group_norm_cell_uses_the_kernel_and_other_eps_does_not():
-    assert unet_mod.GroupNorm(2, 4)._fast is not None
-    assert unet_mod.GroupNorm(2, 4, eps=1e-6)._fast is None
+    assert layers.GroupNorm(2, 4)._fast is not None
+    assert layers.GroupNorm(2, 4, eps=1e-6)._fast is None
 
 
 # ----------------------------------------------------------------------------- fused attention
@@ -362,7 +363,7 @@ def test_depthwise_conv_forward_and_gradients(shape, k):
 
 @needs_kernels
 def test_depthwise_conv_cell_matches_builtin_conv():
-    cell = unet_mod.DepthwiseConv2d(3, 7)
+    cell = layers.DepthwiseConv2d(3, 7)
     assert cell._fast is not None and cell.weight.shape == (3, 1, 7, 7)
     ref = nn.Conv2d(3, 3, 7, pad_mode="pad", padding=3, group=3, has_bias=False)
     ref.weight.set_data(cell.weight.value().copy())
@@ -462,9 +463,9 @@ def test_conv_cells_match_builtin_and_fall_back_where_not_covered():
     rng = _rng(10)
     x = Tensor(rng.standard_normal((2, 3, 6, 6)).astype(np.float32))
     x_odd = Tensor(rng.standard_normal((2, 3, 7, 7)).astype(np.float32))
-    cases = [(unet_mod.Conv2d(3, 4, 7, padding=3, has_bias=True), True),
-             (unet_mod.Conv2d(3, 4, 4, padding=1, stride=2), True),
-             (unet_mod.Conv2d(3, 4, 3, padding=0), False)]          # "valid" conv: built-in
+    cases = [(layers.Conv2d(3, 4, 7, padding=3, has_bias=True), True),
+             (layers.Conv2d(3, 4, 4, padding=1, stride=2), True),
+             (layers.Conv2d(3, 4, 3, padding=0), False)]          # "valid" conv: built-in
     for cell, covered in cases:
         assert (cell._fast is not None) == covered
         ref = nn.Conv2d(3, 4, cell.kernel_size, stride=cell.stride, pad_mode=cell.pad_mode,
@@ -474,7 +475,7 @@ def test_conv_cells_match_builtin_and_fall_back_where_not_covered():
             cell.bias.set_data(ref.bias.value().copy())
         for inp in (x, x_odd):  # odd sizes take the built-in path in the strided conv
             np.testing.assert_allclose(cell(inp).asnumpy(), ref(inp).asnumpy(), rtol=1e-5, atol=1e-5)
-    up = unet_mod.ConvTranspose2d(3, 2)
+    up = layers.ConvTranspose2d(3, 2)
     assert up._fast is not None
     ref = nn.Conv2dTranspose(3, 2, 4, stride=2, pad_mode="pad", padding=1)
     ref.weight.set_data(up.weight.value().copy())
@@ -486,18 +487,18 @@ def test_conv_kernels_left_out_without_openblas(tmp_path, monkeypatch, mode):
         pytest.skip("mode independent")
     if kernels.conv_enabled():  # the switch: cells built while it is 0 use MindSpore's conv
         monkeypatch.setenv(kernels.ENV_CONV, "0")
-        assert not kernels.conv_enabled() and unet_mod.Conv2d(2, 3, 3, padding=1)._fast is None
-        assert unet_mod.ConvTranspose2d(2, 2)._fast is None
+        assert not kernels.conv_enabled() and layers.Conv2d(2, 3, 3, padding=1)._fast is None
+        assert layers.ConvTranspose2d(2, 2)._fast is None
         monkeypatch.setenv(kernels.ENV_CONV, "1")
-        assert unet_mod.Conv2d(2, 3, 3, padding=1)._fast is not None
+        assert layers.Conv2d(2, 3, 3, padding=1)._fast is not None
     monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
     monkeypatch.setattr(kernels, "_state", dict(kernels._state, lib=None, error=None, tried=False, warned=False))
     monkeypatch.setattr(kernels, "_openblas", lambda: None)
     if not kernels.enabled():
         pytest.skip(f"fast kernels unavailable: {kernels.status()}")
     assert not kernels.conv_enabled() and "convolutions built-in" in kernels.status()
-    assert unet_mod.Conv2d(2, 3, 3, padding=1)._fast is None
-    assert unet_mod.GroupNorm(1, 4)._fast is not None
+    assert layers.Conv2d(2, 3, 3, padding=1)._fast is None
+    assert layers.GroupNorm(1, 4)._fast is not None
 
 
 # ----------------------------------------------------------------------------- switch, cache, fallback
@@ -536,9 +537,53 @@ def test_switch_off_by_environment(monkeypatch, mode):
         monkeypatch.setenv(kernels.ENV_SWITCH, value)
         assert not kernels.enabled()
         assert "DDPM_MS_FAST_KERNELS=0" in kernels.status()
-        assert unet_mod.GroupNorm(1, 4)._fast is None
+        assert layers.GroupNorm(1, 4)._fast is None
     monkeypatch.setenv(kernels.ENV_SWITCH, "1")
     assert kernels.enabled()
+    assert not kernels.enabled(False) and layers.GroupNorm(1, 4, fast_kernels=False)._fast is None
+
+
+def _kernel_holders(model):
+    """(cell name, attribute) of every cell attribute holding the kernels or one of their Custom ops."""
+    found = []
+    for name, cell in model.cells_and_names():
+        for attr, value in list(vars(cell).items()) + list(cell._primitives.items()):
+            if isinstance(value, ops.Custom) or (kernels.enabled() and value is kernels.ops()):
+                found.append((name, attr))
+    return found
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["tutorial", "ddpm"])
+def test_fast_kernels_argument_builds_a_builtin_model_with_the_same_outputs(arch, monkeypatch, mode):
+    """create_model(cfg, fast_kernels=False): no Custom op anywhere, whatever DDPM_MS_FAST_KERNELS says,
+    and the same function as the kernel-backed model on the same weights; True beats the switch."""
+    if mode == "graph":
+        pytest.skip("mode independent: the choice is made when the cells are built")
+    from ddpm_ms.config import load_config
+    from ddpm_ms.pipeline import create_model
+    tiny = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
+    over = {"block_type": "convnext", "act": "gelu", "attn_levels": [1], "num_classes": 2}
+    if arch == "ddpm":
+        over = {"arch": "ddpm", "layers_per_block": 1, "attn_levels": [1], "num_classes": 2, "norm_eps": 1e-6}
+    cfg = load_config(tiny, over)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")  # the argument, not the user's default, decides
+    ms.set_seed(3)
+    fast = create_model(cfg, fast_kernels=True)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "1")
+    builtin = create_model(cfg, fast_kernels=False)
+    assert _kernel_holders(builtin) == []
+    assert len(_kernel_holders(fast)) > 10
+    assert [p.name for p in fast.get_parameters()] == [p.name for p in builtin.get_parameters()]
+    rng = _rng(3)
+    for a, b in zip(fast.get_parameters(), builtin.get_parameters()):
+        a.set_data(Tensor((rng.standard_normal(a.shape) * 0.3).astype(np.float32)))
+        b.set_data(a.value().copy())
+    x = Tensor(rng.standard_normal((2, 1, 8, 8)).astype(np.float32))
+    t = Tensor(np.array([1, 17], np.int32))
+    y = Tensor(np.array([0, 2], np.int32))
+    want = builtin(x, t, y).asnumpy()
+    _close(fast(x, t, y).asnumpy(), want, rtol=1e-4, atol_frac=1e-5)
 
 
 @needs_kernels
@@ -565,7 +610,7 @@ def test_missing_compiler_or_failed_build_falls_back_with_one_warning(tmp_path, 
         warnings.simplefilter("always")
         assert not kernels.enabled()
         assert not kernels.enabled()
-        norm = unet_mod.GroupNorm(1, 4)
+        norm = layers.GroupNorm(1, 4)
     assert norm._fast is None
     assert len([w for w in caught if "fast CPU kernels disabled" in str(w.message)]) == 1
     assert "kernel build failed" in kernels.status()
@@ -587,7 +632,7 @@ def test_other_backends_keep_builtin_ops(monkeypatch, mode):
         pytest.skip("mode independent")
     monkeypatch.setattr(kernels, "_device_target", lambda: "Ascend")
     assert not kernels.enabled()
-    assert unet_mod.DepthwiseConv2d(2, 7)._fast is None
+    assert layers.DepthwiseConv2d(2, 7)._fast is None
     assert "device Ascend" in kernels.status()
 
 
@@ -677,7 +722,7 @@ def test_non_x86_hosts_use_builtin_ops_with_one_note_and_no_build(monkeypatch, c
         warnings.simplefilter("error")  # a note, not a warning per cell
         assert not kernels.enabled()
         assert not kernels.enabled()
-        assert unet_mod.GroupNorm(1, 4)._fast is None
+        assert layers.GroupNorm(1, 4)._fast is None
     notes = [line for line in capsys.readouterr().err.splitlines() if "x86-64 only" in line]
     assert len(notes) == 1 and "aarch64" in notes[0]
     assert "x86-64 only" in kernels.status()

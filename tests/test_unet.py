@@ -14,15 +14,14 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from ddpm_ms.layers import GroupNorm, make_act
 from ddpm_ms.unet import (
     Attention,
-    GroupNorm,
     LinearAttention,
     PreNorm,
     Residual,
     SinusoidalPositionEmbeddings,
     Unet,
-    make_act,
 )
 
 

@@ -25,14 +25,15 @@ The kernels are used only when all of these hold, else the built-in MindSpore op
 * MindSpore's device target is CPU on Linux x86-64 (Ascend and GPU keep the built-in ops; on other
   CPUs, e.g. aarch64, one note says the built-in ops run: the sources use x86 intrinsics);
 * ``g++`` (or ``$CXX``) is found and the compilation succeeds;
-* the cell is not built inside ``with builtin_ops():`` (how ``ddpm_ms.export`` builds a network
+* the cell was not built with ``fast_kernels=False`` (how ``ddpm_ms.export`` builds a network
   that MindIR consumers and ONNX can run: custom aot ops cannot be exported).
 
-``enabled()`` answers that question (compiling on the first call); ``ops()`` returns the
-Custom primitives. Cells decide once, when they are built, so a graph never mixes paths.
+``enabled(fast_kernels)`` answers that question (compiling on the first call): ``fast_kernels``
+None means the user's default, ``requested()``, the one place that reads ``DDPM_MS_FAST_KERNELS``.
+``ops()`` returns the Custom primitives. Cells decide once, when they are built
+(``ddpm_ms.layers``), so a graph never mixes paths.
 """
 
-import contextlib
 import functools
 import hashlib
 import os
@@ -65,7 +66,7 @@ ENV_MARCH = "DDPM_MS_KERNEL_MARCH"
 GROUP_NORM_EPS = 1e-5  # the epsilon compiled into the group norm kernel
 
 ENV_CONV = "DDPM_MS_FAST_CONV"  # 0: leave the OpenBLAS convolutions out (built-in conv ops)
-_state = {"lib": None, "error": None, "tried": False, "warned": False, "conv": False, "builtin": 0}
+_state = {"lib": None, "error": None, "tried": False, "warned": False, "conv": False}
 
 
 def _cxxflags():
@@ -188,19 +189,14 @@ def switched_off():
     return _off(ENV_SWITCH)
 
 
-@contextlib.contextmanager
-def builtin_ops():
-    """Cells built inside this block use MindSpore's built-in ops, whatever the device."""
-    _state["builtin"] += 1
-    try:
-        yield
-    finally:
-        _state["builtin"] -= 1
+def requested(fast_kernels=None):
+    """The caller's choice, or (None) the user's default: on unless ``DDPM_MS_FAST_KERNELS=0``."""
+    return not switched_off() if fast_kernels is None else bool(fast_kernels)
 
 
-def enabled():
-    """True if the fast kernels can be used in the current MindSpore context."""
-    if switched_off() or _state["builtin"]:
+def enabled(fast_kernels=None):
+    """True if the fast kernels are asked for (``requested``) and usable in the current MindSpore context."""
+    if not requested(fast_kernels):
         return False
     if sys.platform != "linux" or _device_target() != "CPU":
         return False
@@ -234,9 +230,9 @@ def status():
     return f"built-in MindSpore ops (device {_device_target()})"
 
 
-def conv_enabled():
+def conv_enabled(fast_kernels=None):
     """True if the dense convolution kernels (direct, or im2col + OpenBLAS sgemm) are in the library."""
-    return enabled() and bool(_state.get("conv")) and not _off(ENV_CONV)
+    return enabled(fast_kernels) and bool(_state.get("conv")) and not _off(ENV_CONV)
 
 
 @functools.lru_cache(maxsize=None)
