@@ -58,7 +58,8 @@ def main():
         ms.set_seed(0)
         cfg = load_config(args.config)
         params = ckpt.named_params(create_model(cfg, fast_kernels=False))
-        path = ckpt.save(os.path.join(tmp, "untrained.ckpt"), {"model": params, "ema": params}, {"config": cfg, "step": 0})
+        path = ckpt.save(os.path.join(tmp, "untrained.ckpt"), {"model": params, "ema": params},
+                         {"config": cfg, "step": 0})
 
     rng = np.random.default_rng(0)
     ref, sched, cfg = load_model(path, fast_kernels=False)
@@ -75,7 +76,8 @@ def main():
     want = ref_fn(x, t).asnumpy()
     fast_fn = eps_of(load_model(path)[0])
     rows = [("checkpoint, built-in ops", "", "", "", timed(lambda: ref_fn(x, t).asnumpy(), args.repeats)),
-            ("checkpoint, fast CPU kernels", "", "", f"{np.abs(fast_fn(x, t).asnumpy() - want).max() / np.abs(want).max():.1e}",
+            ("checkpoint, fast CPU kernels", "", "",
+             f"{np.abs(fast_fn(x, t).asnumpy() - want).max() / np.abs(want).max():.1e}",
              timed(lambda: fast_fn(x, t).asnumpy(), args.repeats))]
     for fmt in ("mindir", "onnx"):
         out = os.path.join(tmp, f"model.{fmt}")

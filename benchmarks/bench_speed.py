@@ -16,7 +16,8 @@ with other work slows them alike and the ratios stay meaningful:
 * ``ms-noconv`` (``--compare-noconv``): the fast kernels without the OpenBLAS convolutions
   (``DDPM_MS_FAST_CONV=0``, MindSpore's own conv ops);
 * ``torch`` (``--torch``): the PyTorch eager reference (benchmarks/torch_unet.py; for
-  ``arch: ddpm`` configs diffusers' ``UNet2DModel``, which needs diffusers) with the same weights, loss, Adam and EMA update, in a child process that runs only while
+  ``arch: ddpm`` configs diffusers' ``UNet2DModel``, which needs diffusers) with the same
+  weights, loss, Adam and EMA update, in a child process that runs only while
   this one waits (so neither framework's idle threads slow the other); needs torch
   (``pip install torch==2.13.0`` takes the CPU build on the project machines).
 

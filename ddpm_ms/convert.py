@@ -346,7 +346,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.from_diffusers:
         if os.path.isdir(args.out):
-            raise UserError(f"--out {args.out} is a folder; give the checkpoint file to write, e.g. {args.out}/model.ckpt")
+            raise UserError(f"--out {args.out} is a folder; give the checkpoint file to write, "
+                            f"e.g. {args.out}/model.ckpt")
         cfg = from_diffusers(args.from_diffusers, args.out, parse_overrides(args.overrides))
         print(f"wrote {args.out}: arch ddpm, {cfg['image_size']}x{cfg['image_size']}x{cfg['channels']}, "
               f"T={cfg['timesteps']} {cfg['beta_schedule']}", file=sys.stderr)

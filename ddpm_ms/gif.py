@@ -23,7 +23,8 @@ def main(argv=None):
     parser.set_defaults(num=16)
     parser.add_argument("--frames", type=int, default=40, help="number of frames")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds for the whole animation")
-    parser.add_argument("--hold", type=float, default=1.0, help="seconds the final frame stays before the loop restarts")
+    parser.add_argument("--hold", type=float, default=1.0,
+                        help="seconds the final frame stays before the loop restarts")
     parser.add_argument("--source", choices=SOURCES, default="x",
                         help="show x_t (x), the model's prediction of x_0 (x0) or both side by side in each frame")
     parser.add_argument("--label", action="store_true", help="print t and the noise level under each frame")

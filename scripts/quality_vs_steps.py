@@ -119,7 +119,8 @@ def main(argv=None):
     parser.add_argument("--num", type=int, default=1000, help="samples per setting")
     parser.add_argument("--samplers", type=name_list, default=list(SAMPLERS), help="comma-separated")
     parser.add_argument("--steps", type=int_list, default=[5, 10, 20, 50, 100], help="DDIM / DPM-Solver++ step counts")
-    parser.add_argument("--ddpm-steps", type=int_list, default=[], help="respaced DDPM step counts (besides the full chain)")
+    parser.add_argument("--ddpm-steps", type=int_list, default=[],
+                        help="respaced DDPM step counts (besides the full chain)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true")

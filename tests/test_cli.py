@@ -139,7 +139,8 @@ def test_diverging_run_stops_with_a_clear_message(trained, tmp_path):
     _, _, data_dir = trained
     out = tmp_path / "run"
     proc = run([sys.executable, "-m", "ddpm_ms.train", "--config", TINY, "--output-dir", str(out), "--data-dir",
-                data_dir, "--no-progress", "lr=1e30", "lr_schedule=constant", "epochs=10", "max_steps=40", "sample_every=0",
+                data_dir, "--no-progress", "lr=1e30", "lr_schedule=constant", "epochs=10", "max_steps=40",
+                "sample_every=0",
                 "save_every_steps=1", "keep_checkpoints=40"])
     assert proc.returncode == 3, proc.stderr
     assert "NaN/inf for 10 steps in a row" in proc.stderr and "last good checkpoint" in proc.stderr

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor
 
 from ddpm_ms import checkpoint as ckpt
 from ddpm_ms.config import ARCH_KEYS, load_config

@@ -30,7 +30,8 @@ def test_every_config_file_parses_and_validates(path):
 
 def test_tutorial_config_has_the_tutorial_values():
     cfg = load_config(os.path.join(ROOT, "configs", "fashion_mnist.yaml"))
-    assert (cfg["batch_size"], cfg["epochs"], cfg["timesteps"], cfg["dim"], cfg["dim_mults"]) == (16, 10, 200, 28, [1, 2, 4])
+    got = (cfg["batch_size"], cfg["epochs"], cfg["timesteps"], cfg["dim"], cfg["dim_mults"])
+    assert got == (16, 10, 200, 28, [1, 2, 4])
     assert (cfg["lr"], cfg["min_lr"], cfg["loss_type"], cfg["loss_scale"]) == (1e-4, 1e-7, "huber", 65536)
 
 

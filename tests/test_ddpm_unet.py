@@ -147,7 +147,8 @@ def test_gradients_match_diffusers(pynative):
 
 
 def test_group_norm_kernel_takes_the_epsilon(pynative, monkeypatch):
-    """eps = 0.05 against var ~ 0.04 (an ignored eps would show): kernel = float64 formula, gradients = built-in op's."""
+    """eps = 0.05 against var ~ 0.04 (an ignored eps would show): kernel = float64 formula,
+    gradients = built-in op's."""
     from ddpm_ms import kernels
     from ddpm_ms.ddpm_unet import GroupNorm
 

@@ -215,7 +215,8 @@ def test_sample_and_gif_commands_with_exported_file(models, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     cmd = [sys.executable, "-c", "from ddpm_ms.sample import console_main; console_main()"]
     proc = subprocess.run(cmd + ["--exported", path, "--classes", "2,0,1,1", "--guidance", "1.5", "--sampler",
-                                 "dpm-solver++", "--steps", "4", "--seed", "5", "--out", str(tmp_path), "--no-progress"],
+                                 "dpm-solver++", "--steps", "4", "--seed", "5", "--out", str(tmp_path),
+                                 "--no-progress"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     images = np.load(tmp_path / "samples_dpm-solver++_4_seed5_w1.5.npy")
@@ -257,8 +258,8 @@ def test_export_errors_write_nothing(models, tmp_path, capsys):
 
 def test_exported_file_errors(models, tmp_path, capsys, monkeypatch):
     def sample_error(path, *extra):
-        return cli_error(sample_mod.main, ["--exported", str(path), "--no-progress", "--out", str(tmp_path)] + list(extra),
-                         capsys)
+        argv = ["--exported", str(path), "--no-progress", "--out", str(tmp_path)] + list(extra)
+        return cli_error(sample_mod.main, argv, capsys)
 
     entry = models["resnet"]
     assert "no m.onnx.json beside it" in sample_error(shutil.copy(entry["onnx"], tmp_path / "m.onnx"))

@@ -12,8 +12,10 @@ def test_slerp_endpoints_and_great_circle():
     z0, z1 = rng.standard_normal((2, 1, 8, 8))
     assert np.allclose(slerp(z0, z1, 0.0), z0) and np.allclose(slerp(z0, z1, 1.0), z1)
     # orthogonal, equal norms: every point keeps the norm and the angle moves linearly
-    a = np.zeros(64); a[0] = 3.0
-    b = np.zeros(64); b[1] = 3.0
+    a = np.zeros(64)
+    a[0] = 3.0
+    b = np.zeros(64)
+    b[1] = 3.0
     for alpha in (0.25, 0.5, 0.9):
         p = slerp(a, b, alpha)
         assert np.linalg.norm(p) == pytest.approx(3.0)

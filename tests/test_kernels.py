@@ -411,7 +411,8 @@ def _conv_transpose64(x, w, s, p):
     full = np.zeros((n, w.shape[1], (h - 1) * s + k, (wd - 1) * s + k))
     for i in range(k):
         for j in range(k):
-            full[:, :, i:i + s * (h - 1) + 1:s, j:j + s * (wd - 1) + 1:s] += np.einsum("nchw,co->nohw", x, w[:, :, i, j])
+            rows, cols = slice(i, i + s * (h - 1) + 1, s), slice(j, j + s * (wd - 1) + 1, s)
+            full[:, :, rows, cols] += np.einsum("nchw,co->nohw", x, w[:, :, i, j])
     return full[:, :, p:full.shape[2] - p, p:full.shape[3] - p]
 
 
@@ -663,7 +664,9 @@ int main() {
         for (int t = 0; t < workers; ++t) job(t);
       }
       for (int t = 0; t < workers; ++t)
-        if (hits[t].load() != 1) { std::printf("index %d ran %d times\n", t, hits[t].load()); std::fflush(stdout); _exit(1); }
+        if (hits[t].load() != 1) {
+            std::printf("index %d ran %d times\n", t, hits[t].load()); std::fflush(stdout); _exit(1);
+        }
       done++;
       if (rng() % 300 == 0) std::this_thread::sleep_for(std::chrono::microseconds(300));  // workers fall asleep
     }

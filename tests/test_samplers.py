@@ -210,7 +210,7 @@ def test_dpm_solver_pp_second_order_local_error_is_cubic():
     lam = lambda t: 0.5 * np.log(sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t]))  # noqa: E731
     sig = lambda t: np.sqrt(1 - sched.alphas_cumprod[t])  # noqa: E731
     c0, c1, x_t = 0.3, -0.2, 0.7  # x_theta(lambda) = c0 + c1 * lambda
-    F = lambda l: np.exp(l) * (c0 + c1 * (l - 1.0))  # antiderivative of e^l (c0 + c1 l)  # noqa: E731
+    F = lambda lam: np.exp(lam) * (c0 + c1 * (lam - 1.0))  # antiderivative of e^lam (c0 + c1 lam)  # noqa: E731
     errors = {1: [], 2: []}
     for k in (80, 40, 20):
         t_prev, t, t_next = 500 + k, 500, 500 - k
@@ -332,8 +332,11 @@ def test_callback_sees_every_step(sampler):
     eps = GaussianEps(sched, MU, S)
     for steps in (None, 7):
         calls = []
-        out = sample(eps, sched, (2, 1, 2, 2), sampler, steps, progress=False,
-                     callback=lambda i, t, x, x0: calls.append((i, t, x.asnumpy(), x0.shape)))
+
+        def record(i, t, x, x0, calls=calls):
+            calls.append((i, t, x.asnumpy(), x0.shape))
+
+        out = sample(eps, sched, (2, 1, 2, 2), sampler, steps, progress=False, callback=record)
         ts = sampler_timesteps(30, steps, sampler)
         assert [c[0] for c in calls] == list(range(len(ts)))
         assert [c[1] for c in calls] == list(ts)
