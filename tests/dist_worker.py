@@ -27,19 +27,29 @@ TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny
 GLOBAL_BATCH = 8
 
 
-def fixed_steps(out):
+def distributed_trainer():
+    """(trainer, rank, world) of the tiny config, in this process's data-parallel group."""
     cfg = load_config(TINY, ["max_steps=10", "lr=0.003", "batch_size=8"])
     setup_device("CPU", "graph")
     rank, world = init_distributed()
-    trainer = Trainer(cfg, "CPU", 100, rank, world)
+    return Trainer(cfg, "CPU", 100, rank, world), rank, world
+
+
+def shard_of_global_batch(trainer, step, rank, world):
+    """This rank's share of global batch ``step`` (x, t, noise): the same batches in every world size."""
+    rng = np.random.default_rng([123, step])
+    x = rng.uniform(-1, 1, (GLOBAL_BATCH, 1, 28, 28)).astype(np.float32)
+    t = rng.integers(0, trainer.cfg["timesteps"], GLOBAL_BATCH).astype(np.int32)
+    noise = rng.standard_normal(x.shape).astype(np.float32)
     share = GLOBAL_BATCH // world
     part = slice(rank * share, (rank + 1) * share)
+    return Tensor(x[part]), Tensor(t[part]), Tensor(noise[part])
+
+
+def fixed_steps(out):
+    trainer, rank, world = distributed_trainer()
     for step in range(3):
-        rng = np.random.default_rng([123, step])
-        x = rng.uniform(-1, 1, (GLOBAL_BATCH, 1, 28, 28)).astype(np.float32)
-        t = rng.integers(0, cfg["timesteps"], GLOBAL_BATCH).astype(np.int32)
-        noise = rng.standard_normal(x.shape).astype(np.float32)
-        trainer.step_cell(Tensor(x[part]), Tensor(t[part]), Tensor(noise[part]))
+        trainer.step_cell(*shard_of_global_batch(trainer, step, rank, world))
         params = {n: p.asnumpy() for n, p in ckpt.named_params(trainer.model).items()}
         np.savez(os.path.join(out, f"world{world}_rank{rank}_step{step}.npz"), **params)
 
@@ -52,19 +62,10 @@ def real_run(out, data_dir):
 
 def overflow_steps(out):
     """Two steps on the same global batches as fixed_steps; weights, flags and Adam's step saved per rank."""
-    cfg = load_config(TINY, ["max_steps=10", "lr=0.003", "batch_size=8"])
-    setup_device("CPU", "graph")
-    rank, world = init_distributed()
-    trainer = Trainer(cfg, "CPU", 100, rank, world)
-    share = GLOBAL_BATCH // world
-    part = slice(rank * share, (rank + 1) * share)
+    trainer, rank, world = distributed_trainer()
     flags = []
     for step in range(2):
-        rng = np.random.default_rng([123, step])
-        x = rng.uniform(-1, 1, (GLOBAL_BATCH, 1, 28, 28)).astype(np.float32)
-        t = rng.integers(0, cfg["timesteps"], GLOBAL_BATCH).astype(np.int32)
-        noise = rng.standard_normal(x.shape).astype(np.float32)
-        flags.append(bool(trainer.step_cell(Tensor(x[part]), Tensor(t[part]), Tensor(noise[part]))[1].asnumpy()))
+        flags.append(bool(trainer.step_cell(*shard_of_global_batch(trainer, step, rank, world))[1].asnumpy()))
     params = {n: p.asnumpy() for n, p in ckpt.named_params(trainer.model).items()}
     np.savez(os.path.join(out, f"overflow_rank{rank}.npz"), finite=np.array(flags),
              global_step=trainer.optimizer.global_step.asnumpy(), **params)

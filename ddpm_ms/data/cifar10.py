@@ -23,7 +23,7 @@ from ddpm_ms import fileio
 from ddpm_ms.cache import cache_dir
 from ddpm_ms.errors import UserError
 
-from .fetch import download_with_package, fetch_checked, remove_quietly
+from .fetch import directory_problem, download_with_package, fetch_checked, remove_quietly
 
 RECORDS = 10000
 SIDE = 32
@@ -93,13 +93,7 @@ def _complete(directory):
 def _usable(directory):
     """None if ``directory`` has a train and a test split (fewer than 5 train batches is allowed
     for a --data-dir the user gives), else why not."""
-    if not os.path.isdir(directory):
-        return "no such directory"
-    try:
-        validate_dir(directory, "all")
-    except UserError as e:
-        return str(e)
-    return None
+    return directory_problem(directory, lambda d: validate_dir(d, "all"))
 
 
 def _copy(src, path):

@@ -11,6 +11,7 @@ import hashlib
 import os
 
 from ddpm_ms import fileio
+from ddpm_ms.errors import UserError
 
 
 def write_atomic(path, data, what="decompressed data"):
@@ -23,6 +24,17 @@ def remove_quietly(path):
         os.unlink(path)
     except OSError:
         pass
+
+
+def directory_problem(directory, validate):
+    """None if ``directory`` exists and ``validate(directory)`` raises no UserError, else why not (str)."""
+    if not os.path.isdir(directory):
+        return "no such directory"
+    try:
+        validate(directory)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def download_with_package(url, path):

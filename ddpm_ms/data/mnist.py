@@ -17,7 +17,7 @@ import os
 from ddpm_ms.cache import cache_dir
 from ddpm_ms.errors import UserError
 
-from .fetch import download_with_package, fetch_checked, remove_quietly, write_atomic
+from .fetch import directory_problem, download_with_package, fetch_checked, remove_quietly, write_atomic
 from .idx import FILES, SPLITS, _check_pair, _expect_kind, _header_of_raw_file, _parse_idx, _read_bytes, validate_dir
 
 # Where Debian's package ``dataset-fashion-mnist`` installs the four gz files.
@@ -64,13 +64,7 @@ def default_cache_dir(name="fashion_mnist"):
 
 def _complete_raw(directory):
     """None if ``directory`` holds the four valid uncompressed files, else why not (str)."""
-    if not os.path.isdir(directory):
-        return "no such directory"
-    try:
-        validate_dir(directory, "all")
-    except UserError as e:
-        return str(e)
-    return None
+    return directory_problem(directory, lambda d: validate_dir(d, "all"))
 
 
 def _same_file(a, b):
