@@ -3,9 +3,11 @@
     python tests/dist_worker.py steps OUT_DIR   # 3 steps on fixed global batches, weights saved per step
     python tests/dist_worker.py train OUT_DIR DATA_DIR   # a real train() run
     python tests/dist_worker.py overflow OUT_DIR   # 2 steps, rank 1 sees an overflow (DDPM_MS_FAULT_OVERFLOW_RANK)
+    python tests/dist_worker.py steps+overflow OUT_DIR   # both in one launch (the overflow part as above)
     python tests/dist_worker.py resume OUT_DIR DATA_DIR   # --resume with rank r reading OUT_DIR/node{r}
 """
 
+import functools
 import os
 import sys
 
@@ -22,16 +24,23 @@ from ddpm_ms.distributed import init_distributed  # noqa: E402
 from ddpm_ms.train import train  # noqa: E402
 from ddpm_ms.trainer import Trainer  # noqa: E402
 from ddpm_ms.train import main as train_main  # noqa: E402
+from ddpm_ms.train_step import FAULT_OVERFLOW_RANK  # noqa: E402
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
 GLOBAL_BATCH = 8
 
 
+@functools.lru_cache(maxsize=None)
+def process_group():
+    """(rank, world): the device set up and the data-parallel group joined, once per process."""
+    setup_device("CPU", "graph")
+    return init_distributed()
+
+
 def distributed_trainer():
     """(trainer, rank, world) of the tiny config, in this process's data-parallel group."""
     cfg = load_config(TINY, ["max_steps=10", "lr=0.003", "batch_size=8"])
-    setup_device("CPU", "graph")
-    rank, world = init_distributed()
+    rank, world = process_group()
     return Trainer(cfg, "CPU", 100, rank, world), rank, world
 
 
@@ -71,6 +80,15 @@ def overflow_steps(out):
              global_step=trainer.optimizer.global_step.asnumpy(), **params)
 
 
+def steps_then_overflow(out):
+    """fixed_steps without the overflow fault, then overflow_steps with it: one msrun launch for both."""
+    fault = os.environ.pop(FAULT_OVERFLOW_RANK, None)
+    fixed_steps(out)
+    if fault is not None:
+        os.environ[FAULT_OVERFLOW_RANK] = fault
+    overflow_steps(out)
+
+
 def resume_run(out, data_dir):
     """ddpm-train --resume where each rank reads its own directory (as nodes without a shared filesystem)."""
     rank = int(os.environ.get("RANK_ID", "0"))  # msrun sets it before init()
@@ -82,6 +100,8 @@ def resume_run(out, data_dir):
 if __name__ == "__main__":
     if sys.argv[1] == "steps":
         fixed_steps(sys.argv[2])
+    elif sys.argv[1] == "steps+overflow":
+        steps_then_overflow(sys.argv[2])
     elif sys.argv[1] == "overflow":
         overflow_steps(sys.argv[2])
     elif sys.argv[1] == "resume":

@@ -41,8 +41,17 @@ def msrun(args, log_dir, env=None, timeout=600, expect_ok=True):
     return logs if expect_ok else (proc, logs)
 
 
-def test_two_workers_match_single_process_on_the_same_global_batch(tmp_path):
-    msrun(["steps", str(tmp_path)], str(tmp_path / "logs"))
+@pytest.fixture(scope="module")
+def two_worker_steps(tmp_path_factory):
+    """One msrun launch for two tests: 3 fixed steps (weights per step and rank), then 2 steps in which
+    rank 1's own overflow check fails (DDPM_MS_FAULT_OVERFLOW_RANK=1 reaches only that second trainer)."""
+    out = tmp_path_factory.mktemp("two_workers")
+    msrun(["steps+overflow", str(out)], str(out / "logs"), env={"DDPM_MS_FAULT_OVERFLOW_RANK": "1"})
+    return out
+
+
+def test_two_workers_match_single_process_on_the_same_global_batch(two_worker_steps):
+    tmp_path = two_worker_steps
     env = dict(os.environ)
     env.pop("MS_WORKER_NUM", None)
     subprocess.run([sys.executable, WORKER, "steps", str(tmp_path)], check=True, env=env, timeout=300)
@@ -76,12 +85,11 @@ def test_only_rank_zero_writes_files(tmp_path):
     assert rows[0].startswith("step,") and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
 
 
-def test_an_overflow_seen_by_one_rank_skips_the_step_on_both(tmp_path):
+def test_an_overflow_seen_by_one_rank_skips_the_step_on_both(two_worker_steps):
     """Rank 1's own overflow check fails after the gradient AllReduce (as Ascend's per-card overflow
     status can, while the averaged gradients are finite): the finite flag is reduced over the ranks,
     so both skip, keep identical weights and still advance Adam's step (the LR schedule)."""
-    msrun(["overflow", str(tmp_path)], str(tmp_path / "logs"), env={"DDPM_MS_FAULT_OVERFLOW_RANK": "1"})
-    r0, r1 = (np.load(tmp_path / f"overflow_rank{r}.npz") for r in (0, 1))
+    r0, r1 = (np.load(two_worker_steps / f"overflow_rank{r}.npz") for r in (0, 1))
     assert r0["finite"].tolist() == r1["finite"].tolist() == [False, False]
     assert r0["global_step"].tolist() == r1["global_step"].tolist() == [2]
     from ddpm_ms import checkpoint as ckpt
