@@ -2,8 +2,8 @@
 
     python tests/dist_worker.py steps OUT_DIR   # 3 steps on fixed global batches, weights saved per step
     python tests/dist_worker.py train OUT_DIR DATA_DIR   # a real train() run
-    python tests/dist_worker.py overflow OUT_DIR   # 2 steps, rank 1 sees an overflow (DDPM_MS_FAULT_OVERFLOW_RANK)
-    python tests/dist_worker.py steps+overflow OUT_DIR   # both in one launch (the overflow part as above)
+    python tests/dist_worker.py steps+overflow OUT_DIR   # steps, then 2 steps in which rank 1 sees an overflow
+                                                         # (DDPM_MS_FAULT_OVERFLOW_RANK, applied to those 2 only)
     python tests/dist_worker.py resume OUT_DIR DATA_DIR   # --resume with rank r reading OUT_DIR/node{r}
 """
 
@@ -102,8 +102,6 @@ if __name__ == "__main__":
         fixed_steps(sys.argv[2])
     elif sys.argv[1] == "steps+overflow":
         steps_then_overflow(sys.argv[2])
-    elif sys.argv[1] == "overflow":
-        overflow_steps(sys.argv[2])
     elif sys.argv[1] == "resume":
         from ddpm_ms.cli import run_cli
 
