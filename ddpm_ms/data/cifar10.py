@@ -23,7 +23,7 @@ from ddpm_ms import fileio
 from ddpm_ms.cache import cache_dir
 from ddpm_ms.errors import UserError
 
-from .fetch import directory_problem, download_with_package, fetch_checked, remove_quietly
+from .fetch import cache_lock, directory_problem, download_with_package, fetch_checked, remove_quietly
 
 RECORDS = 10000
 SIDE = 32
@@ -134,6 +134,8 @@ def locate_cifar10(data_dir=None, cache_dir=None, download=True, *, downloader=N
     unusable, ``UserError`` at once), the cache (default :func:`default_cache_dir`), then, if
     ``download``, the archive fetched with ``downloader(url, path)`` (default: the
     ``download`` package), its MD5 checked against ``checksum``, extracted into the cache.
+    Filling the cache runs under :func:`~.fetch.cache_lock` (concurrent processes download
+    once); a complete cache is used unlocked.
     """
     cache_dir = os.path.abspath(os.path.expanduser(os.fspath(cache_dir) if cache_dir else default_cache_dir()))
     how = (f"pass --data-dir DIR with the CIFAR-10 binary files ({', '.join(SPLITS['all'])}) or the archive "
@@ -146,30 +148,34 @@ def locate_cifar10(data_dir=None, cache_dir=None, download=True, *, downloader=N
                 return directory
         archive = os.path.join(data_dir, ARCHIVE) if os.path.isdir(data_dir) else data_dir
         if os.path.isfile(archive) and archive.endswith((".tar.gz", ".tgz")):
-            problem = extract_archive(archive, cache_dir)
+            with cache_lock(cache_dir):
+                problem = extract_archive(archive, cache_dir)
             if problem is None:
                 return cache_dir
         else:
             problem = _usable(data_dir)
         raise UserError(f"CIFAR-10 data dir {data_dir} is unusable: {problem}. Fix: {how}")
 
-    tried = []
-    problem = _complete(cache_dir)
-    if problem is None:
-        return cache_dir
-    tried.append(f"cache dir {cache_dir}: {problem}")
-    if download:
-        os.makedirs(cache_dir, exist_ok=True)
-        archive = os.path.join(cache_dir, ARCHIVE)
-        problem = fetch_checked(url, archive, downloader or download_with_package, checksum)
+    if _complete(cache_dir) is None:
+        return cache_dir  # the usual case: only read, so a read-only cache works
+    with cache_lock(cache_dir):  # of several processes (msrun) one downloads, the others wait, then find it
+        tried = []
+        problem = _complete(cache_dir)
         if problem is None:
-            problem = extract_archive(archive, cache_dir)
-            remove_quietly(archive)
+            return cache_dir
+        tried.append(f"cache dir {cache_dir}: {problem}")
+        if download:
+            os.makedirs(cache_dir, exist_ok=True)
+            archive = os.path.join(cache_dir, ARCHIVE)
+            problem = fetch_checked(url, archive, downloader or download_with_package, checksum)
             if problem is None:
-                return cache_dir
-        tried.append(f"download from {url}: {problem}")
-    else:
-        tried.append("download: not allowed (download=False)")
+                problem = extract_archive(archive, cache_dir)
+                remove_quietly(archive)
+                if problem is None:
+                    return cache_dir
+            tried.append(f"download from {url}: {problem}")
+        else:
+            tried.append("download: not allowed (download=False)")
     places = "; ".join(f"({i}) {t}" for i, t in enumerate(tried, 1))
     raise UserError(f"CIFAR-10 not found. Tried: {places}. Fix: {how}")
 

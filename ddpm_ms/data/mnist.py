@@ -17,7 +17,7 @@ import os
 from ddpm_ms.cache import cache_dir
 from ddpm_ms.errors import UserError
 
-from .fetch import directory_problem, download_with_package, fetch_checked, remove_quietly, write_atomic
+from .fetch import cache_lock, directory_problem, download_with_package, fetch_checked, remove_quietly, write_atomic
 from .idx import FILES, SPLITS, _check_pair, _expect_kind, _header_of_raw_file, _parse_idx, _read_bytes, validate_dir
 
 # Where Debian's package ``dataset-fashion-mnist`` installs the four gz files.
@@ -175,7 +175,9 @@ def locate_idx(name, data_dir=None, cache_dir=None, download=True, *, system_dir
        their MD5s must match ``checksums`` (default: the dataset's published MD5s, e.g.
        :data:`FASHION_MNIST_MD5`; files not listed are not checked).
 
-    Files written into the cache are written atomically (temp file + ``os.replace``).
+    Files written into the cache are written atomically (temp file + ``os.replace``), and
+    b.-d. and the decompression of a. run under :func:`~.fetch.cache_lock`: concurrent processes
+    (msrun) fill the cache once, the others wait and use it. A complete cache is used unlocked.
     If everything fails, one ``UserError`` lists every place tried, why each failed, and how
     to provide the files.
     """
@@ -192,39 +194,45 @@ def locate_idx(name, data_dir=None, cache_dir=None, download=True, *, system_dir
     if data_dir is not None:
         data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
         if _complete_raw(data_dir) is None:
-            return data_dir
-        problem = _materialize(data_dir, cache_dir)
+            return data_dir  # used in place: nothing is written, no lock
+        with cache_lock(cache_dir):
+            problem = _materialize(data_dir, cache_dir)
         if problem is None:
             return cache_dir
         raise UserError(f"{title} data dir {data_dir} is unusable: {problem}. Fix: {how}")
 
-    tried = []
-    problem = _complete_raw(cache_dir)
-    if problem is None:
-        return cache_dir
-    # The cache may hold gz files (e.g. copied in by hand): decompress them in place.
-    if os.path.isdir(cache_dir) and any(
-            os.path.isfile(os.path.join(cache_dir, n + ".gz")) for n in FILES):
-        problem = _materialize(cache_dir, cache_dir)
+    if _complete_raw(cache_dir) is None:
+        return cache_dir  # the usual case: only read, so a read-only cache works
+    # Fill the cache under its lock: of several processes (msrun) one downloads, the others wait
+    # and then find it complete here.
+    with cache_lock(cache_dir):
+        tried = []
+        problem = _complete_raw(cache_dir)
         if problem is None:
             return cache_dir
-    tried.append(f"cache dir {cache_dir}: {problem}")
+        # The cache may hold gz files (e.g. copied in by hand): decompress them in place.
+        if os.path.isdir(cache_dir) and any(
+                os.path.isfile(os.path.join(cache_dir, n + ".gz")) for n in FILES):
+            problem = _materialize(cache_dir, cache_dir)
+            if problem is None:
+                return cache_dir
+        tried.append(f"cache dir {cache_dir}: {problem}")
 
-    for sysdir in system_dirs:
-        sysdir = os.path.abspath(os.fspath(sysdir))
-        problem = _materialize(sysdir, cache_dir)
-        if problem is None:
-            return cache_dir
-        tried.append(f"system dir {sysdir}: {problem}")
+        for sysdir in system_dirs:
+            sysdir = os.path.abspath(os.fspath(sysdir))
+            problem = _materialize(sysdir, cache_dir)
+            if problem is None:
+                return cache_dir
+            tried.append(f"system dir {sysdir}: {problem}")
 
-    if download:
-        problem = _download_into(cache_dir, downloader or download_with_package, checksums,
-                                 mirror)
-        if problem is None:
-            return cache_dir
-        tried.append(f"download from {mirror}: {problem}")
-    else:
-        tried.append("download: not allowed (download=False)")
+        if download:
+            problem = _download_into(cache_dir, downloader or download_with_package, checksums,
+                                     mirror)
+            if problem is None:
+                return cache_dir
+            tried.append(f"download from {mirror}: {problem}")
+        else:
+            tried.append("download: not allowed (download=False)")
 
     places = "; ".join(f"({i}) {t}" for i, t in enumerate(tried, 1))
     raise UserError(f"{title} not found. Tried: {places}. Fix: {how}")
