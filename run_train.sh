@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Train ddpm_ms. Usage:
-#   bash run_train.sh [--device auto|Ascend|GPU|CPU] [--config configs/quick.yaml] [--nproc N]
-#                     [more ddpm-train arguments, key=value overrides]
-# A device that is not available falls back (Ascend -> GPU -> CPU) with one warning.
+# Train ddpm_ms. Usage, from any directory:
+#   bash /path/to/run_train.sh [--device auto|Ascend|GPU|CPU] [--config FILE|NAME] [--nproc N]
+#                              [more ddpm-train arguments, key=value overrides]
+# Relative paths (--config, --data-dir, --output-dir, MSRUN_LOG_DIR) are relative to the directory
+# you run it from. --config defaults to this repository's configs/quick.yaml; it also takes a
+# packaged config's name (quick, fashion_mnist, ...). This checkout's ddpm_ms is the one run.
+# A device that is not available falls back (Ascend -> GPU -> CPU) with one warning; with
+# --nproc > 1 a named device that is missing is an error on every worker instead.
 # --nproc N > 1 launches N data-parallel workers on this machine with MindSpore's msrun
 # (batch_size is the global batch; MASTER_PORT and MSRUN_LOG_DIR may be set in the environment).
 set -euo pipefail
-cd "$(dirname "$0")"
-config=configs/quick.yaml
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# run this checkout's package whether or not it is pip-installed (msrun's workers inherit it)
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+config="$repo/configs/quick.yaml"
 nproc=1
 args=()
 while [ $# -gt 0 ]; do

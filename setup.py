@@ -21,7 +21,9 @@ setup(
     },
     python_requires=">=3.9,<3.13",
     install_requires=[
-        "mindspore>=2.5",  # mindspore.set_device / get_current_device (ddpm_ms.device) appear in 2.5
+        # >=2.5: mindspore.set_device / get_current_device and mindspore.device_context (ddpm_ms.device)
+        # appear in 2.5. <2.11: 2.10 is the only version tested; raise the cap once a newer one is.
+        "mindspore>=2.5,<2.11",
         "download",
         "numpy<2",  # MindSpore 2.10 is built against NumPy 1.x (Tensor ops fail under NumPy 2)
         "matplotlib",

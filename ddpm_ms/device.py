@@ -1,37 +1,82 @@
-"""Choosing the backend: Ascend, GPU or CPU, with a loud fallback when one is missing."""
+"""Choosing the backend: Ascend, GPU or CPU, with a loud fallback when one is missing.
+
+A single process falls back (Ascend -> GPU -> CPU) with one warning. Under msrun
+(``MS_WORKER_NUM`` > 1) a named device that is missing is an error on every rank instead:
+one node falling back to CPU would train with another collective backend than the others.
+"""
 
 import ctypes
+import importlib
 import os
+import socket
 import sys
 
 import mindspore as ms
 
 from . import _MINDSPORE_WAS_IMPORTED_FIRST, _ONEDNN_VAR
+from .errors import UserError
 
 FALLBACK_ORDER = ("Ascend", "GPU", "CPU")
 DEVICES = ("auto",) + FALLBACK_ORDER
 MODES = ("graph", "pynative")
 DTYPES = ("auto", "float32", "float16")  # compute_dtype's choices
-JIT_LEVELS = ("O0", "O1")  # set_jit_level's choices on every backend ("O2" is Ascend-only)
+JIT_LEVELS = ("O0", "O1")  # set_jit_level's choices on every backend ("O2" is Ascend-only, deprecated since 2.9)
 
 
 def backend_available(name):
+    """Whether MindSpore loaded backend ``name``'s plugin.
+
+    ``mindspore.device_context.{ascend,gpu,cpu}.is_available()`` (MindSpore 2.5+; it replaces
+    ``mindspore.hal.is_available(name)``, which 2.10 documents as deprecated).
+    """
     try:
-        return bool(ms.hal.is_available(name))
+        return bool(importlib.import_module(f"mindspore.device_context.{name.lower()}").is_available())
     except Exception:  # a broken plugin counts as absent
         return False
 
 
-def pick_backend(requested="auto", available=backend_available):
+def msrun_worker_num(environ=None):
+    """The number of processes msrun launched (``MS_WORKER_NUM``, set in its workers and its
+    scheduler), or 1 outside msrun."""
+    try:
+        return int((os.environ if environ is None else environ).get("MS_WORKER_NUM", "1"))
+    except ValueError:
+        return 1
+
+
+# what to do when a named device is missing under msrun
+_MISSING_DEVICE_FIX = {
+    "Ascend": "source CANN's set_env.sh (e.g. /usr/local/Ascend/ascend-toolkit/set_env.sh) in the shell that "
+              "starts msrun on every node",
+    "GPU": "make the NVIDIA driver, CUDA and cuDNN libraries loadable (LD_LIBRARY_PATH) on every node",
+    "CPU": "install a MindSpore package with the CPU backend on every node",
+}
+
+
+def missing_device_error(requested, workers):
+    """The UserError for a named device that is missing in a process msrun started."""
+    return UserError(
+        f"device {requested} requested but host {socket.gethostname()} has no {requested} backend "
+        f"({unavailable_reason(requested)}); under msrun (MS_WORKER_NUM={workers}) a rank does not fall back, "
+        f"so that all ranks train on the same device: {_MISSING_DEVICE_FIX[requested]}, or pass --device CPU")
+
+
+def pick_backend(requested="auto", available=backend_available, workers=None):
     """The backend to use and a warning (or None).
 
     'auto' takes the first available of Ascend, GPU, CPU silently. A named backend that
-    is missing falls back along the same order, and the warning says which one is used.
+    is missing falls back along the same order, and the warning says which one is used;
+    except under msrun (``workers``, default ``MS_WORKER_NUM``, > 1), where it raises a
+    UserError, the same on every rank that lacks the device.
     """
     if requested not in ("auto",) + FALLBACK_ORDER:
         raise ValueError(f"unknown device {requested!r}; choose auto, Ascend, GPU or CPU")
     if requested != "auto" and available(requested):
         return requested, None
+    if requested != "auto":
+        workers = msrun_worker_num() if workers is None else workers
+        if workers > 1:
+            raise missing_device_error(requested, workers)
     start = 0 if requested == "auto" else FALLBACK_ORDER.index(requested)
     for name in FALLBACK_ORDER[start:] + FALLBACK_ORDER[:start]:
         if name != requested and available(name):
@@ -88,7 +133,10 @@ def _cpu_has_avx512():
 
 
 def setup_device(device="auto", mode="graph", device_id=None, seed=None, quiet=False):
-    """Select the backend and execution mode; returns the backend name actually used."""
+    """Select the backend and execution mode; returns the backend name actually used.
+
+    Raises UserError under msrun when the named ``device`` is missing (see :func:`pick_backend`).
+    """
     backend, warning = pick_backend(device)
     if warning and not quiet:
         print(warning, file=sys.stderr, flush=True)
@@ -106,11 +154,15 @@ def setup_device(device="auto", mode="graph", device_id=None, seed=None, quiet=F
 
 
 def set_jit_level(cell, level="O0"):
-    """Compile ``cell`` (a top-level Cell run in GRAPH_MODE) at MindSpore's ``jit_level``.
+    """Compile ``cell`` (a top-level Cell run in GRAPH_MODE) at ``jit_level`` ``level``; returns ``cell``.
 
-    "O0" (MindSpore's default): no optimisation beyond what is needed, kernel-by-kernel
-    execution. "O1": adds MindSpore's automatic operator fusion (experimental in 2.x).
-    Returns ``cell``.
+    ddpm_ms passes the ``jit_level`` config key, "O0" by default: MindSpore turns off every
+    optimisation that correctness does not need and runs the graph kernel by kernel, the most
+    predictable level (and the one the tests and measurements use).
+    "O1" adds MindSpore's automatic operator fusion (still kernel-by-kernel); on CPU it
+    measured no faster (README, "CPU performance"). It is set explicitly because
+    ``ms.JitConfig``'s own default in 2.10 is ``jit_level=""`` (the framework chooses);
+    "O2" (whole-graph sink, Ascend only) is deprecated since 2.9 and not offered.
     """
     cell.set_jit_config(ms.JitConfig(jit_level=level))
     return cell

@@ -49,6 +49,7 @@ class GELU(nn.GELU):
     """Exact (erf) GELU, ``x * Phi(x)``; a compiled kernel on CPU (see module docstring)."""
 
     def __init__(self, fast_kernels=None):
+        # MindSpore 2.10's nn.GELU takes a bool only (a string raises TypeError); False = ops.gelu(x, 'none'), erf
         super().__init__(approximate=False)
         self._fast = kernel_ops(fast_kernels)
 

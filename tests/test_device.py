@@ -1,12 +1,20 @@
-"""Backend choice and the loud fallback."""
+"""Backend choice: the loud fallback in one process, an error on every rank under msrun."""
 
 import pytest
 
+from ddpm_ms import device
 from ddpm_ms.device import pick_backend, unavailable_reason
+from ddpm_ms.errors import UserError
 
 
 def only(*names):
     return lambda name: name in names
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    """These tests decide as a single process unless they set MS_WORKER_NUM themselves."""
+    monkeypatch.delenv("MS_WORKER_NUM", raising=False)
 
 
 @pytest.mark.parametrize("requested, available, expected", [
@@ -77,3 +85,62 @@ def test_set_device_on_a_running_runtime_accepts_the_same_device_only(monkeypatc
         device._set_device("Ascend", 1)
     with pytest.raises(RuntimeError, match="cannot switch to GPU device 0"):
         device._set_device("GPU", 0)
+
+
+@pytest.mark.parametrize("requested, available", [
+    ("Ascend", ("CPU",)),
+    ("Ascend", ("GPU", "CPU")),  # not even to another accelerator
+    ("GPU", ("Ascend", "CPU")),
+])
+@pytest.mark.parametrize("role", ["MS_WORKER", "MS_SCHED"])
+def test_under_msrun_a_missing_device_is_an_error_not_a_fallback(monkeypatch, requested, available, role):
+    # msrun sets MS_WORKER_NUM in its workers and in its scheduler (which runs the same command)
+    monkeypatch.setenv("MS_WORKER_NUM", "2")
+    monkeypatch.setenv("MS_ROLE", role)
+    with pytest.raises(UserError) as info:
+        pick_backend(requested, only(*available))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"device {requested} requested but ")
+    assert f"({unavailable_reason(requested)})" in message
+    assert "MS_WORKER_NUM=2" in message and message.endswith("or pass --device CPU")
+    assert ("source CANN's set_env.sh" in message) == (requested == "Ascend")
+    assert ("CUDA and cuDNN libraries loadable" in message) == (requested == "GPU")
+
+
+@pytest.mark.parametrize("workers", [None, "1", "not a number"])
+def test_one_process_still_falls_back(monkeypatch, workers):
+    if workers is not None:
+        monkeypatch.setenv("MS_WORKER_NUM", workers)
+    backend, warning = pick_backend("GPU", only("CPU"))
+    assert backend == "CPU" and "falling back to CPU" in warning
+
+
+def test_under_msrun_available_and_auto_devices_are_unchanged(monkeypatch):
+    monkeypatch.setenv("MS_WORKER_NUM", "8")
+    assert pick_backend("Ascend", only("Ascend", "CPU")) == ("Ascend", None)
+    assert pick_backend("CPU", only("CPU")) == ("CPU", None)
+    assert pick_backend("auto", only("CPU")) == ("CPU", None)
+    assert pick_backend("GPU", only("CPU"), workers=1)[0] == "CPU"  # an explicit count wins over the environment
+
+
+def test_setup_device_under_msrun_raises_before_touching_the_runtime(monkeypatch):
+    import mindspore as ms
+
+    if device.backend_available("GPU"):
+        pytest.skip("a GPU is available here")
+    monkeypatch.setenv("MS_WORKER_NUM", "2")
+    monkeypatch.setattr(ms, "set_device", lambda *a: pytest.fail("set_device called"))
+    with pytest.raises(UserError, match="device GPU requested"):
+        device.setup_device("GPU")
+
+
+def test_backend_availability_uses_device_context(monkeypatch):
+    # mindspore.device_context.<device>.is_available(), not the deprecated mindspore.hal.is_available
+    import mindspore as ms
+
+    monkeypatch.setattr(ms.hal, "is_available", lambda *a: pytest.fail("deprecated ms.hal.is_available called"))
+    for name in ("Ascend", "GPU", "CPU"):
+        assert device.backend_available(name) == getattr(ms.device_context, name.lower()).is_available()
+    assert device.backend_available("CPU")
+    assert not device.backend_available("TPU")  # no such module: absent, not an exception
