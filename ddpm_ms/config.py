@@ -72,6 +72,7 @@ DEFAULTS = {
     "guidance": 0.0,
     # --- optimisation ---
     "batch_size": 64,
+    "grad_accum_steps": 1,  # N micro-batches of batch_size / N per optimizer step (same update, less memory)
     "epochs": 10,
     "max_steps": None,
     "lr": 0.0002,
@@ -89,6 +90,7 @@ DEFAULTS = {
     "output_dir": "runs/default",
     "save_every": 1,
     "save_every_steps": None,
+    "log_every": 10,  # steps between host reads of the loss (loss.csv still has every step)
     "keep_checkpoints": 3,
     "sample_every": 1,
     "num_samples": 64,
@@ -140,7 +142,7 @@ POSITIVE = ("image_size", "channels", "num_workers", "dim", "convnext_mult", "re
             "batch_size", "epochs", "lr", "loss_scale", "loss_scale_window", "save_every", "keep_checkpoints",
             "num_samples", "gif_frames", "save_every_steps", "init_dim", "max_steps", "sample_steps", "num_classes",
             "beta_start", "beta_end", "loss_scale_factor", "gif_images", "layers_per_block", "norm_eps",
-            "attn_head_dim", "grad_clip", "min_snr_gamma")
+            "attn_head_dim", "grad_clip", "min_snr_gamma", "grad_accum_steps", "log_every")
 NON_NEGATIVE = ("min_lr", "warmup_steps", "sample_every", "seed", "freq_shift")
 
 # keys that define the network's architecture (stored in checkpoints, checked on load)

@@ -9,6 +9,7 @@ run directory (:mod:`ddpm_ms.rundir`); data parallelism is :mod:`ddpm_ms.distrib
 """
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -20,11 +21,11 @@ from . import data
 from .cli import run_cli
 from .config import load_config, save_config
 from .device import setup_device
-from .distributed import check_same_resume_step, device_batch_size, init_distributed
+from .distributed import check_same_resume_step, device_batch_size, init_distributed, run_on_main
 from .errors import WriteError
 from .fileio import npy_bytes, write_bytes
 from .rundir import CSV_FIELDS, LossLog, RunDir, resume_point  # noqa: F401 (CSV_FIELDS lived here)
-from .trainer import Trainer
+from .trainer import Trainer, read_stats
 from .visualize import plot_loss, save_gif, save_grid
 
 MAX_NONFINITE_LOSSES = 10
@@ -87,8 +88,7 @@ def _train(cfg, run, resume, overwrite, progress):
     main_process = rank == 0
     # before anything is written: a batch larger than the data set is a user error
     steps_per_epoch = make_dataset(cfg, data_dir, rank, world_size, random_flip=False).get_dataset_size()
-    if main_process:
-        run.prepare(resume, overwrite)
+    run_on_main(lambda: run.prepare(resume, overwrite), rank, world_size)
     trainer = Trainer(cfg, backend, steps_per_epoch, rank, world_size)
     manager = ckpt.CheckpointManager(run.checkpoints, cfg["keep_checkpoints"])
 
@@ -106,11 +106,34 @@ def _train(cfg, run, resume, overwrite, progress):
         print(f"training on {backend} ({trainer.dtype}) x {world_size}, {trainer.steps_per_epoch} steps/epoch, "
               f"{trainer.total_steps} steps, output in {run.root}", file=sys.stderr)
 
-    def save(epoch, step_in_epoch):
-        if main_process:
-            trainer.save(manager, epoch, step_in_epoch)
-
+    # each step's statistics stay on the device until the next flush (every log_every steps, before
+    # a save and at the end of an epoch): a host read per step would stall the device's launch queue
+    pending = []  # (step, epoch, lr, STATS tensor)
     nonfinite = 0
+
+    def flush():
+        """Read the pending steps, log them (rank 0) and stop on a diverged loss; returns the last loss or None."""
+        nonlocal nonfinite
+        rows = [(step, ep, lr, read_stats(stats)) for step, ep, lr, stats in pending]
+        pending.clear()
+        stop = None
+        for i, (step, _, _, stats) in enumerate(rows):  # the same averaged losses on every rank
+            nonfinite = 0 if np.isfinite(stats["loss"]) else nonfinite + 1
+            if nonfinite >= MAX_NONFINITE_LOSSES:
+                stop, rows = step, rows[:i + 1]
+                break
+        run_on_main(lambda: [log.write(step, ep, f"{st['loss']:.6g}", f"{lr:.6g}", f"{st['loss_scale']:g}",
+                                       int(st["applied"])) for step, ep, lr, st in rows], rank, world_size)
+        if stop is not None:
+            raise FloatingPointError(
+                f"the loss was NaN/inf for {nonfinite} steps in a row (step {stop}); training stopped, the last "
+                f"good checkpoint is kept in {run.checkpoints}. Lower lr or use dtype=float32")
+        return rows[-1][3]["loss"] if rows else None
+
+    def save(epoch, step_in_epoch):
+        flush()
+        run_on_main(lambda: trainer.save(manager, epoch, step_in_epoch), rank, world_size)
+
     try:
         while trainer.step < trainer.total_steps:
             bar = tqdm(total=min(trainer.steps_per_epoch, trainer.total_steps - trainer.step + skip),
@@ -119,25 +142,19 @@ def _train(cfg, run, resume, overwrite, progress):
             t0, done = time.perf_counter(), 0
             for images, labels in _epoch_batches(make_dataset(cfg, data_dir, rank, world_size, epoch), skip):
                 lr = trainer.lrs[min(trainer.step, trainer.total_steps - 1)]
-                loss, finite = trainer.train_step(images, labels)
+                pending.append((trainer.step + 1, epoch, lr, trainer.step_stats(images, labels)))
                 ckpt.fault_point("step", trainer.step)
-                if log:
-                    log.write(trainer.step, epoch, f"{loss:.6g}", f"{lr:.6g}",
-                              f"{trainer.loss_scale():g}", int(finite))
-                nonfinite = 0 if np.isfinite(loss) else nonfinite + 1
-                if nonfinite >= MAX_NONFINITE_LOSSES:
-                    raise FloatingPointError(
-                        f"the loss was NaN/inf for {nonfinite} steps in a row (step {trainer.step}); training "
-                        f"stopped, the last good checkpoint is kept in {run.checkpoints}. Lower lr or use "
-                        "dtype=float32")
                 done += 1
+                if len(pending) >= cfg["log_every"]:
+                    loss = flush()
+                    bar.set_postfix(loss=f"{loss:.4f}",
+                                    img_s=f"{done * cfg['batch_size'] / (time.perf_counter() - t0):.1f}")
                 if cfg["save_every_steps"] and trainer.step % cfg["save_every_steps"] == 0:
                     save(epoch, skip + done)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}",
-                                img_s=f"{done * cfg['batch_size'] / (time.perf_counter() - t0):.1f}")
                 if trainer.step >= trainer.total_steps:
                     break
+            flush()
             bar.close()
             epoch_done = trainer.step % trainer.steps_per_epoch == 0
             epoch, skip = (epoch + 1, 0) if epoch_done else (epoch, skip + done)
@@ -148,9 +165,8 @@ def _train(cfg, run, resume, overwrite, progress):
                 # every rank samples the same grid (rank 0 saves it): no rank waits in the next
                 # AllReduce while rank 0 samples, which could outlast the collective timeout
                 images, _ = trainer.generate(cfg["num_samples"], seed=cfg["seed"], progress=progress and main_process)
-                if main_process:
-                    save_grid(images, os.path.join(run.samples_dir, f"epoch_{epoch:03d}.png"),
-                              nrow=cfg["num_classes"])
+                grid = os.path.join(run.samples_dir, f"epoch_{epoch:03d}.png")
+                run_on_main(functools.partial(save_grid, images, grid, nrow=cfg["num_classes"]), rank, world_size)
     finally:
         if log:
             log.close()

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from . import checkpoint as ckpt
 from .config import ARCH_KEYS, DEFAULTS, OBJECTIVE_KEYS, SCHEDULE_KEYS
@@ -19,7 +19,29 @@ from .diffusion import loss_weights
 from .ema import EMA
 from .lr_schedule import learning_rates, steps_and_epochs
 from .pipeline import cast_model, create_model, create_schedule, generate
-from .train_step import FAULT_OVERFLOW_RANK, TrainStep, drop_labels
+from .train_step import (FAULT_OVERFLOW_RANK, STATS, AccumulateGrads, ApplyAccumulated, LossAndGrads, TrainStep,
+                         Update, drop_labels, grad_buffers)
+
+
+def read_stats(stats):
+    """The STATS tensor of a step as {name: value} (loss and scale floats, applied a bool)."""
+    values = dict(zip(STATS, (float(v) for v in stats.asnumpy())))
+    values["applied"] = values["applied"] > 0.5
+    return values
+
+
+def seed_dropout(model, seed, rank, step):
+    """Seed each dropout layer of ``model`` from (seed, rank, step), before its graph is compiled.
+
+    MindSpore's dropout ops take their seeds from the global seed when they are built, so every
+    msrun rank would draw the same masks; and a resumed run would replay the masks of the run's
+    first steps. A dropout op's stream cannot be moved to a step, so a resumed run with dropout
+    is not bit-identical to an uninterrupted one (README, "Run directories and resume").
+    """
+    cells = [cell for _, cell in model.cells_and_names() if isinstance(cell, nn.Dropout)]
+    for i, cell in enumerate(cells):
+        seed0, seed1 = (int(v) for v in np.random.default_rng([seed, rank, step, i]).integers(1, 2**31 - 1, 2))
+        cell.dropout = ops.Dropout(1.0 - cell.p, seed0, seed1)
 
 
 class Trainer:
@@ -48,32 +70,68 @@ class Trainer:
         self.scale_loss = self.dtype == ms.float16 if scale_loss is None else scale_loss
         self.ema = EMA(self.model.trainable_params(), cfg["ema_decay"], cfg["ema_warmup"])
         net = cast_model(self.model, self.dtype)
-        self.step_cell = set_jit_level(
-            TrainStep(net, self.sched, self.optimizer, self.scaler, self.ema, cfg["loss_type"],
-                      distributed=world_size > 1, scale_loss=self.scale_loss, grad_clip=cfg.get("grad_clip"),
-                      prediction_type=cfg["prediction_type"],
-                      loss_weights=loss_weights(self.sched, cfg["prediction_type"], cfg["loss_weighting"],
-                                                cfg["min_snr_gamma"]),
-                      fault_overflow=os.environ.get(FAULT_OVERFLOW_RANK) == str(rank)), cfg["jit_level"])
+        weights = loss_weights(self.sched, cfg["prediction_type"], cfg["loss_weighting"], cfg["min_snr_gamma"])
+        loss_and_grads = LossAndGrads(net, self.sched, self.optimizer.parameters, self.scaler, cfg["loss_type"],
+                                      self.scale_loss, cfg["prediction_type"], weights)
+        update = Update(self.optimizer, self.scaler, self.ema, self.scale_loss, cfg.get("grad_clip"), world_size,
+                        fault_overflow=os.environ.get(FAULT_OVERFLOW_RANK) == str(rank))
+        self.accum_steps = cfg["grad_accum_steps"]
+        if self.accum_steps == 1:
+            self.step_cell = TrainStep(loss_and_grads, update)
+            step_cells = [self.step_cell]
+        else:  # N micro-batches: one compiled forward/backward that accumulates, one compiled update
+            self.grad_buffers = grad_buffers(self.optimizer)
+            self.micro_cell = AccumulateGrads(loss_and_grads, self.grad_buffers, self.accum_steps)
+            self.apply_cell = ApplyAccumulated(update, self.grad_buffers)
+            step_cells = [self.micro_cell, self.apply_cell]
+        for cell in step_cells:
+            # training mode (dropout on) before the first call: a compiled graph keeps the mode it was built in
+            cell.set_train(True)
+            set_jit_level(cell, cfg["jit_level"])
         self.step = 0
+        seed_dropout(self.model, cfg["seed"], rank, self.step)
         self._sample_model = None
 
     # ----- one step -----
-    def train_step(self, x_start, labels=None):
-        """One step on a batch (and its class labels, for a class-conditional model) -> (loss, applied)."""
+    def step_stats(self, x_start, labels=None):
+        """One optimisation step on this device's batch -> the STATS tensor, left on the device.
+
+        The timesteps, noise and dropped labels depend only on (seed, step, rank): nothing to save
+        for an exact resume. With grad_accum_steps N the batch is cut into N equal micro-batches
+        (the same timesteps and noise as one batch), whose gradients are averaged before the update.
+        """
         batch = x_start.shape[0]
-        # timesteps and noise depend only on (seed, step, rank): nothing to save for an exact resume
         rng = np.random.default_rng([self.cfg["seed"], self.step, self.rank])
         t = rng.integers(0, self.sched.num_timesteps, size=(batch,)).astype(np.int32)
         noise = rng.standard_normal(x_start.shape, dtype=np.float32)
-        if self.cfg["num_classes"] is None:
-            loss, finite = self.step_cell(x_start, Tensor(t), Tensor(noise))
+        inputs = [x_start, t, noise]
+        if self.cfg["num_classes"] is not None:
+            inputs.append(drop_labels(np.asarray(labels.asnumpy() if isinstance(labels, Tensor) else labels),
+                                      self.cfg["label_dropout"], self.cfg["num_classes"], rng))
+        return self.run_step(*inputs)
+
+    def run_step(self, x_start, t, noise, y=None):
+        """One optimisation step on given inputs (images, timesteps, noise, labels or None) -> STATS tensor."""
+        inputs = [x_start, t, noise] + ([] if y is None else [y])
+        if self.accum_steps == 1:
+            stats = self.step_cell(*(v if isinstance(v, Tensor) else Tensor(v) for v in inputs))
         else:
-            y = drop_labels(np.asarray(labels.asnumpy() if isinstance(labels, Tensor) else labels),
-                            self.cfg["label_dropout"], self.cfg["num_classes"], rng)
-            loss, finite = self.step_cell(x_start, Tensor(t), Tensor(noise), Tensor(y))
+            inputs = [v.asnumpy() if isinstance(v, Tensor) else np.asarray(v) for v in inputs]
+            micro = inputs[0].shape[0] // self.accum_steps
+            losses = [self.micro_cell(*(Tensor(v[i * micro:(i + 1) * micro]) for v in inputs))
+                      for i in range(self.accum_steps)]
+            stats = self.apply_cell(ops.stack(losses).mean())
         self.step += 1
-        return float(loss.asnumpy()), bool(finite.asnumpy())
+        return stats
+
+    def train_step(self, x_start, labels=None):
+        """One step on a batch (and its class labels, for a class-conditional model) -> (loss, applied).
+
+        Reads the step's result on the host (a wait for the device); the training loop uses
+        :meth:`step_stats` and reads only when it logs.
+        """
+        stats = read_stats(self.step_stats(x_start, labels))
+        return stats["loss"], stats["applied"]
 
     def loss_scale(self):
         """The loss scale for the next step (after this step's adjustment); 1.0 when not scaling."""
@@ -112,6 +170,7 @@ class Trainer:
         for group, params in self.state_groups().items():
             ckpt.assign(params, groups[group], f"{group} state of this run", path)
         self.step = meta["step"]
+        seed_dropout(self.model, self.cfg["seed"], self.rank, self.step)  # no replay of the first steps' masks
         return meta["epoch"], meta["step_in_epoch"]
 
     # ----- sampling with the EMA weights -----

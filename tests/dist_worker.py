@@ -1,9 +1,8 @@
 """Run under msrun by tests/test_distributed.py (or directly, as the single-process reference).
 
-    python tests/dist_worker.py steps OUT_DIR   # 3 steps on fixed global batches, weights saved per step
-    python tests/dist_worker.py train OUT_DIR DATA_DIR   # a real train() run
-    python tests/dist_worker.py steps+overflow OUT_DIR   # steps, then 2 steps in which rank 1 sees an overflow
-                                                         # (DDPM_MS_FAULT_OVERFLOW_RANK, applied to those 2 only)
+    python tests/dist_worker.py cases OUT_DIR        # msrun: every step case (see msrun_cases)
+    python tests/dist_worker.py references OUT_DIR   # one process: the same global batches, whole
+    python tests/dist_worker.py train OUT_DIR DATA_DIR [ARGS...]   # a real ddpm-train run
     python tests/dist_worker.py resume OUT_DIR DATA_DIR   # --resume with rank r reading OUT_DIR/node{r}
 """
 
@@ -21,8 +20,7 @@ from ddpm_ms import checkpoint as ckpt  # noqa: E402
 from ddpm_ms.config import load_config  # noqa: E402
 from ddpm_ms.device import setup_device  # noqa: E402
 from ddpm_ms.distributed import init_distributed  # noqa: E402
-from ddpm_ms.train import train  # noqa: E402
-from ddpm_ms.trainer import Trainer  # noqa: E402
+from ddpm_ms.trainer import Trainer, read_stats  # noqa: E402
 from ddpm_ms.train import main as train_main  # noqa: E402
 from ddpm_ms.train_step import FAULT_OVERFLOW_RANK  # noqa: E402
 
@@ -37,36 +35,42 @@ def process_group():
     return init_distributed()
 
 
-def distributed_trainer():
+def distributed_trainer(overrides=()):
     """(trainer, rank, world) of the tiny config, in this process's data-parallel group."""
-    cfg = load_config(TINY, ["max_steps=10", "lr=0.003", "batch_size=8"])
+    cfg = load_config(TINY, ["max_steps=10", "lr=0.003", "batch_size=8"] + list(overrides))
     rank, world = process_group()
     return Trainer(cfg, "CPU", 100, rank, world), rank, world
 
 
-def shard_of_global_batch(trainer, step, rank, world):
-    """This rank's share of global batch ``step`` (x, t, noise): the same batches in every world size."""
+def global_batch(trainer, step):
+    """Global batch ``step`` (x, t, noise): the same batches in every world size."""
     rng = np.random.default_rng([123, step])
     x = rng.uniform(-1, 1, (GLOBAL_BATCH, 1, 28, 28)).astype(np.float32)
     t = rng.integers(0, trainer.cfg["timesteps"], GLOBAL_BATCH).astype(np.int32)
     noise = rng.standard_normal(x.shape).astype(np.float32)
+    return x, t, noise
+
+
+def shard_of_global_batch(trainer, step, rank, world):
+    """This rank's share of global batch ``step`` (x, t, noise)."""
     share = GLOBAL_BATCH // world
-    part = slice(rank * share, (rank + 1) * share)
-    return Tensor(x[part]), Tensor(t[part]), Tensor(noise[part])
+    return [Tensor(v[rank * share:(rank + 1) * share]) for v in global_batch(trainer, step)]
 
 
-def fixed_steps(out):
-    trainer, rank, world = distributed_trainer()
+# the second precision/accumulation case: float16 compute (the Ascend default, loss scaling on)
+# with 2 micro-batches per rank under msrun; its single-process reference takes the whole batch
+FLOAT16 = ["dtype=float16"]
+FLOAT16_ACCUM = FLOAT16 + ["grad_accum_steps=2"]
+
+
+def fixed_steps(out, overrides=(), tag="f32"):
+    """3 steps on the global batches; weights, the logged loss and this rank's loss saved per step."""
+    trainer, rank, world = distributed_trainer(overrides)
     for step in range(3):
-        trainer.step_cell(*shard_of_global_batch(trainer, step, rank, world))
+        stats = read_stats(trainer.run_step(*shard_of_global_batch(trainer, step, rank, world)))
         params = {n: p.asnumpy() for n, p in ckpt.named_params(trainer.model).items()}
-        np.savez(os.path.join(out, f"world{world}_rank{rank}_step{step}.npz"), **params)
-
-
-def real_run(out, data_dir):
-    cfg = load_config(TINY, [f"output_dir={out}", f"data_dir={data_dir}", "max_steps=2", "batch_size=8",
-                             "num_samples=2", "sample_steps=2", "gif_frames=2"])
-    train(cfg, progress=False)
+        np.savez(os.path.join(out, f"{tag}_world{world}_rank{rank}_step{step}.npz"), loss=stats["loss"],
+                 rank_loss=stats["rank_loss"], **params)
 
 
 def overflow_steps(out):
@@ -74,19 +78,41 @@ def overflow_steps(out):
     trainer, rank, world = distributed_trainer()
     flags = []
     for step in range(2):
-        flags.append(bool(trainer.step_cell(*shard_of_global_batch(trainer, step, rank, world))[1].asnumpy()))
+        flags.append(read_stats(trainer.run_step(*shard_of_global_batch(trainer, step, rank, world)))["applied"])
     params = {n: p.asnumpy() for n, p in ckpt.named_params(trainer.model).items()}
     np.savez(os.path.join(out, f"overflow_rank{rank}.npz"), finite=np.array(flags),
              global_step=trainer.optimizer.global_step.asnumpy(), **params)
 
 
-def steps_then_overflow(out):
-    """fixed_steps without the overflow fault, then overflow_steps with it: one msrun launch for both."""
+def dropout_step(out):
+    """One step of the paper's U-Net with dropout 0.5 on the same whole batch on every rank: the ranks'
+    own losses differ only through their dropout masks."""
+    trainer, rank, _ = distributed_trainer(["arch=ddpm", "layers_per_block=1", "attn_levels=[1]", "dropout=0.5",
+                                            "batch_size=16"])
+    stats = read_stats(trainer.run_step(*(Tensor(v) for v in global_batch(trainer, 0))))
+    np.savez(os.path.join(out, f"dropout_rank{rank}.npz"), rank_loss=stats["rank_loss"])
+
+
+def msrun_cases(out):
+    """Every case of one msrun launch: fixed steps in float32, in float16 with accumulation, the
+    overflow case (DDPM_MS_FAULT_OVERFLOW_RANK applied to it only) and the dropout masks."""
     fault = os.environ.pop(FAULT_OVERFLOW_RANK, None)
     fixed_steps(out)
+    fixed_steps(out, FLOAT16_ACCUM, tag="f16")
+    dropout_step(out)
     if fault is not None:
         os.environ[FAULT_OVERFLOW_RANK] = fault
     overflow_steps(out)
+
+
+def single_process_references(out):
+    fixed_steps(out)
+    fixed_steps(out, FLOAT16, tag="f16")
+
+
+def real_run(out, data_dir, extra=()):
+    train_main(["--config", TINY, "--output-dir", out, "--data-dir", data_dir, "--no-progress", "max_steps=2",
+                "batch_size=8", "num_samples=2", "sample_steps=2", "gif_frames=2"] + list(extra))
 
 
 def resume_run(out, data_dir):
@@ -98,13 +124,14 @@ def resume_run(out, data_dir):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "steps":
-        fixed_steps(sys.argv[2])
-    elif sys.argv[1] == "steps+overflow":
-        steps_then_overflow(sys.argv[2])
-    elif sys.argv[1] == "resume":
-        from ddpm_ms.cli import run_cli
+    from ddpm_ms.cli import run_cli
 
-        run_cli(lambda argv: resume_run(sys.argv[2], sys.argv[3]))
-    else:
-        real_run(sys.argv[2], sys.argv[3])
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "cases":
+        msrun_cases(args[0])
+    elif mode == "references":
+        single_process_references(args[0])
+    elif mode == "resume":
+        run_cli(lambda argv: resume_run(*args))
+    else:  # train OUT DATA [ddpm-train arguments...]
+        run_cli(lambda argv: real_run(args[0], args[1], args[2:]))

@@ -4,6 +4,8 @@ MindSpore's CPU backend runs the U-Net's float16 ops and their gradients, so ``d
 executes here the policy, the DynamicLossScaler and the overflow handling of Ascend/GPU.
 """
 
+import ddpm_ms  # noqa: F401  (before mindspore: it sets ONEDNN_MAX_CPU_ISA)
+
 import csv
 import os
 
@@ -13,7 +15,6 @@ import pytest
 from idx_files import write_blob_dataset
 from mindspore import Tensor
 
-import ddpm_ms  # noqa: F401
 from ddpm_ms import checkpoint as ckpt
 from ddpm_ms.config import load_config
 from ddpm_ms.pipeline import cast_model, create_model

@@ -17,7 +17,7 @@ from ddpm_ms.config import load_config
 from ddpm_ms.ema import EMA
 from ddpm_ms.lr_schedule import learning_rates
 from ddpm_ms.train import train
-from ddpm_ms.trainer import Trainer
+from ddpm_ms.trainer import Trainer, read_stats
 from idx_files import write_blob_dataset
 
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
@@ -44,7 +44,7 @@ def test_compiled_step_reduces_loss_on_fixed_batch(trainer):
     x = Tensor(rng.uniform(-1, 1, (8, 1, 28, 28)).astype(np.float32))
     t = Tensor(rng.integers(0, 20, 8).astype(np.int32))
     noise = Tensor(rng.standard_normal((8, 1, 28, 28)).astype(np.float32))
-    losses = [float(trainer.step_cell(x, t, noise)[0].asnumpy()) for _ in range(25)]
+    losses = [read_stats(trainer.step_cell(x, t, noise))["loss"] for _ in range(25)]
     assert losses[-1] < 0.6 * losses[0], losses
 
 
@@ -59,15 +59,13 @@ def test_loss_scaler_skips_update_on_overflow(trainer):
     scale_before = float(trainer.scaler.scale_value.asnumpy())
     bad = x.copy()
     bad[0, 0, 0, 0] = np.inf  # an inf input makes every gradient non-finite
-    loss, finite = trainer.step_cell(Tensor(bad), t, noise)
-    assert not bool(finite.asnumpy())
+    assert not read_stats(trainer.step_cell(Tensor(bad), t, noise))["applied"]
     after = params_np(ckpt.named_params(trainer.model))
     assert all(np.array_equal(before[n], after[n]) for n in before), "update was not skipped"
     assert all(np.array_equal(a, s.asnumpy()) for a, s in zip(ema_before, trainer.ema.shadow))
     assert float(trainer.scaler.scale_value.asnumpy()) == scale_before  # the unused scaler is untouched
     # a finite step afterwards updates the weights and the EMA again
-    loss, finite = trainer.step_cell(Tensor(x), t, noise)
-    assert bool(finite.asnumpy())
+    assert read_stats(trainer.step_cell(Tensor(x), t, noise))["applied"]
     after = params_np(ckpt.named_params(trainer.model))
     assert any(not np.array_equal(before[n], after[n]) for n in before)
     assert any(not np.array_equal(a, s.asnumpy()) for a, s in zip(ema_before, trainer.ema.shadow))
@@ -214,3 +212,81 @@ def test_max_steps_beyond_the_epochs_extends_them_with_one_notice(capsys):
     assert steps_and_epochs(3, None, 10) == (3, 30)
     assert steps_and_epochs(1, 20, 10, notify=False) == (2, 20)
     assert capsys.readouterr().err == ""
+
+
+DDPM_TINY = ["arch=ddpm", "layers_per_block=1", "attn_levels=[1]"]
+
+
+def test_dropout_is_on_in_training_and_differs_between_ranks():
+    """At lr ~ 0 two steps on the same batch give the same loss unless dropout draws new masks:
+    with dropout 0.5 they differ, with dropout 0 they are equal; rank 1 draws other masks than rank 0."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        rng = np.random.default_rng(2)
+        x = rng.uniform(-1, 1, (4, 1, 28, 28)).astype(np.float32)
+        t = np.array([1, 5, 9, 15], np.int32)
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+
+        def losses(dropout, rank):
+            cfg = load_config(TINY, DDPM_TINY + [f"dropout={dropout}", "lr=1e-30", "min_lr=0", "lr_schedule=constant",
+                                                 "batch_size=4"])
+            tr = Trainer(cfg, "CPU", steps_per_epoch=10, rank=rank)
+            return [read_stats(tr.run_step(x, t, noise))["loss"] for _ in range(2)]
+
+        on = losses(0.5, 0)
+        assert on[0] != on[1]
+        assert losses(0.5, 1)[0] != on[0]
+        off = losses(0.0, 0)
+        assert off[0] == off[1]
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_gradient_accumulation_gives_the_update_of_one_batch():
+    """4 micro-batches of 2 (with loss scaling) and 2 of 4 (without) make the same steps as one batch of 8:
+    the same losses, weights, EMA and Adam state to float tolerance; an overflow in one micro-batch skips
+    the whole step and halves the loss scale."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        base = ["batch_size=8", "lr=0.003", "ema_decay=0.9"]
+        one = Trainer(load_config(TINY, base), "CPU", steps_per_epoch=10)
+        by4 = Trainer(load_config(TINY, base + ["grad_accum_steps=4"]), "CPU", steps_per_epoch=10, scale_loss=True)
+        by2 = Trainer(load_config(TINY, base + ["grad_accum_steps=2"]), "CPU", steps_per_epoch=10)
+        rng = np.random.default_rng(7)
+        for _ in range(3):
+            x = rng.uniform(-1, 1, (8, 1, 28, 28)).astype(np.float32)
+            t = rng.integers(0, 20, 8).astype(np.int32)
+            noise = rng.standard_normal(x.shape).astype(np.float32)
+            ref, *accumulated = (read_stats(tr.run_step(x, t, noise)) for tr in (one, by4, by2))
+            for stats in accumulated:
+                assert stats["applied"] and stats["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        ref = _state_np(one)
+        for tr in (by4, by2):
+            state = _state_np(tr)
+            assert state.keys() == ref.keys()
+            off = total = 0
+            for key in ref:
+                # Adam's first steps move weights by ~lr * sign(g): a weight whose gradient is ~0 (summed in
+                # another order) may move differently; allow a few such weights, by a small amount
+                np.testing.assert_allclose(state[key], ref[key], rtol=1e-4, atol=0.02 * 0.003, err_msg=str(key))
+                off += (~np.isclose(state[key], ref[key], rtol=1e-4, atol=1e-5)).sum()
+                total += ref[key].size
+            assert off <= 1e-3 * total, (off, total)
+        x[1, 0, 0, 0] = np.nan  # in by4's first micro-batch only
+        before = _state_np(by4)
+        stats = read_stats(by4.run_step(x, t, noise))
+        assert not stats["applied"] and stats["loss_scale"] == by4.loss_scale() == 32768.0
+        after = _state_np(by4)
+        assert all(np.array_equal(before[k], after[k]) for k in before if k[0] != "opt")
+        assert not any(float(np.abs(b.asnumpy()).max()) for b in by4.grad_buffers)  # zeroed for the next step
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_grad_accum_steps_must_divide_the_batch():
+    from ddpm_ms.distributed import device_batch_size
+    from ddpm_ms.errors import UserError
+
+    assert device_batch_size(load_config(TINY, ["batch_size=8", "grad_accum_steps=2"]), 2) == 4
+    with pytest.raises(UserError, match="16 .* divisible by the number of devices 2 times grad_accum_steps 3"):
+        device_batch_size(load_config(TINY, ["batch_size=16", "grad_accum_steps=3"]), 2)
