@@ -16,12 +16,12 @@ setup(
     packages=find_packages(include=["ddpm_ms", "ddpm_ms.*"]) + [CONFIGS_PACKAGE],
     package_dir={CONFIGS_PACKAGE: "configs"},
     package_data={
-        "ddpm_ms.kernels": ["*.cc", "*.h"],  # C++ sources, compiled on first use
+        "ddpm_ms.models.kernels": ["*.cc", "*.h"],  # C++ sources, compiled on first use
         CONFIGS_PACKAGE: ["*.yaml"],
     },
     python_requires=">=3.9,<3.13",
     install_requires=[
-        # >=2.5: mindspore.set_device / get_current_device and mindspore.device_context (ddpm_ms.device)
+        # >=2.5: mindspore.set_device / get_current_device and mindspore.device_context (ddpm_ms.utils.device)
         # appear in 2.5. <2.11: 2.10 is the only version tested; raise the cap once a newer one is.
         "mindspore>=2.5,<2.11",
         "download",

@@ -4,7 +4,7 @@
     python benchmarks/bench_convs.py [--config configs/fashion_mnist.yaml] [--batch 16]
         [--base REV] [--repeats 21] [--only NAME_PART]
 
-The current library is the one ``ddpm_ms.kernels`` builds (its cache); with ``--base`` the
+The current library is the one ``ddpm_ms.models.kernels`` builds (its cache); with ``--base`` the
 baseline is ``conv_kernels.cc`` + ``common.h`` of that revision, compiled with the same flags
 and OpenBLAS into a temporary directory. The kernels are called directly (ctypes, the aot
 calling convention), so the numbers hold the kernels alone, without MindSpore's launch cost.
@@ -26,7 +26,7 @@ import ddpm_ms  # noqa: E402,F401  (sets ONEDNN_MAX_CPU_ISA before MindSpore loa
 import numpy as np  # noqa: E402
 from mindspore import nn  # noqa: E402
 
-from ddpm_ms import kernels  # noqa: E402
+from ddpm_ms.models import kernels  # noqa: E402
 from ddpm_ms.config import load_config  # noqa: E402
 from ddpm_ms.pipeline import create_model  # noqa: E402
 from _revision import build_at  # noqa: E402

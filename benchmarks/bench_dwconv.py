@@ -4,7 +4,7 @@ current source against a git revision's, side by side, for the tutorial U-Net's 
     python benchmarks/bench_dwconv.py [--base REV] [--batch 16 64] [--repeats 9] [--inner 5]
         [--shapes 18x28 28x28 ...] [-k 7]
 
-The current library is the one ``ddpm_ms.kernels`` builds (its cache); the baseline is
+The current library is the one ``ddpm_ms.models.kernels`` builds (its cache); the baseline is
 ``cpu_kernels.cc`` + ``common.h`` of ``--base`` (default: the merge base with ``main``)
 compiled with the same flags into a temporary directory. Both are called through
 ``ops.Custom(func_type="aot")`` in graph mode, with the same inputs. Each number is the
@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor, nn, ops  # noqa: E402
 
-from ddpm_ms import kernels  # noqa: E402
+from ddpm_ms.models import kernels  # noqa: E402
 from _revision import build_at  # noqa: E402
 
 # (C, H=W) of the depthwise convs in the tutorial U-Net

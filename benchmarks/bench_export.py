@@ -25,11 +25,11 @@ import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor  # noqa: E402
 
-from ddpm_ms import checkpoint as ckpt  # noqa: E402
+from ddpm_ms.utils import checkpoint as ckpt  # noqa: E402
 from ddpm_ms.config import load_config  # noqa: E402
-from ddpm_ms.device import setup_device  # noqa: E402
+from ddpm_ms.utils.device import setup_device  # noqa: E402
 from ddpm_ms.export import export  # noqa: E402
-from ddpm_ms.exported import load_exported  # noqa: E402
+from ddpm_ms.interop.exported import load_exported  # noqa: E402
 from ddpm_ms.pipeline import create_model, guided_eps_fn, load_model, make_eps_fn  # noqa: E402
 
 

@@ -23,9 +23,9 @@ import numpy as np  # noqa: E402
 import ddpm_ms  # noqa: E402,F401  (sets ONEDNN_MAX_CPU_ISA before MindSpore loads)
 from ddpm_ms import data  # noqa: E402
 from ddpm_ms.config import load_config  # noqa: E402
-from ddpm_ms.device import setup_device  # noqa: E402
+from ddpm_ms.utils.device import setup_device  # noqa: E402
 from ddpm_ms.train import _epoch_batches, make_dataset  # noqa: E402
-from ddpm_ms.trainer import Trainer  # noqa: E402
+from ddpm_ms.training.trainer import Trainer  # noqa: E402
 
 
 def main():

@@ -40,13 +40,13 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ddpm_ms import kernels
+from ddpm_ms.models import kernels
 from ddpm_ms.config import load_config
-from ddpm_ms.device import setup_device
+from ddpm_ms.utils.device import setup_device
 from ddpm_ms.pipeline import create_model, make_eps_fn
-from ddpm_ms.trainer import Trainer
-from ddpm_ms import ddpm_unet
-from ddpm_ms import unet as unet_mod
+from ddpm_ms.training.trainer import Trainer
+from ddpm_ms.models import ddpm_unet
+from ddpm_ms.models import tutorial_unet as unet_mod
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # MindSpore sets OMP_NUM_THREADS=1 in its process once it runs a graph; the PyTorch worker

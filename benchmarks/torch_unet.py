@@ -5,7 +5,7 @@ Used only by the speed benchmark (``bench_speed.py --torch``) and the parity tes
 with the ``bench`` extra (on the project machines ``pip install torch==2.13.0`` takes the
 192 MB CPU wheel that lies on disk).
 
-Every module mirrors ``ddpm_ms.unet`` cell for cell, with the same attribute names and
+Every module mirrors ``ddpm_ms.models.tutorial_unet`` cell for cell, with the same attribute names and
 Sequential indices, so a MindSpore parameter ``downs.0.block1.net.1.weight`` is the
 PyTorch parameter of the same name; only GroupNorm's ``gamma``/``beta`` become
 ``weight``/``bias`` and ``embedding_table`` becomes ``weight``. The functions are the
@@ -177,7 +177,7 @@ class UpLevel(nn.Module):
 
 
 class Unet(nn.Module):
-    """Same arguments and semantics as ``ddpm_ms.unet.Unet``."""
+    """Same arguments and semantics as ``ddpm_ms.models.tutorial_unet.Unet``."""
 
     def __init__(self, dim, init_dim=None, out_dim=None, dim_mults=(1, 2, 4), channels=1,
                  with_time_emb=True, block_type="convnext", convnext_mult=2, resnet_groups=8,

@@ -9,7 +9,7 @@ run continues with --resume); 130 interrupted.
 
 import sys
 
-from .errors import UserError, WriteError
+from ddpm_ms.utils.errors import UserError, WriteError
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_WRITE_FAILED, EXIT_INTERRUPTED = 2, 3, 4, 130
 

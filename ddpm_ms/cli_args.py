@@ -3,9 +3,9 @@ ddpm-evaluate): their definitions, their one check, the class request and the mo
 
 import numpy as np
 
-from .device import DTYPES, MODES
-from .errors import UserError
-from .samplers import SAMPLERS
+from ddpm_ms.utils.device import DTYPES, MODES
+from ddpm_ms.utils.errors import UserError
+from ddpm_ms.diffusion.samplers import SAMPLERS
 
 # --------------------------------------------------------------------------- definitions
 
@@ -94,8 +94,8 @@ def load_for_args(args):
     if args.exported:
         import mindspore as ms
 
-        from .device import setup_device
-        from .exported import load_exported
+        from ddpm_ms.utils.device import setup_device
+        from ddpm_ms.interop.exported import load_exported
 
         if args.no_ema:
             raise UserError("--no-ema applies to checkpoints; an exported file holds the weights it was "
@@ -104,7 +104,7 @@ def load_for_args(args):
         model = load_exported(args.exported)
         check_sampling_args(args, model.cfg["timesteps"])
         return model, model.sched, model.cfg, ms.float32
-    from .loading import load_for_sampling
+    from ddpm_ms.loading import load_for_sampling
 
     loaded = load_for_sampling(args.checkpoint, args.device, args.mode, use_ema=not args.no_ema, dtype=args.dtype,
                                check=lambda cfg: check_sampling_args(args, cfg["timesteps"]))

@@ -13,15 +13,15 @@ import os
 
 import yaml
 
-from . import fileio
-from .data import DATASETS
-from .errors import UserError
-from .schedules import SCHEDULES
-from .diffusion import LOSS_TYPES, LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES
-from .device import DEVICES, DTYPES, JIT_LEVELS, MODES
-from .samplers import SAMPLERS
-from .layers import ACTIVATIONS
-from .unet import BLOCK_TYPES, level_problem
+from ddpm_ms.utils import fileio
+from ddpm_ms.data import DATASETS
+from ddpm_ms.utils.errors import UserError
+from ddpm_ms.diffusion.schedules import SCHEDULES
+from ddpm_ms.diffusion.gaussian import LOSS_TYPES, LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES
+from ddpm_ms.utils.device import DEVICES, DTYPES, JIT_LEVELS, MODES
+from ddpm_ms.diffusion.samplers import SAMPLERS
+from ddpm_ms.models.layers import ACTIVATIONS
+from ddpm_ms.models.tutorial_unet import BLOCK_TYPES, level_problem
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -332,7 +332,7 @@ def validate(cfg):
 
 
 def _validate_ddpm_arch(cfg):
-    """The keys of ``arch: ddpm`` (the paper's U-Net, see ddpm_ms/ddpm_unet.py) fit together."""
+    """The keys of ``arch: ddpm`` (the paper's U-Net, see ddpm_ms/models/ddpm_unet.py) fit together."""
     widths = [cfg["dim"] * m for m in cfg["dim_mults"]]
     if any(w % cfg["resnet_groups"] for w in widths):
         raise UserError(f"resnet_groups {cfg['resnet_groups']} (the GroupNorm groups) must divide every U-Net "

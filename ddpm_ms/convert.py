@@ -16,7 +16,7 @@ config keys of the checkpoint (``sampler=ddim``, ``sample_steps=100``, ...).
 ``scheduler_config.json`` (a ``DDPMScheduler``) for an ``arch: ddpm`` checkpoint (the EMA weights
 when it has them, else the raw ones), loadable with ``UNet2DModel.from_pretrained(DIR)``.
 
-Parameter names map one to one (``ddpm_ms.ddpm_unet.diffusers_key``); values are copied
+Parameter names map one to one (``ddpm_ms.models.ddpm_unet.diffusers_key``); values are copied
 unchanged (Dense/Linear and Conv weights have the same layouts in both frameworks).
 """
 
@@ -28,14 +28,14 @@ import time
 
 import numpy as np
 
-from . import checkpoint as ckpt
-from .cli import run_cli
-from .config import ARCH_KEYS, DEFAULTS, resolve
-from .errors import UserError
+from ddpm_ms.utils import checkpoint as ckpt
+from ddpm_ms.cli import run_cli
+from ddpm_ms.config import ARCH_KEYS, DEFAULTS, resolve
+from ddpm_ms.utils.errors import UserError
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
-# diffusers scheduler beta_schedule -> ddpm_ms beta_schedule (same formulas: ddpm_ms/schedules.py)
+# diffusers scheduler beta_schedule -> ddpm_ms beta_schedule (same formulas: ddpm_ms/diffusion/gaussian/schedules.py)
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine",
                   "sigmoid": "sigmoid"}
 # diffusers DDPMScheduler variance_type -> ddpm_ms variance (the *_log forms are the same variances)
@@ -228,7 +228,7 @@ def _current_key(key):
 
 def to_ddpm_ms_weights(model, state):
     """diffusers state dict -> {ddpm_ms parameter name: ndarray} for ``model``; names and shapes must match."""
-    from .ddpm_unet import diffusers_key
+    from ddpm_ms.models.ddpm_unet import diffusers_key
 
     state = {_current_key(k): v for k, v in state.items()}
     params = dict(model.parameters_and_names())
@@ -252,7 +252,7 @@ def to_ddpm_ms_weights(model, state):
 
 def to_diffusers_weights(weights):
     """{ddpm_ms parameter name: ndarray} -> diffusers state dict (float32, contiguous)."""
-    from .ddpm_unet import diffusers_key
+    from ddpm_ms.models.ddpm_unet import diffusers_key
 
     return {diffusers_key(name): np.ascontiguousarray(value, np.float32) for name, value in weights.items()}
 
@@ -281,7 +281,7 @@ def _scheduler_file(root, model_dir):
 
 def from_diffusers(src, out, overrides=None):
     """Convert the diffusers folder ``src`` into the ddpm_ms checkpoint ``out``; returns the resolved config."""
-    from .pipeline import create_model
+    from ddpm_ms.pipeline import create_model
 
     model_dir = _model_folder(src)
     values = unet_config_to_cfg(_read_json(os.path.join(model_dir, "config.json")))
@@ -341,7 +341,7 @@ def build_parser():
 
 
 def main(argv=None):
-    from .config import parse_overrides
+    from ddpm_ms.config import parse_overrides
 
     args = build_parser().parse_args(argv)
     if args.from_diffusers:

@@ -8,7 +8,7 @@ floats in [-1, 1] or uint8 0..255) or a folder of S x S PNGs, of the dataset's c
 (``--dataset``, default fashion_mnist: 1 x 28 x 28; cifar10: 3 x 32 x 32); ``--checkpoint`` (a run
 directory or a ``.ckpt``) generates ``--num`` images first, for the dataset it was trained on.
 The first run trains the dataset's evaluation classifier (a few minutes on a CPU) and caches it
-(see :mod:`ddpm_ms.classifier`); folder datasets have no classifier and cannot be scored. Prints one line
+(see :mod:`ddpm_ms.evaluation.classifier`); folder datasets have no classifier and cannot be scored. Prints one line
 
     FD x (floor y), IS z, precision p, recall r, smallest class share s%
 
@@ -25,10 +25,10 @@ import time
 
 import numpy as np
 
-from . import fileio
-from .cli import run_cli
-from .cli_args import add_guidance_arg, add_runtime_args, add_sampler_args, add_weights_arg, check_sampling_args
-from .errors import UserError
+from ddpm_ms.utils import fileio
+from ddpm_ms.cli import run_cli
+from ddpm_ms.cli_args import add_guidance_arg, add_runtime_args, add_sampler_args, add_weights_arg, check_sampling_args
+from ddpm_ms.utils.errors import UserError
 
 
 # --------------------------------------------------------------------------- reading samples
@@ -36,7 +36,7 @@ from .errors import UserError
 def _check_image_array(images, path, spec=None):
     """[N, C, S, S], [N, S, S, C] or (gray) [N, S, S] -> [N, C, S, S], checked against ``spec``
     (a DatasetSpec; default Fashion-MNIST's)."""
-    from .data import dataset_spec
+    from ddpm_ms.data import dataset_spec
 
     spec = spec or dataset_spec("fashion_mnist")
     c, side = spec.channels, spec.image_size
@@ -76,7 +76,7 @@ def _check_image_array(images, path, spec=None):
 
 def load_png_folder(path, spec=None):
     """All ``*.png`` in ``path`` (sorted), as uint8 [N, C, S, S] (gray or RGB as ``spec`` says)."""
-    from .data import dataset_spec
+    from ddpm_ms.data import dataset_spec
 
     spec = spec or dataset_spec("fashion_mnist")
     side = spec.image_size
@@ -119,9 +119,9 @@ def load_samples(path, spec=None):
 
 def prepare_reference(data_dir=None, cache_dir=None, progress=True, dataset="fashion_mnist"):
     """The cached (or freshly trained) classifier of ``dataset`` and its real reference -> (net, info, reference)."""
-    from . import data
-    from .classifier import load_or_train_classifier, require_feature_network
-    from .evaluation import RealReference
+    from ddpm_ms import data
+    from ddpm_ms.evaluation.classifier import load_or_train_classifier, require_feature_network
+    from ddpm_ms.evaluation.metrics import RealReference
 
     require_feature_network(dataset)
     data_dir = data.locate(dataset, data_dir)
@@ -183,8 +183,8 @@ def build_parser():
 
 def generate_samples(args):
     """Load the checkpoint (resolved by main) and generate ``args.num`` images -> (images, source record)."""
-    from .loading import load_for_sampling
-    from .pipeline import generate
+    from ddpm_ms.loading import load_for_sampling
+    from ddpm_ms.pipeline import generate
 
     loaded = load_for_sampling(args.checkpoint, use_ema=not args.no_ema, backend=args.backend, dtype=args.dtype,
                                check=lambda cfg: check_sampling_args(args, cfg["timesteps"], min_num=2))
@@ -205,16 +205,16 @@ def generate_samples(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from .device import setup_device
-    from .evaluation import evaluate_images, summary_line
+    from ddpm_ms.utils.device import setup_device
+    from ddpm_ms.evaluation.metrics import evaluate_images, summary_line
 
     _check_out(args.out)
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
     if args.splits < 1:
         raise UserError(f"--splits must be >= 1, got {args.splits}")
-    from .classifier import require_feature_network
-    from .data import DATASETS, dataset_spec
+    from ddpm_ms.evaluation.classifier import require_feature_network
+    from ddpm_ms.data import DATASETS, dataset_spec
 
     if args.dataset is not None and args.dataset not in DATASETS:
         raise UserError(f"--dataset {args.dataset!r} is not one of: {', '.join(DATASETS)}")
@@ -226,7 +226,7 @@ def main(argv=None):
     else:
         if args.num < 2:
             raise UserError(f"--num must be >= 2, got {args.num}")
-        from . import checkpoint as ckpt
+        from ddpm_ms.utils import checkpoint as ckpt
 
         args.checkpoint = ckpt.resolve_checkpoint(args.checkpoint)
         dataset = args.dataset or ckpt.load(args.checkpoint)[1]["config"].get("dataset", "fashion_mnist")

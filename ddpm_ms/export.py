@@ -11,7 +11,7 @@ The file holds one graph, the noise predictor, for a fixed batch size and image 
 
 It is built on MindSpore's built-in ops (the C++ CPU kernels are custom ops that neither MindIR
 consumers nor ONNX can run); for ONNX, GroupNorm and the exact GELU are written in the export
-forms of ``ddpm_ms.onnx_forms``. ``FILE.json`` beside it records what a runtime needs: the
+forms of ``ddpm_ms.interop.onnx_forms``. ``FILE.json`` beside it records what a runtime needs: the
 betas, the prediction type, image shape, classes, batch size, input/output names and the
 ddpm_ms and MindSpore versions. ``ddpm-sample --exported FILE`` samples from it.
 """
@@ -26,11 +26,16 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from . import fileio
-from .cli import run_cli
-from .diffusion import classifier_free_guidance
-from .errors import UserError
-from .exported import FORMAT_NAME, FORMAT_VERSION, FORMATS, metadata_path  # the format, defined by its reader
+from ddpm_ms.utils import fileio
+from ddpm_ms.cli import run_cli
+from ddpm_ms.diffusion.gaussian import classifier_free_guidance
+from ddpm_ms.utils.errors import UserError
+from ddpm_ms.interop.exported import (  # the format, defined by its reader
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FORMATS,
+    metadata_path,
+)
 
 OUTPUT_NAME = "model_output"
 
@@ -76,7 +81,7 @@ def example_inputs(spec):
 
 
 def metadata(cfg, sched, fmt, file_name, batch, spec, weights, checkpoint, step):
-    from . import __version__
+    from ddpm_ms import __version__
 
     out_shape = [batch, cfg["channels"], cfg["image_size"], cfg["image_size"]]
     return {
@@ -124,9 +129,9 @@ def export(checkpoint, fmt, batch, out, use_ema=True):
     Both files are written under temporary names and renamed into place, so a failed export
     leaves nothing behind and never a half-written file under ``out``.
     """
-    from . import checkpoint as ckpt
-    from .onnx_forms import to_export_forms
-    from .pipeline import load_checkpoint_file
+    from ddpm_ms.utils import checkpoint as ckpt
+    from ddpm_ms.interop.onnx_forms import to_export_forms
+    from ddpm_ms.pipeline import load_checkpoint_file
 
     check_request(fmt, batch, out)
     path = ckpt.resolve_checkpoint(checkpoint)
@@ -166,7 +171,7 @@ def main(argv=None):
     parser.add_argument("--device", default="CPU", help="backend to trace on (default CPU; the file is the same)")
     args = parser.parse_args(argv)
     check_request(args.format, args.batch, args.out)
-    from .device import setup_device
+    from ddpm_ms.utils.device import setup_device
 
     setup_device(args.device, "graph")
     start = time.perf_counter()

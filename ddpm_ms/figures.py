@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 
-from .cli import run_cli
-from .errors import UserError
-from .samplers import SAMPLERS
+from ddpm_ms.cli import run_cli
+from ddpm_ms.utils.errors import UserError
+from ddpm_ms.diffusion.samplers import SAMPLERS
 
 
 def slerp(z0, z1, alpha):
@@ -43,7 +43,7 @@ def interpolation_noise(shape, pairs, points, seed=0):
 
 def interpolate(model, sched, cfg, pairs=4, points=10, steps=50, seed=0, dtype=None, progress=True):
     """Decode slerped noise with deterministic DDIM (eta = 0) -> images [pairs * points, C, H, W]."""
-    from .pipeline import generate
+    from ddpm_ms.pipeline import generate
 
     shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
     x_T = interpolation_noise(shape, pairs, points, seed)
@@ -67,7 +67,7 @@ def parse_steps(text, num_timesteps):
 
 def compare_steps(model, sched, cfg, samplers, step_counts, num=8, seed=0, dtype=None, progress=True):
     """{(sampler, steps): images [num, C, H, W]}, every entry from the same seed (the same x_T)."""
-    from .pipeline import generate
+    from ddpm_ms.pipeline import generate
 
     kw = {} if dtype is None else {"dtype": dtype}
     results = {}
@@ -80,7 +80,7 @@ def compare_steps(model, sched, cfg, samplers, step_counts, num=8, seed=0, dtype
 
 def save_comparison(results, path, num_timesteps):
     """One figure: a row of images per (sampler, steps), labelled."""
-    from .visualize import make_grid, new_figure
+    from ddpm_ms.utils.visualize import make_grid, new_figure
 
     keys = list(results)
     num = len(next(iter(results.values())))
@@ -100,8 +100,8 @@ def save_comparison(results, path, num_timesteps):
 
 
 def main(argv=None):
-    from .cli_args import add_sampling_args, load_for_args
-    from .visualize import save_grid
+    from ddpm_ms.cli_args import add_sampling_args, load_for_args
+    from ddpm_ms.utils.visualize import save_grid
 
     parser = argparse.ArgumentParser(prog="ddpm-figures", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="figure", required=True)

@@ -4,17 +4,17 @@
     python -m ddpm_ms.gif --checkpoint runs/quick --source both --label --out denoise.webp
 
 The frames are taken at an even pace of visible change, from the start noise to the sample
-(ddpm_ms.frames), and the last one is held for --hold seconds before the loop restarts.
+(ddpm_ms.diffusion.frames), and the last one is held for --hold seconds before the loop restarts.
 """
 
 import argparse
 import os
 import sys
 
-from .cli import run_cli
-from .cli_args import add_sampling_args, class_request, load_for_args
-from .errors import UserError
-from .frames import SOURCES
+from ddpm_ms.cli import run_cli
+from ddpm_ms.cli_args import add_sampling_args, class_request, load_for_args
+from ddpm_ms.utils.errors import UserError
+from ddpm_ms.diffusion.frames import SOURCES
 
 
 def main(argv=None):
@@ -37,8 +37,8 @@ def main(argv=None):
 
         if not features.check("webp"):
             raise UserError("this Pillow has no WebP support; write a .gif instead")
-    from .pipeline import generate
-    from .visualize import save_gif
+    from ddpm_ms.pipeline import generate
+    from ddpm_ms.utils.visualize import save_gif
 
     model, sched, cfg, dtype = load_for_args(args)
     classes, num, nrow = class_request(args, cfg)

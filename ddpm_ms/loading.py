@@ -1,12 +1,12 @@
 """A checkpoint made ready to sample: resolve -> set up the device -> load -> compute dtype -> cast.
 
 One sequence for every command and script that samples from a checkpoint (ddpm-sample, ddpm-gif,
-ddpm-figures, ddpm-evaluate, scripts/); exported files are loaded by :mod:`ddpm_ms.exported`.
+ddpm-figures, ddpm-evaluate, scripts/); exported files are loaded by :mod:`ddpm_ms.interop.exported`.
 """
 
 from collections import namedtuple
 
-from . import checkpoint as ckpt
+from ddpm_ms.utils import checkpoint as ckpt
 
 Loaded = namedtuple("Loaded", "model sched cfg dtype path backend")
 Loaded.__doc__ = """model: the network to call (cast for the compute dtype); sched: its Schedule; cfg: its config;
@@ -21,8 +21,8 @@ def load_for_sampling(checkpoint, device="auto", mode="graph", use_ema=True, che
     that need the model's timesteps or classes). ``dtype``: "auto", "float32" or "float16" instead of
     the config's (``ddpm-sample --dtype``).
     """
-    from .device import compute_dtype, setup_device
-    from .pipeline import cast_model, load_checkpoint_file
+    from ddpm_ms.utils.device import compute_dtype, setup_device
+    from ddpm_ms.pipeline import cast_model, load_checkpoint_file
 
     path = ckpt.resolve_checkpoint(checkpoint)  # a file stays itself: resolving it again picks nothing new
     if backend is None:

@@ -4,15 +4,15 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from . import checkpoint as ckpt
-from .config import DEFAULTS
-from .device import set_jit_level
-from .diffusion import Schedule, classifier_free_guidance
-from .errors import UserError
-from .frames import FrameRecorder
-from .samplers import sample
-from .ddpm_unet import DDPMUnet
-from .unet import Unet, to_mixed_precision
+from ddpm_ms.utils import checkpoint as ckpt
+from ddpm_ms.config import DEFAULTS
+from ddpm_ms.utils.device import set_jit_level
+from ddpm_ms.diffusion.gaussian import Schedule, classifier_free_guidance
+from ddpm_ms.utils.errors import UserError
+from ddpm_ms.diffusion.frames import FrameRecorder
+from ddpm_ms.diffusion.samplers import sample
+from ddpm_ms.models.ddpm_unet import DDPMUnet
+from ddpm_ms.models.tutorial_unet import Unet, to_mixed_precision
 
 
 def create_model(cfg, fast_kernels=None):
@@ -20,7 +20,7 @@ def create_model(cfg, fast_kernels=None):
 
     fast_kernels=False builds it on MindSpore's built-in ops only (no C++ custom ops), as an
     exported graph needs; True asks for the compiled CPU kernels where usable; None (default) is
-    the user's default, on unless DDPM_MS_FAST_KERNELS=0 (``ddpm_ms.layers``). The parameters
+    the user's default, on unless DDPM_MS_FAST_KERNELS=0 (``ddpm_ms.models.layers``). The parameters
     are the same either way.
     """
     if cfg.get("arch", "tutorial") == "ddpm":
@@ -42,7 +42,7 @@ def create_model(cfg, fast_kernels=None):
 
 
 def create_ddpm_unet(cfg, fast_kernels=None):
-    """The DDPM paper's U-Net (ddpm_ms/ddpm_unet.py, diffusers UNet2DModel layout) for ``arch: ddpm``."""
+    """The DDPM paper's U-Net (ddpm_ms/models/ddpm_unet.py, diffusers UNet2DModel layout) for ``arch: ddpm``."""
     return DDPMUnet(
         block_out_channels=[cfg["dim"] * m for m in cfg["dim_mults"]],
         channels=cfg["channels"],
@@ -156,16 +156,16 @@ def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0,
 
     Sampler options default to the config's sampler / sample_steps / eta. With gif_frames > 0,
     that many frames of x_t (gif_source="x"), of the predicted x_0 ("x0") or of both side by side
-    ("both") are kept, from the start noise to the sample at an even pace (ddpm_ms.frames). x_T (a float32
+    ("both") are kept, from the start noise to the sample at an even pace (ddpm_ms.diffusion.frames). x_T (a float32
     array of [num, C, H, W]) replaces the seed's starting noise. For a class-conditional model,
     ``classes`` (default 0, 1, 2, ... cycling) and ``guidance`` (default: the config's) apply.
-    ``model`` may also be an exported graph (``ddpm_ms.exported.ExportedDenoiser``).
+    ``model`` may also be an exported graph (``ddpm_ms.interop.exported.ExportedDenoiser``).
     """
     labels = class_labels(cfg, num, classes)
     if labels is None and guidance:
         raise UserError("guidance needs a class-conditional checkpoint (num_classes is not set in this one)")
     w = cfg["guidance"] if guidance is None else guidance
-    if hasattr(model, "make_eps_fn"):  # an exported graph (ddpm_ms.exported): guidance is one of its inputs
+    if hasattr(model, "make_eps_fn"):  # an exported graph (ddpm_ms.interop.exported): guidance is one of its inputs
         eps_fn = model.make_eps_fn(num, labels, w)
     else:
         eps_fn = make_eps_fn(model, dtype)

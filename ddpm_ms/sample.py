@@ -10,8 +10,8 @@ import argparse
 import os
 import sys
 
-from .cli import run_cli
-from .cli_args import add_sampling_args, class_request, load_for_args
+from ddpm_ms.cli import run_cli
+from ddpm_ms.cli_args import add_sampling_args, class_request, load_for_args
 
 
 def main(argv=None):
@@ -19,9 +19,9 @@ def main(argv=None):
     add_sampling_args(parser)
     parser.add_argument("--out", default=None, help="output directory (default: the run directory)")
     args = parser.parse_args(argv)
-    from .fileio import npy_bytes, write_bytes
-    from .pipeline import generate
-    from .visualize import save_grid
+    from ddpm_ms.utils.fileio import npy_bytes, write_bytes
+    from ddpm_ms.pipeline import generate
+    from ddpm_ms.utils.visualize import save_grid
 
     model, sched, cfg, dtype = load_for_args(args)
     source = args.checkpoint or args.exported

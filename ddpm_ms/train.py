@@ -3,9 +3,9 @@
     python -m ddpm_ms.train --config configs/quick.yaml [--device CPU] [key=value ...]
 
 The data path reads top-down: config -> dataset (:mod:`ddpm_ms.data`) -> model and train step
-(:mod:`ddpm_ms.trainer`, :mod:`ddpm_ms.train_step`) -> checkpoints (:mod:`ddpm_ms.checkpoint`) ->
+(:mod:`ddpm_ms.training.trainer`, :mod:`ddpm_ms.training.step`) -> checkpoints (:mod:`ddpm_ms.utils.checkpoint`) ->
 samples, GIF and loss curve. This module feeds the step batches, logs the loss and writes the
-run directory (:mod:`ddpm_ms.rundir`); data parallelism is :mod:`ddpm_ms.distributed`.
+run directory (:mod:`ddpm_ms.training.rundir`); data parallelism is :mod:`ddpm_ms.training.distributed`.
 """
 
 import argparse
@@ -16,17 +16,17 @@ import time
 
 import numpy as np
 
-from . import checkpoint as ckpt
-from . import data
-from .cli import run_cli
-from .config import load_config, save_config
-from .device import setup_device
-from .distributed import check_same_resume_step, device_batch_size, init_distributed, run_on_main
-from .errors import WriteError
-from .fileio import npy_bytes, write_bytes
-from .rundir import CSV_FIELDS, LossLog, RunDir, resume_point  # noqa: F401 (CSV_FIELDS lived here)
-from .trainer import Trainer, read_stats
-from .visualize import plot_loss, save_gif, save_grid
+from ddpm_ms.utils import checkpoint as ckpt
+from ddpm_ms import data
+from ddpm_ms.cli import run_cli
+from ddpm_ms.config import load_config, save_config
+from ddpm_ms.utils.device import setup_device
+from ddpm_ms.training.distributed import check_same_resume_step, device_batch_size, init_distributed, run_on_main
+from ddpm_ms.utils.errors import WriteError
+from ddpm_ms.utils.fileio import npy_bytes, write_bytes
+from ddpm_ms.training.rundir import CSV_FIELDS, LossLog, RunDir, resume_point  # noqa: F401 (CSV_FIELDS lived here)
+from ddpm_ms.training.trainer import Trainer, read_stats
+from ddpm_ms.utils.visualize import plot_loss, save_gif, save_grid
 
 MAX_NONFINITE_LOSSES = 10
 

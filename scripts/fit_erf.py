@@ -1,4 +1,4 @@
-"""Recompute the erf coefficients of ddpm_ms/onnx_forms.py and their float32 error (needs SciPy).
+"""Recompute the erf coefficients of ddpm_ms/interop/onnx_forms.py and their float32 error (needs SciPy).
 
     python scripts/fit_erf.py
 

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from ddpm_ms.frames import distance_to_final  # noqa: E402
+from ddpm_ms.diffusion.frames import distance_to_final  # noqa: E402
 
 
 def gif_frames(path, crop_bottom=0):

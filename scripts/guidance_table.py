@@ -4,7 +4,7 @@
         [--weights 0,1,3,5] [--sampler dpm-solver++ --steps 20] [--out-dir DIR]
 
 For each w, generates ``per-class`` images of every class (the same seeds for every w),
-classifies them with the evaluation classifier (ddpm_ms.classifier) and reports the share
+classifies them with the evaluation classifier (ddpm_ms.evaluation.classifier) and reports the share
 classified as the requested class (overall and per class), plus FD against the real test
 split beside the real-data floor at the same N. Writes guidance.md and guidance.json.
 """
@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 import ddpm_ms  # noqa: E402,F401  (caps oneDNN before MindSpore loads)
 from ddpm_ms.cli import run_cli  # noqa: E402
-from ddpm_ms.errors import UserError  # noqa: E402
+from ddpm_ms.utils.errors import UserError  # noqa: E402
 
 CLASS_NAMES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
 
@@ -39,8 +39,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from ddpm_ms import data
-    from ddpm_ms.classifier import extract, load_or_train_classifier
-    from ddpm_ms.evaluation import RealReference, evaluate_images
+    from ddpm_ms.evaluation.classifier import extract, load_or_train_classifier
+    from ddpm_ms.evaluation.metrics import RealReference, evaluate_images
     from ddpm_ms.loading import load_for_sampling
     from ddpm_ms.pipeline import generate
 

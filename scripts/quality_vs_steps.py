@@ -6,7 +6,7 @@
 DDPM is run as the full ancestral chain (all T steps; add ``--ddpm-steps 100,...`` for respaced
 DDPM too); DDIM (eta from --eta, default 0) and DPM-Solver++ at every count of ``--steps``.
 Each setting generates ``--num`` images from the same seed and is scored with
-:func:`ddpm_ms.evaluation.evaluate_images` against the Fashion-MNIST test split. Writes to
+:func:`ddpm_ms.evaluation.metrics.evaluate_images` against the Fashion-MNIST test split. Writes to
 ``--out-dir`` (default ``<run dir>/quality_vs_steps``):
 
 - ``quality_vs_steps.md``   the Markdown table (also printed)
@@ -25,10 +25,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ddpm_ms  # noqa: E402,F401  (caps oneDNN before MindSpore loads)
-from ddpm_ms import fileio  # noqa: E402
+from ddpm_ms.utils import fileio  # noqa: E402
 from ddpm_ms.cli import run_cli  # noqa: E402
-from ddpm_ms.errors import UserError  # noqa: E402
-from ddpm_ms.samplers import SAMPLERS  # noqa: E402
+from ddpm_ms.utils.errors import UserError  # noqa: E402
+from ddpm_ms.diffusion.samplers import SAMPLERS  # noqa: E402
 
 
 def int_list(text):
@@ -134,7 +134,7 @@ def main(argv=None):
         raise UserError(f"--num must be >= 2, got {args.num}")
 
     from ddpm_ms.evaluate import classifier_record, prepare_reference, write_json, write_text
-    from ddpm_ms.evaluation import evaluate_images, summary_line
+    from ddpm_ms.evaluation.metrics import evaluate_images, summary_line
     from ddpm_ms.loading import load_for_sampling
     from ddpm_ms.pipeline import generate
 

@@ -6,7 +6,7 @@ Trains the paper's U-Net (a small one, on synthetic blobs) for --steps steps wit
 a copy of the run resumed from the checkpoint at half way, and prints the losses after the
 resume point and the relative difference of the final weights. With dropout 0 the two are
 bit-identical (tests/test_train.py); with dropout the resumed run draws other masks (a dropout
-op's random stream restarts when the process does, ddpm_ms.trainer.seed_dropout).
+op's random stream restarts when the process does, ddpm_ms.training.trainer.seed_dropout).
 """
 
 import argparse
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import ddpm_ms  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
-from ddpm_ms import checkpoint as ckpt  # noqa: E402
+from ddpm_ms.utils import checkpoint as ckpt  # noqa: E402
 from ddpm_ms.config import load_config  # noqa: E402
 from ddpm_ms.train import train  # noqa: E402
 from idx_files import write_blob_dataset  # noqa: E402

@@ -16,13 +16,13 @@ import ddpm_ms  # noqa: E402,F401
 import numpy as np  # noqa: E402
 from mindspore import Tensor  # noqa: E402
 
-from ddpm_ms import checkpoint as ckpt  # noqa: E402
+from ddpm_ms.utils import checkpoint as ckpt  # noqa: E402
 from ddpm_ms.config import load_config  # noqa: E402
-from ddpm_ms.device import setup_device  # noqa: E402
-from ddpm_ms.distributed import init_distributed  # noqa: E402
-from ddpm_ms.trainer import Trainer, read_stats  # noqa: E402
+from ddpm_ms.utils.device import setup_device  # noqa: E402
+from ddpm_ms.training.distributed import init_distributed  # noqa: E402
+from ddpm_ms.training.trainer import Trainer, read_stats  # noqa: E402
 from ddpm_ms.train import main as train_main  # noqa: E402
-from ddpm_ms.train_step import FAULT_OVERFLOW_RANK  # noqa: E402
+from ddpm_ms.training.step import FAULT_OVERFLOW_RANK  # noqa: E402
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
 GLOBAL_BATCH = 8

@@ -21,10 +21,10 @@ import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
 from mindspore import Tensor, nn  # noqa: E402
 
-from ddpm_ms import kernels  # noqa: E402
+from ddpm_ms.models import kernels  # noqa: E402
 from ddpm_ms.config import load_config  # noqa: E402
-from ddpm_ms.device import setup_device  # noqa: E402
-from ddpm_ms.trainer import Trainer  # noqa: E402
+from ddpm_ms.utils.device import setup_device  # noqa: E402
+from ddpm_ms.training.trainer import Trainer  # noqa: E402
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
 SIZE, BATCH = 8, 2

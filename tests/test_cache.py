@@ -1,10 +1,13 @@
-"""ddpm_ms.cache: one rule for the kernel, classifier and dataset caches, and every user of it follows it."""
+"""ddpm_ms.utils.cache: one rule for the kernel, classifier and dataset caches, and every user of it follows it."""
 
 import os
 
 import pytest
 
-from ddpm_ms import cache, classifier, data, kernels
+from ddpm_ms.utils import cache
+from ddpm_ms.evaluation import classifier
+from ddpm_ms import data
+from ddpm_ms.models import kernels
 from ddpm_ms.data import cifar10
 
 VARIABLES = ("XDG_CACHE_HOME", "DDPM_MS_KERNEL_CACHE", "DDPM_MS_CACHE", "DDPM_MS_DATA")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from mindspore import Parameter, Tensor
 
-from ddpm_ms import checkpoint as ckpt
+from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms.config import ARCH_KEYS, resolve
-from ddpm_ms.errors import UserError
+from ddpm_ms.utils.errors import UserError
 from ddpm_ms.pipeline import create_model, load_model
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from idx_files import write_blob_dataset
 
-from ddpm_ms.visualize import LABEL_HEIGHT, PANEL_GAP
+from ddpm_ms.utils.visualize import LABEL_HEIGHT, PANEL_GAP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
@@ -145,7 +145,7 @@ def test_diverging_run_stops_with_a_clear_message(trained, tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert "NaN/inf for 10 steps in a row" in proc.stderr and "last good checkpoint" in proc.stderr
     # checkpoints written while the loss was finite are still readable
-    from ddpm_ms import checkpoint as ckpt
+    from ddpm_ms.utils import checkpoint as ckpt
     first = ckpt.CheckpointManager(str(out / "checkpoints")).list()[0]
     groups, meta = ckpt.load(first)
     assert all(np.isfinite(v.asnumpy()).all() for v in groups["model"].values())

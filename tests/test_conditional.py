@@ -9,12 +9,12 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from ddpm_ms import checkpoint as ckpt
+from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms.config import ARCH_KEYS, load_config
-from ddpm_ms.errors import UserError
+from ddpm_ms.utils.errors import UserError
 from ddpm_ms.pipeline import class_labels, guided_eps_fn
 from ddpm_ms.train import train
-from ddpm_ms.train_step import drop_labels
+from ddpm_ms.training.step import drop_labels
 from idx_files import write_blob_dataset
 
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")

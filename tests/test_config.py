@@ -8,9 +8,20 @@ import sys
 
 import pytest
 
-from ddpm_ms.config import (DEFAULTS, FLOAT_KEYS, INT_LIST_KEYS, MAX_FLOAT, MAX_INT, NUMERIC_KEYS, load_config,
-                            packaged_config_dir, packaged_configs, parse_overrides, resolve)
-from ddpm_ms.errors import UserError
+from ddpm_ms.config import (
+    DEFAULTS,
+    FLOAT_KEYS,
+    INT_LIST_KEYS,
+    MAX_FLOAT,
+    MAX_INT,
+    NUMERIC_KEYS,
+    load_config,
+    packaged_config_dir,
+    packaged_configs,
+    parse_overrides,
+    resolve,
+)
+from ddpm_ms.utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) + sorted(

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from ddpm_ms import checkpoint as ckpt
-from ddpm_ms import fileio
+from ddpm_ms.utils import checkpoint as ckpt
+from ddpm_ms.utils import fileio
 from idx_files import write_blob_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

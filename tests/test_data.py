@@ -16,7 +16,7 @@ import pytest
 
 import ddpm_ms  # noqa: F401  (before mindspore: sets ONEDNN_MAX_CPU_ISA)
 from ddpm_ms import data
-from ddpm_ms.errors import UserError
+from ddpm_ms.utils.errors import UserError
 from idx_files import idx_bytes, write_idx  # noqa: F401
 
 N_TRAIN, N_TEST = 40, 16

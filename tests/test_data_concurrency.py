@@ -19,7 +19,10 @@ import time
 import numpy as np
 from idx_files import FILE_NAMES, idx_bytes
 
-from ddpm_ms.data import cifar10, fetch, idx, mnist
+from ddpm_ms.data import cifar10
+from ddpm_ms.data import fetch
+from ddpm_ms.data import idx
+from ddpm_ms.data import mnist
 
 PROCESSES = 6
 SMALL = (np.zeros((2, 28, 28), np.uint8), np.arange(2), np.ones((1, 28, 28), np.uint8), np.arange(1))

@@ -14,8 +14,10 @@ from PIL import Image
 
 import ddpm_ms  # noqa: F401  (before mindspore: sets ONEDNN_MAX_CPU_ISA)
 from ddpm_ms import data
-from ddpm_ms.data import cifar10, fetch, folder
-from ddpm_ms.errors import UserError
+from ddpm_ms.data import cifar10
+from ddpm_ms.data import fetch
+from ddpm_ms.data import folder
+from ddpm_ms.utils.errors import UserError
 
 
 def rows(ds):
@@ -431,7 +433,7 @@ def test_evaluate_reads_rgb_arrays_and_png_folders(tmp_path):
 def test_classifier_per_dataset_shapes_and_cache(tmp_path, monkeypatch):
     import mindspore as ms
 
-    from ddpm_ms import classifier as C
+    from ddpm_ms.evaluation import classifier as C
 
     net = C.create_classifier("cifar10")
     assert net.input_shape == (3, 32)
@@ -456,7 +458,7 @@ def test_classifier_per_dataset_shapes_and_cache(tmp_path, monkeypatch):
 
 
 def test_to_display_gray_and_rgb():
-    from ddpm_ms.visualize import make_grid, to_display
+    from ddpm_ms.utils.visualize import make_grid, to_display
 
     rgb = np.random.default_rng(4).uniform(-1.2, 1.2, (3, 5, 7)).astype(np.float32)
     np.testing.assert_allclose(to_display(rgb), np.clip((rgb.transpose(1, 2, 0) + 1) / 2, 0, 1), atol=1e-7)

@@ -17,12 +17,12 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from ddpm_ms import checkpoint as ckpt
+from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms import convert
 from ddpm_ms.cli import run_cli
 from ddpm_ms.config import load_config
-from ddpm_ms.diffusion import Schedule
-from ddpm_ms.errors import UserError
+from ddpm_ms.diffusion.gaussian import Schedule
+from ddpm_ms.utils.errors import UserError
 from ddpm_ms.pipeline import create_model, create_schedule, generate, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +127,7 @@ def test_gradients_match_diffusers(pynative):
     """One backward pass through the fast kernels (eps-1e-6 group norm, attention, convs): same weight gradients."""
     import torch
 
-    from ddpm_ms.ddpm_unet import diffusers_key
+    from ddpm_ms.models.ddpm_unet import diffusers_key
 
     ref_model = _random_diffusers_unet(dict(SMALL_DIFFUSERS, sample_size=8), seed=7)
     ref_model.train()
@@ -149,8 +149,8 @@ def test_gradients_match_diffusers(pynative):
 def test_group_norm_kernel_takes_the_epsilon(pynative, monkeypatch):
     """eps = 0.05 against var ~ 0.04 (an ignored eps would show): kernel = float64 formula,
     gradients = built-in op's."""
-    from ddpm_ms import kernels
-    from ddpm_ms.ddpm_unet import GroupNorm
+    from ddpm_ms.models import kernels
+    from ddpm_ms.models.ddpm_unet import GroupNorm
 
     if not kernels.enabled():
         pytest.skip("the compiled CPU kernels are not available here")

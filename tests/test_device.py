@@ -2,9 +2,9 @@
 
 import pytest
 
-from ddpm_ms import device
-from ddpm_ms.device import pick_backend, unavailable_reason
-from ddpm_ms.errors import UserError
+from ddpm_ms.utils import device
+from ddpm_ms.utils.device import pick_backend, unavailable_reason
+from ddpm_ms.utils.errors import UserError
 
 
 def only(*names):
@@ -72,7 +72,7 @@ def test_fallback_warning_names_why_the_backend_is_missing():
 def test_set_device_on_a_running_runtime_accepts_the_same_device_only(monkeypatch):
     import mindspore as ms
 
-    from ddpm_ms import device
+    from ddpm_ms.utils import device
 
     def already_running(target, device_id=None):
         raise RuntimeError("The 'mindspore.set_device' can not be modified.")

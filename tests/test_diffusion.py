@@ -9,8 +9,8 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from ddpm_ms.diffusion import Schedule, extract, noise_loss, p_losses, q_sample
-from ddpm_ms.schedules import make_beta_schedule
+from ddpm_ms.diffusion.gaussian import Schedule, extract, noise_loss, p_losses, q_sample
+from ddpm_ms.diffusion.schedules import make_beta_schedule
 
 
 @pytest.fixture(autouse=True)

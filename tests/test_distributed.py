@@ -57,9 +57,9 @@ def two_workers(tmp_path_factory):
 
 def initial_weights():
     """The seeded initial weights of the tiny config, built in this process."""
-    from ddpm_ms import checkpoint as ckpt
+    from ddpm_ms.utils import checkpoint as ckpt
     from ddpm_ms.config import load_config
-    from ddpm_ms.trainer import Trainer
+    from ddpm_ms.training.trainer import Trainer
 
     cfg = load_config(TINY, ["max_steps=10", "lr=0.003", "batch_size=8"])
     return {n: p.asnumpy() for n, p in ckpt.named_params(Trainer(cfg, "CPU", 100).model).items()}
@@ -141,9 +141,9 @@ def test_an_overflow_seen_by_one_rank_skips_the_step_on_both(two_workers):
 def test_resume_where_one_rank_lacks_the_checkpoint_fails_on_every_rank(tmp_path):
     """Rank 0's directory holds a step-2 checkpoint, rank 1's (another node, no shared filesystem)
     none: every rank exits 2 with the same one-line error instead of hanging in an AllReduce."""
-    from ddpm_ms import checkpoint as ckpt
+    from ddpm_ms.utils import checkpoint as ckpt
     from ddpm_ms.config import load_config
-    from ddpm_ms.trainer import Trainer
+    from ddpm_ms.training.trainer import Trainer
 
     data_dir = write_blob_dataset(tmp_path / "data")
     cfg = load_config(TINY, ["max_steps=4", "batch_size=8"])

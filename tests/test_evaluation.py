@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import mindspore as ms
 
-from ddpm_ms import classifier as C
-from ddpm_ms import evaluation as E
+from ddpm_ms.evaluation import classifier as C
+from ddpm_ms.evaluation import metrics as E
 from ddpm_ms.cli import run_cli
-from ddpm_ms.errors import UserError
+from ddpm_ms.utils.errors import UserError
 from idx_files import write_blob_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,14 +22,14 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from ddpm_ms import checkpoint as ckpt
+from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms import export as export_mod
 from ddpm_ms import sample as sample_mod
 from ddpm_ms.cli import run_cli
 from ddpm_ms.config import load_config
-from ddpm_ms.errors import UserError
-from ddpm_ms.exported import load_exported
-from ddpm_ms.onnx_forms import ExportGELU, erf
+from ddpm_ms.utils.errors import UserError
+from ddpm_ms.interop.exported import load_exported
+from ddpm_ms.interop.onnx_forms import ExportGELU, erf
 from ddpm_ms.pipeline import create_model, generate, guided_eps_fn, load_model, make_eps_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,7 +106,7 @@ def test_models_without_kernels_hold_no_custom_op():
     cfg = load_config(TINY, MODELS["convnext"])
     built_in = create_model(cfg, fast_kernels=False)
     assert all(getattr(c, "_fast", None) is None for _, c in built_in.cells_and_names())
-    from ddpm_ms import kernels
+    from ddpm_ms.models import kernels
     if kernels.enabled():  # the switch is what turns them off, not this machine
         assert any(getattr(c, "_fast", None) is not None for _, c in create_model(cfg).cells_and_names())
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ddpm_ms.errors import UserError
+from ddpm_ms.utils.errors import UserError
 from ddpm_ms.figures import interpolation_noise, parse_steps, slerp
 
 

@@ -1,4 +1,4 @@
-"""Atomic file writes (ddpm_ms.fileio) and the loss log: a failed write leaves no partial file and a clear error."""
+"""Atomic file writes (ddpm_ms.utils.fileio) and the loss log: a failed write leaves no partial file, a clear error."""
 
 import errno
 import os
@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from ddpm_ms import fileio
-from ddpm_ms.errors import WriteError
-from ddpm_ms.rundir import CSV_FIELDS, LossLog
+from ddpm_ms.utils import fileio
+from ddpm_ms.utils.errors import WriteError
+from ddpm_ms.training.rundir import CSV_FIELDS, LossLog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +57,7 @@ def test_other_exceptions_pass_through_and_clean_up(tmp_path):
 
 def test_a_real_kernel_error_is_a_write_error(tmp_path):
     """RLIMIT_FSIZE makes the kernel refuse bytes past 64 KiB (EFBIG): a real failing write(2)."""
-    code = ("import resource, sys; from ddpm_ms import fileio; from ddpm_ms.errors import WriteError\n"
+    code = ("import resource, sys; from ddpm_ms.utils import fileio; from ddpm_ms.utils.errors import WriteError\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
             "try:\n    fileio.write_bytes(sys.argv[1], b'z' * 200000, 'samples')\n"
             "except WriteError as e:\n    print(e.errno, e); sys.exit(4)\n")

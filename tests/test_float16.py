@@ -15,13 +15,13 @@ import pytest
 from idx_files import write_blob_dataset
 from mindspore import Tensor
 
-from ddpm_ms import checkpoint as ckpt
+from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms.config import load_config
 from ddpm_ms.pipeline import cast_model, create_model
-from ddpm_ms.layers import GroupNorm
+from ddpm_ms.models.layers import GroupNorm
 from ddpm_ms.train import train
-from ddpm_ms.trainer import Trainer
-from ddpm_ms.unet import SinusoidalPositionEmbeddings
+from ddpm_ms.training.trainer import Trainer
+from ddpm_ms.models.tutorial_unet import SinusoidalPositionEmbeddings
 
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
 
@@ -125,7 +125,8 @@ def test_float16_run_writes_epoch_grid_final_samples_and_lr_of_the_step(float16_
 
 
 def test_float16_checkpoint_samples_and_evaluates_in_float32(float16_run, tmp_path):
-    from ddpm_ms import evaluate, sample
+    from ddpm_ms import evaluate
+    from ddpm_ms import sample
 
     out, _ = float16_run
     ckpt_path = os.path.join(out, "checkpoints", "ckpt_step00000004.ckpt")
@@ -134,7 +135,7 @@ def test_float16_checkpoint_samples_and_evaluates_in_float32(float16_run, tmp_pa
     images32 = np.load(tmp_path / "samples_ddim_2_seed0.npy")
     assert images32.shape == (2, 1, 28, 28) and np.isfinite(images32).all()
     # ddpm-evaluate --checkpoint in float32, with a fixed-seed classifier in its cache (no training)
-    from ddpm_ms import classifier as C
+    from ddpm_ms.evaluation import classifier as C
 
     ms.set_seed(123)
     net = C.FashionCNN()

@@ -129,5 +129,5 @@ def test_check_config_against_the_dataset_spec():
     check_config(cifar, {"channels": 3, "num_classes": 10})
     for cfg, message in (({"channels": 1, "num_classes": None}, "set channels=3"),
                          ({"channels": 3, "num_classes": 5}, "set num_classes=10")):
-        with pytest.raises(ddpm_ms.errors.UserError, match=message):
+        with pytest.raises(ddpm_ms.utils.errors.UserError, match=message):
             check_config(cifar, cfg)

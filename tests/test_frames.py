@@ -1,4 +1,4 @@
-"""Denoising GIF frames (ddpm_ms.frames) and their pictures (ddpm_ms.visualize).
+"""Denoising GIF frames (ddpm_ms.diffusion.frames) and their pictures (ddpm_ms.utils.visualize).
 
 The chains come from the real samplers with the exact noise predictor for a one-image data
 set (x_0 = X_STAR always: eps(x_t, t) = (x_t - sqrt(abar_t) X_STAR) / sqrt(1 - abar_t)), so
@@ -13,16 +13,10 @@ import pytest
 from mindspore import Tensor
 from PIL import Image
 
-from ddpm_ms.diffusion import Schedule
-from ddpm_ms.frames import (
-    FrameRecorder,
-    distance_to_final,
-    even_pace_indices,
-    progress_curve,
-    quantize,
-)
-from ddpm_ms.samplers import SAMPLERS, sample
-from ddpm_ms.visualize import LABEL_HEIGHT, PANEL_GAP, frame_grid, make_grid, save_gif
+from ddpm_ms.diffusion.gaussian import Schedule
+from ddpm_ms.diffusion.frames import FrameRecorder, distance_to_final, even_pace_indices, progress_curve, quantize
+from ddpm_ms.diffusion.samplers import SAMPLERS, sample
+from ddpm_ms.utils.visualize import LABEL_HEIGHT, PANEL_GAP, frame_grid, make_grid, save_gif
 
 N, H = 6, 12
 yy, xx = np.mgrid[:H, :H]

@@ -1,4 +1,4 @@
-"""ddpm_ms.kernels: the compiled CPU kernels against float64 NumPy references (forward and
+"""ddpm_ms.models.kernels: the compiled CPU kernels against float64 NumPy references (forward and
 gradients), and the switch / build-cache / fallback behaviour."""
 
 import ddpm_ms  # noqa: F401  (caps oneDNN at AVX2 before MindSpore is imported)
@@ -13,9 +13,9 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ddpm_ms import kernels
-from ddpm_ms import layers
-from ddpm_ms import unet as unet_mod
+from ddpm_ms.models import kernels
+from ddpm_ms.models import layers
+from ddpm_ms.models import tutorial_unet as unet_mod
 
 needs_kernels = pytest.mark.skipif(not kernels.enabled(), reason=f"fast kernels unavailable: {kernels.status()}")
 
@@ -507,7 +507,7 @@ def test_conv_kernels_left_out_without_openblas(tmp_path, monkeypatch, mode):
 
 @needs_kernels
 def test_whole_unet_same_output_and_grads_with_and_without_kernels(monkeypatch, mode):
-    from ddpm_ms.unet import Unet
+    from ddpm_ms.models.tutorial_unet import Unet
     kw = dict(dim=8, dim_mults=(1, 2), channels=1, num_classes=2)
     ms.set_seed(5)
     fast = Unet(**kw)

@@ -77,7 +77,7 @@ def msrun_train(args, tmp_path, timeout=300, env=None):
 def test_a_missing_device_under_msrun_stops_every_rank_with_one_error(tmp_path):
     """--device GPU on a machine without one: a single process falls back to CPU with a warning;
     under msrun each rank exits 2 with one `error:` line in its log, and nothing is written."""
-    from ddpm_ms.device import backend_available
+    from ddpm_ms.utils.device import backend_available
 
     if backend_available("GPU"):
         pytest.skip("a GPU is available here")
@@ -131,7 +131,7 @@ def test_an_output_dir_holding_another_run_stops_both_ranks(tmp_path):
 def test_a_checkpoint_rank_zero_cannot_write_stops_both_ranks(tmp_path):
     """The step-2 checkpoint write fails on rank 0 (DDPM_MS_FAIL_WRITE): both ranks exit 4 with the
     same line naming the file, and the run can continue with --resume (no checkpoint yet)."""
-    from ddpm_ms import fileio
+    from ddpm_ms.utils import fileio
 
     data_dir = write_blob_dataset(tmp_path / "data")
     out = tmp_path / "run"

@@ -14,17 +14,11 @@ import mindspore as ms
 from mindspore import Tensor
 
 from ddpm_ms.config import load_config
-from ddpm_ms.diffusion import (
-    Schedule,
-    loss_weights,
-    min_snr_weights,
-    model_output_to_eps_x0,
-    p_losses,
-)
-from ddpm_ms.errors import UserError
+from ddpm_ms.diffusion.gaussian import Schedule, loss_weights, min_snr_weights, model_output_to_eps_x0, p_losses
+from ddpm_ms.utils.errors import UserError
 from ddpm_ms.pipeline import guided_eps_fn
-from ddpm_ms.samplers import sample, sampler_timesteps
-from ddpm_ms.schedules import SCHEDULES, make_beta_schedule, rescale_zero_terminal_snr
+from ddpm_ms.diffusion.samplers import sample, sampler_timesteps
+from ddpm_ms.diffusion.schedules import SCHEDULES, make_beta_schedule, rescale_zero_terminal_snr
 
 try:
     from gaussian import GaussianEps

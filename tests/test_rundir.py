@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from ddpm_ms.errors import UserError
-from ddpm_ms.rundir import LOCK_NAME, RunDir, RunLock
+from ddpm_ms.utils.errors import UserError
+from ddpm_ms.training.rundir import LOCK_NAME, RunDir, RunLock
 from idx_files import write_blob_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +33,8 @@ def try_lock(directory):
     """Another process tries to prepare ``directory`` for training -> CompletedProcess."""
     code = textwrap.dedent("""
         import sys
-        from ddpm_ms.errors import UserError
-        from ddpm_ms.rundir import RunDir
+        from ddpm_ms.utils.errors import UserError
+        from ddpm_ms.training.rundir import RunDir
         try:
             RunDir(sys.argv[1]).prepare(resume=True, overwrite=False)
         except UserError as e:
@@ -67,7 +67,7 @@ def test_a_second_process_is_refused_with_the_holders_pid_and_writes_nothing(tmp
 
 
 def test_a_lock_left_by_a_sigkilled_process_does_not_block_the_next_run(tmp_path):
-    code = ("import os, signal, sys\nfrom ddpm_ms.rundir import RunDir\n"
+    code = ("import os, signal, sys\nfrom ddpm_ms.training.rundir import RunDir\n"
             "RunDir(sys.argv[1]).prepare(resume=False, overwrite=False)\nos.kill(os.getpid(), signal.SIGKILL)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], env=ENV, timeout=60)
     assert proc.returncode == -signal.SIGKILL
@@ -100,8 +100,8 @@ def test_racing_processes_never_hold_the_lock_together(tmp_path):
     removes again (so lock files and the directory vanish and reappear under the others): no two overlap."""
     code = textwrap.dedent("""
         import os, sys, time
-        from ddpm_ms.errors import UserError
-        from ddpm_ms.rundir import RunLock
+        from ddpm_ms.utils.errors import UserError
+        from ddpm_ms.training.rundir import RunLock
         directory, journal = sys.argv[1], sys.argv[2]
         fd = os.open(journal, os.O_WRONLY | os.O_APPEND)
         held = 0
@@ -131,8 +131,8 @@ def test_racing_processes_never_hold_the_lock_together(tmp_path):
 
 
 def test_resume_without_checkpoints_starts_a_new_run_with_a_notice(tmp_path, capsys):
-    from ddpm_ms import checkpoint as ckpt
-    from ddpm_ms.rundir import resume_point
+    from ddpm_ms.utils import checkpoint as ckpt
+    from ddpm_ms.training.rundir import resume_point
 
     manager = ckpt.CheckpointManager(str(tmp_path / "checkpoints"))
     assert resume_point(manager, resume=False) is None and capsys.readouterr().err == ""
@@ -178,7 +178,7 @@ def test_two_trainings_on_one_directory(tmp_path):
         # a reader (sampling, GIF, evaluation) takes the newest complete checkpoint meanwhile, never one
         # being written (a write in progress, as A leaves it when killed mid-save; A's next save removes it)
         from ddpm_ms.pipeline import load_model
-        from ddpm_ms.checkpoint import resolve_checkpoint
+        from ddpm_ms.utils.checkpoint import resolve_checkpoint
 
         complete = sorted(n for n in os.listdir(out / "checkpoints") if n.startswith("ckpt_step"))
         (out / "checkpoints" / ".tmp-1-ckpt_step00000099.ckpt").write_bytes(b"partial")

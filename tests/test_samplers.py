@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from ddpm_ms.diffusion import NonFiniteError, Schedule, model_output_to_eps_x0, p_sample
-from ddpm_ms.samplers import (
+from ddpm_ms.diffusion.gaussian import NonFiniteError, Schedule, model_output_to_eps_x0, p_sample
+from ddpm_ms.diffusion.samplers import (
     SAMPLERS,
     ddim_sigma,
     ddim_step,

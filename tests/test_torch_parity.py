@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor  # noqa: E402
 
-from ddpm_ms.unet import Unet  # noqa: E402
+from ddpm_ms.models.tutorial_unet import Unet  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import torch_unet  # noqa: E402

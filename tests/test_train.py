@@ -11,13 +11,13 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from ddpm_ms import checkpoint as ckpt
-from ddpm_ms import kernels
+from ddpm_ms.utils import checkpoint as ckpt
+from ddpm_ms.models import kernels
 from ddpm_ms.config import load_config
-from ddpm_ms.ema import EMA
-from ddpm_ms.lr_schedule import learning_rates
+from ddpm_ms.training.ema import EMA
+from ddpm_ms.training.lr_schedule import learning_rates
 from ddpm_ms.train import train
-from ddpm_ms.trainer import Trainer, read_stats
+from ddpm_ms.training.trainer import Trainer, read_stats
 from idx_files import write_blob_dataset
 
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
@@ -201,7 +201,7 @@ def test_jit_level_reaches_the_compiled_cells_and_o1_trains_alike():
 
 
 def test_max_steps_beyond_the_epochs_extends_them_with_one_notice(capsys):
-    from ddpm_ms.lr_schedule import steps_and_epochs
+    from ddpm_ms.training.lr_schedule import steps_and_epochs
 
     # quick.yaml's case: epochs=1 of 937 steps, max_steps=3600 -> 4 epochs, exactly 3600 steps
     assert steps_and_epochs(1, 3600, 937) == (4, 3600)
@@ -284,8 +284,8 @@ def test_gradient_accumulation_gives_the_update_of_one_batch():
 
 
 def test_grad_accum_steps_must_divide_the_batch():
-    from ddpm_ms.distributed import device_batch_size
-    from ddpm_ms.errors import UserError
+    from ddpm_ms.training.distributed import device_batch_size
+    from ddpm_ms.utils.errors import UserError
 
     assert device_batch_size(load_config(TINY, ["batch_size=8", "grad_accum_steps=2"]), 2) == 4
     with pytest.raises(UserError, match="16 .* divisible by the number of devices 2 times grad_accum_steps 3"):

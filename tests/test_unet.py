@@ -1,4 +1,4 @@
-"""Tests for ddpm_ms.unet: shapes, parameter naming/count, and numerics against NumPy.
+"""Tests for ddpm_ms.models.tutorial_unet: shapes, parameter naming/count, and numerics against NumPy.
 
 Forward passes run in PyNative mode (no graph compilation); one test compiles a
 graph and checks it against PyNative on the same weights.
@@ -14,8 +14,8 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from ddpm_ms.layers import GroupNorm, make_act
-from ddpm_ms.unet import (
+from ddpm_ms.models.layers import GroupNorm, make_act
+from ddpm_ms.models.tutorial_unet import (
     Attention,
     LinearAttention,
     PreNorm,

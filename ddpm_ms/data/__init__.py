@@ -26,10 +26,10 @@ from collections import namedtuple
 
 import numpy as np
 
-from ddpm_ms.errors import UserError
+from ddpm_ms.utils.errors import UserError
 
-from . import cifar10, folder, idx, mnist  # noqa: F401  (the dataset modules)
-from .idx import (  # noqa: F401
+from ddpm_ms.data import cifar10, folder, idx, mnist  # noqa: F401  (the dataset modules)
+from ddpm_ms.data.idx import (  # noqa: F401
     FILES,
     IMAGE_SIDE,
     SPLITS,
@@ -41,7 +41,7 @@ from .idx import (  # noqa: F401
     read_idx,
     validate_dir,
 )
-from .mnist import (  # noqa: F401
+from ddpm_ms.data.mnist import (  # noqa: F401
     DEBIAN_DIR,
     FASHION_MNIST_MD5,
     FASHION_MNIST_MIRROR,
@@ -51,7 +51,7 @@ from .mnist import (  # noqa: F401
     locate_fashion_mnist,
     locate_mnist,
 )
-from .pipeline import build_pipeline
+from ddpm_ms.data.dataset import build_pipeline
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot")

@@ -19,11 +19,11 @@ import tarfile
 
 import numpy as np
 
-from ddpm_ms import fileio
-from ddpm_ms.cache import cache_dir
-from ddpm_ms.errors import UserError
+from ddpm_ms.utils import fileio
+from ddpm_ms.utils.cache import cache_dir
+from ddpm_ms.utils.errors import UserError
 
-from .fetch import cache_lock, directory_problem, download_with_package, fetch_checked, remove_quietly
+from ddpm_ms.data.fetch import cache_lock, directory_problem, download_with_package, fetch_checked, remove_quietly
 
 RECORDS = 10000
 SIDE = 32

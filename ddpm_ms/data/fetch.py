@@ -1,6 +1,6 @@
-"""Helpers shared by the dataset locators: atomic writes, checked downloads (caches: ddpm_ms.cache).
+"""Helpers shared by the dataset locators: atomic writes, checked downloads (caches: ddpm_ms.utils.cache).
 
-write_atomic(path, data)           through ddpm_ms.fileio (temp file, fsync, os.replace)
+write_atomic(path, data)           through ddpm_ms.utils.fileio (temp file, fsync, os.replace)
 md5(path)                          hex MD5 of a file
 fetch_checked(url, dest, downloader, md5_hex)
                                    download to a unique dest.<pid>.<random>.part, verify the MD5,
@@ -24,8 +24,8 @@ import secrets
 import sys
 import time
 
-from ddpm_ms import fileio
-from ddpm_ms.errors import UserError
+from ddpm_ms.utils import fileio
+from ddpm_ms.utils.errors import UserError
 
 try:
     import fcntl

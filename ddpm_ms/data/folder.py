@@ -28,7 +28,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from ddpm_ms.errors import UserError
+from ddpm_ms.utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MAX_NAMED = 10  # skipped files named in the warning; the rest are counted

@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 
-from ddpm_ms.errors import UserError
+from ddpm_ms.utils.errors import UserError
 
 # --------------------------------------------------------------------------- constants
 

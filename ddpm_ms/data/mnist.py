@@ -14,11 +14,27 @@ names and the format; only titles, mirrors, MD5s and system locations differ (SO
 
 import os
 
-from ddpm_ms.cache import cache_dir
-from ddpm_ms.errors import UserError
+from ddpm_ms.utils.cache import cache_dir
+from ddpm_ms.utils.errors import UserError
 
-from .fetch import cache_lock, directory_problem, download_with_package, fetch_checked, remove_quietly, write_atomic
-from .idx import FILES, SPLITS, _check_pair, _expect_kind, _header_of_raw_file, _parse_idx, _read_bytes, validate_dir
+from ddpm_ms.data.fetch import (
+    cache_lock,
+    directory_problem,
+    download_with_package,
+    fetch_checked,
+    remove_quietly,
+    write_atomic,
+)
+from ddpm_ms.data.idx import (
+    FILES,
+    SPLITS,
+    _check_pair,
+    _expect_kind,
+    _header_of_raw_file,
+    _parse_idx,
+    _read_bytes,
+    validate_dir,
+)
 
 # Where Debian's package ``dataset-fashion-mnist`` installs the four gz files.
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -59,7 +75,7 @@ def default_cache_dir(name="fashion_mnist"):
     """The cache of an IDX dataset: ``~/.cache/ddpm_ms/<fashion-mnist|mnist>`` (under
     ``$XDG_CACHE_HOME`` when set). For Fashion-MNIST ``$DDPM_MS_DATA``, if set, wins (as before
     there were other datasets)."""
-    return cache_dir(SOURCES[name]["cache_name"])  # ddpm_ms.cache: $DDPM_MS_DATA names fashion-mnist's
+    return cache_dir(SOURCES[name]["cache_name"])  # ddpm_ms.utils.cache: $DDPM_MS_DATA names fashion-mnist's
 
 
 def _complete_raw(directory):

@@ -1,6 +1,6 @@
 """Samplers for a trained noise predictor: DDPM, DDIM and DPM-Solver++(2M).
 
-All samplers share :class:`ddpm_ms.diffusion.Schedule` and its x_0 / eps
+All samplers share :class:`ddpm_ms.diffusion.gaussian.Schedule` and its x_0 / eps
 conversions; they differ only in the update from timestep index ``t`` to the next
 index ``t_next`` of a descending sequence (see :func:`timestep_sequence`). The index
 after the last one is ``-1``, where alpha_bar = 1 by definition, so every sampler
@@ -8,7 +8,7 @@ ends by returning a data-space sample (for DDIM/DPM-Solver++ the last step retur
 the final x_0 prediction, matching the last step of Algorithm 2 of Ho et al.).
 
 - ``ddpm``: ancestral sampling, Ho et al. 2020, Algorithm 2 (all T steps: one
-  :func:`ddpm_ms.diffusion.p_sample` per step). With ``steps < T`` it is the respaced
+  :func:`ddpm_ms.diffusion.gaussian.p_sample` per step). With ``steps < T`` it is the respaced
   DDPM of Nichol & Dhariwal 2021 (Sec. 4): betas recomputed from alpha_bar on the
   sub-sequence, beta'_t = 1 - abar_t / abar_t'. Its posterior-variance form is DDIM
   with eta = 1 (Song et al. 2021, Sec. 4.1), which is how it is implemented here;
@@ -27,7 +27,7 @@ the final x_0 prediction, matching the last step of Algorithm 2 of Ho et al.).
 Every sampler is a step function run by the same loop (``_run``: one progress bar, one
 finite check, one callback ``callback(i, t, x, x0)``). The network may predict eps, x_0 or
 v (``prediction_type``): its output is turned into the pair (eps, x_0) by
-:func:`ddpm_ms.diffusion.model_output_to_eps_x0` in that loop only, and
+:func:`ddpm_ms.diffusion.gaussian.model_output_to_eps_x0` in that loop only, and
 every step takes that pair, so no sampler depends on the objective. Every sampler starts
 at the last index T-1 ("trailing"; Lin et al. 2024, Sec. 3.3), where a zero-terminal-SNR
 schedule has alpha_bar = 0 and x_T ~ N(0, I) is exact (with x0- or v-prediction only:
@@ -40,7 +40,7 @@ the per-step noise (DDPM, DDIM with eta > 0), so a seed fixes the result exactly
 import numpy as np
 from mindspore import Tensor, ops
 
-from .diffusion import (
+from ddpm_ms.diffusion.gaussian import (
     PREDICTION_TYPES,
     VARIANCE_TYPES,
     NonFiniteError,

@@ -2,7 +2,7 @@
 
 - Fréchet distance (FD): the FID formula of Heusel et al. 2017,
   ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2)``, between Gaussians fitted to the penultimate
-  features of :mod:`ddpm_ms.classifier` (not Inception: these numbers are only comparable with
+  features of :mod:`ddpm_ms.evaluation.classifier` (not Inception: these numbers are only comparable with
   other FDs computed with the same classifier version).
 - Inception-Score-like score (Salimans et al. 2016) from the classifier's class probabilities:
   ``exp(E_x KL(p(y|x) || p(y)))``; 1 (worst) to 10 (best) for 10 classes.
@@ -28,7 +28,7 @@ summary_line(result) -> "FD x (floor y), IS z, precision p, recall r"
 
 import numpy as np
 
-from .errors import UserError
+from ddpm_ms.utils.errors import UserError
 
 
 # --------------------------------------------------------------------------- Fréchet distance
@@ -169,8 +169,8 @@ class RealReference:
 
     @classmethod
     def build(cls, classifier, data_dir, dataset="fashion_mnist"):
-        from .classifier import extract
-        from .data import load_split
+        from ddpm_ms.evaluation.classifier import extract
+        from ddpm_ms.data import load_split
 
         test_images, _ = load_split(dataset, data_dir, "test")
         train_images, _ = load_split(dataset, data_dir, "train")
@@ -212,7 +212,7 @@ def evaluate_images(images, classifier, real_test_feats, real_train_images=None,
     Returns a JSON-able dict: num_samples, fd, fd_floor, is, is_std, precision, recall, class_shares
     (the share of the images the classifier puts in each class), k, floor.
     """
-    from .classifier import extract
+    from ddpm_ms.evaluation.classifier import extract
 
     if not isinstance(real_test_feats, RealReference):
         reference = RealReference(real_test_feats, real_test_probs, real_train_images)

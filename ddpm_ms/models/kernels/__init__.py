@@ -31,7 +31,7 @@ The kernels are used only when all of these hold, else the built-in MindSpore op
 ``enabled(fast_kernels)`` answers that question (compiling on the first call): ``fast_kernels``
 None means the user's default, ``requested()``, the one place that reads ``DDPM_MS_FAST_KERNELS``.
 ``ops()`` returns the Custom primitives. Cells decide once, when they are built
-(``ddpm_ms.layers``), so a graph never mixes paths.
+(``ddpm_ms.models.layers``), so a graph never mixes paths.
 """
 
 import functools
@@ -43,9 +43,9 @@ import subprocess
 import sys
 import warnings
 
-from .. import fileio
-from ..cache import DIR_VARIABLES
-from ..cache import cache_dir as _cache_dir
+from ddpm_ms.utils import fileio
+from ddpm_ms.utils.cache import DIR_VARIABLES
+from ddpm_ms.utils.cache import cache_dir as _cache_dir
 
 ENV_SWITCH = "DDPM_MS_FAST_KERNELS"
 ENV_CACHE = DIR_VARIABLES["kernels"]  # "DDPM_MS_KERNEL_CACHE"
@@ -238,5 +238,5 @@ def conv_enabled(fast_kernels=None):
 @functools.lru_cache(maxsize=None)
 def ops():
     """The Custom primitives (call only when ``enabled()``); see ``_ops.py``."""
-    from ._ops import make_ops
+    from ddpm_ms.models.kernels._ops import make_ops
     return make_ops(_state["lib"], conv=_state["conv"])

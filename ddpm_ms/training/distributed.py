@@ -6,7 +6,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from .errors import UserError, WriteError
+from ddpm_ms.utils.errors import UserError, WriteError
 
 
 def init_distributed():

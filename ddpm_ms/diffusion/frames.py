@@ -22,7 +22,7 @@ STEP_WEIGHT = 0.0  # share of the pace measured in sampler steps instead (> 0: s
 
 
 def quantize(images):
-    """[N, C, H, W] floats in [-1, 1] -> uint8, as the GIF shows them (ddpm_ms.visualize.to_uint8)."""
+    """[N, C, H, W] floats in [-1, 1] -> uint8, as the GIF shows them (ddpm_ms.utils.visualize.to_uint8)."""
     images = np.asarray(images, dtype=np.float32)
     return np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 

@@ -12,8 +12,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from . import kernels
-from .diffusion import p_losses
+from ddpm_ms.models import kernels
+from ddpm_ms.diffusion.gaussian import p_losses
 
 # test hook: the rank named here sees an overflow in every step after the gradient reduction, as
 # Ascend's per-card overflow status can (tests/test_distributed.py: both ranks must skip)

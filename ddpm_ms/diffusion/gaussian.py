@@ -12,7 +12,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from .schedules import make_beta_schedule, rescale_zero_terminal_snr
+from ddpm_ms.diffusion.schedules import make_beta_schedule, rescale_zero_terminal_snr
 
 LOSS_TYPES = ("l1", "l2", "huber")
 VARIANCE_TYPES = ("posterior", "beta")

@@ -16,9 +16,11 @@ import os
 
 import numpy as np
 
-from ddpm_ms.errors import UserError
+from ddpm_ms.utils.errors import UserError
 
-from . import cifar10, folder, idx
+from ddpm_ms.data import cifar10
+from ddpm_ms.data import folder
+from ddpm_ms.data import idx
 
 
 def _positive_int(value):

@@ -26,8 +26,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from . import fileio
-from .errors import UserError
+from ddpm_ms.utils import fileio
+from ddpm_ms.utils.errors import UserError
 
 FORMAT_VERSION = 1
 META_KEY = "meta.json"
@@ -155,7 +155,7 @@ def assign(params, tensors, what, path):
 
 def check_compatible(meta, cfg, keys, path):
     """Raise CheckpointError naming every key in ``keys`` whose value differs between meta and cfg."""
-    from .config import DEFAULTS  # keys added to ddpm_ms after the checkpoint was written have their defaults
+    from ddpm_ms.config import DEFAULTS  # keys added to ddpm_ms after the checkpoint was written have their defaults
 
     saved = dict(DEFAULTS, **meta.get("config", {}))
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]

@@ -19,8 +19,8 @@ import shutil
 import sys
 import time
 
-from . import fileio
-from .errors import UserError
+from ddpm_ms.utils import fileio
+from ddpm_ms.utils.errors import UserError
 
 try:
     import fcntl
@@ -169,7 +169,7 @@ class RunDir:
 
     def resume_hint(self, err):
         """What to do after ``err`` (a WriteError) stopped the run: the newest complete checkpoint and --resume."""
-        from . import checkpoint as ckpt  # at call time: the lock needs no MindSpore
+        from ddpm_ms.utils import checkpoint as ckpt  # at call time: the lock needs no MindSpore
 
         fix = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
         found = ckpt.CheckpointManager(self.checkpoints).list()
@@ -185,7 +185,7 @@ def resume_point(manager, resume, verbose=True):
     a job script may always pass --resume); with checkpoints none of which can be read it is
     an error rather than a silent restart.
     """
-    from . import checkpoint as ckpt
+    from ddpm_ms.utils import checkpoint as ckpt
 
     if not resume:
         return None

@@ -1,7 +1,7 @@
 """The feature network of the evaluation metrics: a small CNN per labelled dataset, its training and cache.
 
 Inception-v3 cannot be downloaded here and is a poor judge of 28x28 grayscale clothing, so the
-metrics of :mod:`ddpm_ms.evaluation` live in the penultimate feature space of this classifier,
+metrics of :mod:`ddpm_ms.evaluation.metrics` live in the penultimate feature space of this classifier,
 trained on the real train split of the dataset (Fashion-MNIST, MNIST or CIFAR-10; folder
 datasets have none, see :func:`require_feature_network`):
 
@@ -40,9 +40,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from . import checkpoint as ckpt
-from .cache import cache_dir
-from .errors import UserError
+from ddpm_ms.utils import checkpoint as ckpt
+from ddpm_ms.utils.cache import cache_dir
+from ddpm_ms.utils.errors import UserError
 
 # Bump when the architecture, the preprocessing or the training recipe changes: the metric
 # space changes with it, and numbers computed with different versions are not comparable.
@@ -216,7 +216,7 @@ def augment(batch, rng, max_shift=1):
 
 def create_classifier(dataset="fashion_mnist"):
     """The untrained network for ``dataset``'s images (its channels and size from the dataset spec)."""
-    from .data import dataset_spec
+    from ddpm_ms.data import dataset_spec
 
     spec = dataset_spec(dataset)
     return FashionCNN(num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
@@ -224,7 +224,7 @@ def create_classifier(dataset="fashion_mnist"):
 
 def require_feature_network(dataset):
     """UserError unless ``dataset`` has a feature network (the labelled datasets do, folders do not)."""
-    from .data import LABELLED
+    from ddpm_ms.data import LABELLED
 
     if dataset not in LABELLED:
         raise UserError(f"no feature network exists for dataset {dataset!r}: FD, IS, precision and recall are "
@@ -242,7 +242,7 @@ def train_classifier(data_dir, epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH_S
     first ``limit`` train images only, ``test_limit`` tests on the first ``test_limit`` test
     images (both for quick checks); progress goes to stderr.
     """
-    from .data import load_split
+    from ddpm_ms.data import load_split
 
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UserError(f"classifier training needs epochs >= 1, batch_size >= 1, lr > 0; "
@@ -335,7 +335,7 @@ def load_or_train_classifier(cache_dir=None, data_dir=None, epochs=DEFAULT_EPOCH
     stays below ``min_accuracy`` (default: the dataset's, :data:`MIN_ACCURACIES`) on the real test
     split (it is not cached then).
     """
-    from . import data
+    from ddpm_ms import data
 
     require_feature_network(dataset)
     min_accuracy = MIN_ACCURACIES[dataset] if min_accuracy is None else min_accuracy

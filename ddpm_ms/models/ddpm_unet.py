@@ -17,13 +17,13 @@ and a diffusers state-dict key differ only in the last name: :func:`diffusers_ke
 time embedding (``flip_sin_to_cos``, ``freq_shift``), ``resnet_time_scale_shift="default"``,
 conv down/up-sampling, an optional class embedding (``num_class_embeds``).
 
-Class conditioning works as in ``ddpm_ms.unet.Unet``: ``num_classes`` classes plus a learned null
+Class conditioning works as in ``ddpm_ms.models.tutorial_unet.Unet``: ``num_classes`` classes plus a learned null
 class (index ``num_classes``) for classifier-free guidance, added to the time embedding.
 
 On CPU the convolutions (stride 1), SiLU, GroupNorm (any epsilon, passed to the kernel), the
 time shift and the attention between the qkv projection and the output projection run as the
-project's compiled kernels (``ddpm_ms.layers``, chosen by ``fast_kernels``); the stride-2 down-sampling conv and the
-rest use MindSpore's built-in ops, as everything does on Ascend/GPU.
+project's compiled kernels (``ddpm_ms.models.layers``, chosen by ``fast_kernels``); the stride-2
+down-sampling conv and the rest use MindSpore's built-in ops, as everything does on Ascend/GPU.
 """
 
 import math
@@ -33,9 +33,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from . import kernels
-from .layers import Conv2d, SiLU, TimeShift, full_attention, kernel_ops, make_act, pointwise
-from .layers import GroupNormAnyEps as GroupNorm
+from ddpm_ms.models import kernels
+from ddpm_ms.models.layers import Conv2d, SiLU, TimeShift, full_attention, kernel_ops, make_act, pointwise
+from ddpm_ms.models.layers import GroupNormAnyEps as GroupNorm
 
 __all__ = ["AttentionBlock", "DDPMUnet", "GroupNorm", "ResnetBlock2D", "TimestepProjection", "diffusers_key"]
 
@@ -270,7 +270,7 @@ class DDPMUnet(nn.Cell):
         num_classes: class-conditional with ``num_classes + 1`` embeddings, the last the null class
             [num_class_embeds = num_classes + 1].
         fast_kernels: compiled CPU kernels (True), built-in ops only (False) or None, the user's
-            default (``kernels.requested``; ddpm_ms.layers).
+            default (``kernels.requested``; ddpm_ms.models.layers).
     """
 
     def __init__(self, block_out_channels=(128, 256, 256, 256), channels=3, out_channels=None, layers_per_block=2,

@@ -13,7 +13,7 @@ Both keep the shadows as one Parameter per weight, so checkpoints are the same.
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from . import kernels
+from ddpm_ms.models import kernels
 
 _ema_update = ops.MultitypeFuncGraph("ema_update")
 

@@ -5,7 +5,7 @@ temporary name in the target's directory (``.tmp-<pid>-<name>``, so it keeps the
 extension), is fsynced, renamed over the target (``os.replace``, atomic on POSIX) and the
 directory is fsynced. On any error the temporary file is removed and the target keeps its
 previous content. An OSError (a full disk, a quota, an I/O or permission error) becomes a
-:class:`~ddpm_ms.errors.WriteError` whose one-line message names the file, the reason, the
+:class:`~ddpm_ms.utils.errors.WriteError` whose one-line message names the file, the reason, the
 space the write needed and the space that was free; the command lines exit with code 4.
 
 Test hook: ``DDPM_MS_FAIL_WRITE="name[:n][,name[:n]...]"`` makes the n-th write (default: the
@@ -17,7 +17,7 @@ import errno
 import io
 import os
 
-from .errors import WriteError
+from ddpm_ms.utils.errors import WriteError
 
 TMP_PREFIX = ".tmp-"
 FAIL_ENV = "DDPM_MS_FAIL_WRITE"

@@ -14,9 +14,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from .config import DEFAULTS
-from .diffusion import Schedule
-from .errors import UserError
+from ddpm_ms.config import DEFAULTS
+from ddpm_ms.diffusion.gaussian import Schedule
+from ddpm_ms.utils.errors import UserError
 
 # the exported files (written by ddpm_ms.export): model file + metadata JSON
 FORMATS = {"mindir": ".mindir", "onnx": ".onnx"}

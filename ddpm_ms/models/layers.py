@@ -1,4 +1,4 @@
-"""Drop-in layers that run the compiled CPU kernels (``ddpm_ms.kernels``) where they apply.
+"""Drop-in layers that run the compiled CPU kernels (``ddpm_ms.models.kernels``) where they apply.
 
 On CPU, GroupNorm, GELU, SiLU, the depthwise 7x7 convolution and the blocks' time shift run as
 compiled C++ kernels (same functions, forward and backward; MindSpore's own CPU versions are
@@ -21,7 +21,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from . import kernels as _kernels
+from ddpm_ms.models import kernels as _kernels
 
 __all__ = [
     "GELU", "SiLU", "make_act", "DepthwiseConv2d", "Conv2d", "ConvTranspose2d", "conv", "GroupNorm",

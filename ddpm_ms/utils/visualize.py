@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from . import fileio
+from ddpm_ms.utils import fileio
 
 
 def to_uint8(images):

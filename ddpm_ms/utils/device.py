@@ -13,8 +13,8 @@ import sys
 
 import mindspore as ms
 
-from . import _MINDSPORE_WAS_IMPORTED_FIRST, _ONEDNN_VAR
-from .errors import UserError
+from ddpm_ms import _MINDSPORE_WAS_IMPORTED_FIRST, _ONEDNN_VAR
+from ddpm_ms.utils.errors import UserError
 
 FALLBACK_ORDER = ("Ascend", "GPU", "CPU")
 DEVICES = ("auto",) + FALLBACK_ORDER

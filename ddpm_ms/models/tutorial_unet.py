@@ -44,7 +44,7 @@ float32) set with flags on the network's own cells, so parameter names stay thos
 float32 model.
 
 The layers that run ddpm_ms's compiled CPU kernels (GroupNorm, GELU/SiLU, convolutions, the
-time shift, the attention cores) come from ``ddpm_ms.layers``; ``fast_kernels`` (None: the user's
+time shift, the attention cores) come from ``ddpm_ms.models.layers``; ``fast_kernels`` (None: the user's
 default, see there) is passed to each of them. Parameter names and values are the same either way.
 """
 
@@ -55,9 +55,17 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from . import kernels
-from .layers import ConvTranspose2d, GroupNorm, TimeShift, conv, full_attention, kernel_ops, linear_attention, \
-    make_act
+from ddpm_ms.models import kernels
+from ddpm_ms.models.layers import (
+    ConvTranspose2d,
+    GroupNorm,
+    TimeShift,
+    conv,
+    full_attention,
+    kernel_ops,
+    linear_attention,
+    make_act,
+)
 
 __all__ = [
     "SinusoidalPositionEmbeddings",
@@ -337,7 +345,7 @@ class Unet(nn.Cell):
             selects a learned embedding added to the time embedding; index
             ``num_classes`` is the null (unconditional) class.
         fast_kernels: the compiled CPU kernels where usable (True), MindSpore's built-in ops
-            only (False), or None: the user's default (``kernels.requested``; ddpm_ms.layers).
+            only (False), or None: the user's default (``kernels.requested``; ddpm_ms.models.layers).
     """
 
     def __init__(self, dim, init_dim=None, out_dim=None, dim_mults=(1, 2, 4), channels=1,

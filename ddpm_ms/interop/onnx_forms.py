@@ -23,7 +23,7 @@ arithmetic), sharing the original Parameters; use it only on a network built wit
 import mindspore as ms
 from mindspore import nn, ops
 
-from . import layers
+from ddpm_ms.models import layers
 
 # erf(z) / z - 1 = sum_k ERF_SMALL[k] z^(2k), 0 <= z < 1
 ERF_SMALL = (0.12837916612625122, -0.37612637877464294, 0.11283791065216064, -0.02686612866818905,

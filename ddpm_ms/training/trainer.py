@@ -1,7 +1,7 @@
 """The state of one training run: model, optimizer, EMA, loss scaler and their checkpoint groups.
 
 ``Trainer`` builds the train step once, runs it on a batch with the per-step randomness
-derived from (seed, step, rank), hands its state to :mod:`ddpm_ms.checkpoint` and samples
+derived from (seed, step, rank), hands its state to :mod:`ddpm_ms.utils.checkpoint` and samples
 with the EMA weights.
 """
 
@@ -12,15 +12,24 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from . import checkpoint as ckpt
-from .config import ARCH_KEYS, DEFAULTS, OBJECTIVE_KEYS, SCHEDULE_KEYS
-from .device import compute_dtype, set_jit_level
-from .diffusion import loss_weights
-from .ema import EMA
-from .lr_schedule import learning_rates, steps_and_epochs
-from .pipeline import cast_model, create_model, create_schedule, generate
-from .train_step import (FAULT_OVERFLOW_RANK, STATS, AccumulateGrads, ApplyAccumulated, LossAndGrads, TrainStep,
-                         Update, drop_labels, grad_buffers)
+from ddpm_ms.utils import checkpoint as ckpt
+from ddpm_ms.config import ARCH_KEYS, DEFAULTS, OBJECTIVE_KEYS, SCHEDULE_KEYS
+from ddpm_ms.utils.device import compute_dtype, set_jit_level
+from ddpm_ms.diffusion.gaussian import loss_weights
+from ddpm_ms.training.ema import EMA
+from ddpm_ms.training.lr_schedule import learning_rates, steps_and_epochs
+from ddpm_ms.pipeline import cast_model, create_model, create_schedule, generate
+from ddpm_ms.training.step import (
+    FAULT_OVERFLOW_RANK,
+    STATS,
+    AccumulateGrads,
+    ApplyAccumulated,
+    LossAndGrads,
+    TrainStep,
+    Update,
+    drop_labels,
+    grad_buffers,
+)
 
 
 def read_stats(stats):

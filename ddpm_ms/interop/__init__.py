@@ -1,0 +1,1 @@
+"""Other formats: exported MindIR/ONNX models and the ONNX-friendly layer forms."""

@@ -1,0 +1,1 @@
+"""What every layer uses: errors, atomic files, caches, the device, checkpoint files, images."""
