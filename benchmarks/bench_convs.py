@@ -28,7 +28,7 @@ from mindspore import nn  # noqa: E402
 
 from ddpm_ms.models import kernels  # noqa: E402
 from ddpm_ms.config import load_config  # noqa: E402
-from ddpm_ms.pipeline import create_model  # noqa: E402
+from ddpm_ms.factory import create_model  # noqa: E402
 from _revision import build_at  # noqa: E402
 
 

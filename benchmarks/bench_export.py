@@ -30,7 +30,9 @@ from ddpm_ms.config import load_config  # noqa: E402
 from ddpm_ms.utils.device import setup_device  # noqa: E402
 from ddpm_ms.export import export  # noqa: E402
 from ddpm_ms.interop.exported import load_exported  # noqa: E402
-from ddpm_ms.pipeline import create_model, guided_eps_fn, load_model, make_eps_fn  # noqa: E402
+from ddpm_ms.factory import create_model  # noqa: E402
+from ddpm_ms.diffusion.generation import guided_eps_fn, make_eps_fn
+from ddpm_ms.pipeline import load_model
 
 
 def timed(fn, repeats):

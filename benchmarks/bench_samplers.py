@@ -15,7 +15,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import ddpm_ms  # noqa: E402,F401  (sets ONEDNN_MAX_CPU_ISA before MindSpore loads)
 from ddpm_ms.loading import load_for_sampling  # noqa: E402
-from ddpm_ms.pipeline import generate  # noqa: E402
+from ddpm_ms.diffusion.generation import generate  # noqa: E402
 
 
 def main():

@@ -43,7 +43,8 @@ from mindspore import Tensor, nn, ops
 from ddpm_ms.models import kernels
 from ddpm_ms.config import load_config
 from ddpm_ms.utils.device import setup_device
-from ddpm_ms.pipeline import create_model, make_eps_fn
+from ddpm_ms.factory import create_model
+from ddpm_ms.diffusion.generation import make_eps_fn
 from ddpm_ms.training.trainer import Trainer
 from ddpm_ms.models import ddpm_unet
 from ddpm_ms.models import tutorial_unet as unet_mod
@@ -207,7 +208,7 @@ def torch_worker(args, cfg):
 
     sys.path.insert(0, HERE)
     import torch_unet
-    from ddpm_ms.pipeline import create_schedule
+    from ddpm_ms.factory import create_schedule
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

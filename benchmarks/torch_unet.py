@@ -247,7 +247,7 @@ class Unet(nn.Module):
 
 
 def unet_kwargs_from_config(cfg):
-    """The Unet arguments of a ddpm_ms config dict (as ddpm_ms.pipeline.create_model uses them)."""
+    """The Unet arguments of a ddpm_ms config dict (as ddpm_ms.factory.create_model uses them)."""
     return dict(dim=cfg["dim"], init_dim=cfg["init_dim"], dim_mults=tuple(cfg["dim_mults"]),
                 channels=cfg["channels"], block_type=cfg["block_type"],
                 convnext_mult=cfg["convnext_mult"], resnet_groups=cfg["resnet_groups"], act=cfg["act"],

@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from ddpm_ms.utils import checkpoint as ckpt
-from ddpm_ms.cli import run_cli
+from ddpm_ms.command_line import run_cli
 from ddpm_ms.config import ARCH_KEYS, DEFAULTS, resolve
 from ddpm_ms.utils.errors import UserError
 
@@ -281,7 +281,7 @@ def _scheduler_file(root, model_dir):
 
 def from_diffusers(src, out, overrides=None):
     """Convert the diffusers folder ``src`` into the ddpm_ms checkpoint ``out``; returns the resolved config."""
-    from ddpm_ms.pipeline import create_model
+    from ddpm_ms.factory import create_model
 
     model_dir = _model_folder(src)
     values = unet_config_to_cfg(_read_json(os.path.join(model_dir, "config.json")))

@@ -26,8 +26,8 @@ import time
 import numpy as np
 
 from ddpm_ms.utils import fileio
-from ddpm_ms.cli import run_cli
-from ddpm_ms.cli_args import add_guidance_arg, add_runtime_args, add_sampler_args, add_weights_arg, check_sampling_args
+from ddpm_ms.command_line import (add_guidance_arg, add_runtime_args, add_sampler_args, add_weights_arg,
+                                  check_sampling_args, run_cli)
 from ddpm_ms.utils.errors import UserError
 
 
@@ -184,7 +184,7 @@ def build_parser():
 def generate_samples(args):
     """Load the checkpoint (resolved by main) and generate ``args.num`` images -> (images, source record)."""
     from ddpm_ms.loading import load_for_sampling
-    from ddpm_ms.pipeline import generate
+    from ddpm_ms.diffusion.generation import generate
 
     loaded = load_for_sampling(args.checkpoint, use_ema=not args.no_ema, backend=args.backend, dtype=args.dtype,
                                check=lambda cfg: check_sampling_args(args, cfg["timesteps"], min_num=2))

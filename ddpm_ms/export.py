@@ -7,7 +7,7 @@ The file holds one graph, the noise predictor, for a fixed batch size and image 
 * unconditional models: ``model_output = net(x [N, C, H, W] float32, t [N] int32)``;
 * class-conditional models: ``net(x, t, y [N] int32, guidance [] float32)`` makes both
   predictions in one call of batch 2N (labels y and the null class) and returns the
-  classifier-free guided one, (1 + w) eps(x, y) - w eps(x, null) (as ``pipeline.guided_eps_fn``).
+  classifier-free guided one, (1 + w) eps(x, y) - w eps(x, null) (as ``ddpm_ms.diffusion.generation.guided_eps_fn``).
 
 It is built on MindSpore's built-in ops (the C++ CPU kernels are custom ops that neither MindIR
 consumers nor ONNX can run); for ONNX, GroupNorm and the exact GELU are written in the export
@@ -27,7 +27,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ddpm_ms.utils import fileio
-from ddpm_ms.cli import run_cli
+from ddpm_ms.command_line import run_cli
 from ddpm_ms.diffusion.gaussian import classifier_free_guidance
 from ddpm_ms.utils.errors import UserError
 from ddpm_ms.interop.exported import (  # the format, defined by its reader

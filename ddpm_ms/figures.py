@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from ddpm_ms.cli import run_cli
+from ddpm_ms.command_line import run_cli
 from ddpm_ms.utils.errors import UserError
 from ddpm_ms.diffusion.samplers import SAMPLERS
 
@@ -43,7 +43,7 @@ def interpolation_noise(shape, pairs, points, seed=0):
 
 def interpolate(model, sched, cfg, pairs=4, points=10, steps=50, seed=0, dtype=None, progress=True):
     """Decode slerped noise with deterministic DDIM (eta = 0) -> images [pairs * points, C, H, W]."""
-    from ddpm_ms.pipeline import generate
+    from ddpm_ms.diffusion.generation import generate
 
     shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
     x_T = interpolation_noise(shape, pairs, points, seed)
@@ -67,7 +67,7 @@ def parse_steps(text, num_timesteps):
 
 def compare_steps(model, sched, cfg, samplers, step_counts, num=8, seed=0, dtype=None, progress=True):
     """{(sampler, steps): images [num, C, H, W]}, every entry from the same seed (the same x_T)."""
-    from ddpm_ms.pipeline import generate
+    from ddpm_ms.diffusion.generation import generate
 
     kw = {} if dtype is None else {"dtype": dtype}
     results = {}
@@ -100,7 +100,7 @@ def save_comparison(results, path, num_timesteps):
 
 
 def main(argv=None):
-    from ddpm_ms.cli_args import add_sampling_args, load_for_args
+    from ddpm_ms.command_line import add_sampling_args, load_for_args
     from ddpm_ms.utils.visualize import save_grid
 
     parser = argparse.ArgumentParser(prog="ddpm-figures", description=__doc__.splitlines()[0])

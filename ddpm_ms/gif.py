@@ -11,8 +11,7 @@ import argparse
 import os
 import sys
 
-from ddpm_ms.cli import run_cli
-from ddpm_ms.cli_args import add_sampling_args, class_request, load_for_args
+from ddpm_ms.command_line import run_cli, add_sampling_args, class_request, load_for_args
 from ddpm_ms.utils.errors import UserError
 from ddpm_ms.diffusion.frames import SOURCES
 
@@ -37,7 +36,7 @@ def main(argv=None):
 
         if not features.check("webp"):
             raise UserError("this Pillow has no WebP support; write a .gif instead")
-    from ddpm_ms.pipeline import generate
+    from ddpm_ms.diffusion.generation import generate
     from ddpm_ms.utils.visualize import save_gif
 
     model, sched, cfg, dtype = load_for_args(args)

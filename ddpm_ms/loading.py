@@ -22,7 +22,8 @@ def load_for_sampling(checkpoint, device="auto", mode="graph", use_ema=True, che
     the config's (``ddpm-sample --dtype``).
     """
     from ddpm_ms.utils.device import compute_dtype, setup_device
-    from ddpm_ms.pipeline import cast_model, load_checkpoint_file
+    from ddpm_ms.factory import cast_model
+    from ddpm_ms.pipeline import load_checkpoint_file
 
     path = ckpt.resolve_checkpoint(checkpoint)  # a file stays itself: resolving it again picks nothing new
     if backend is None:

@@ -10,8 +10,7 @@ import argparse
 import os
 import sys
 
-from ddpm_ms.cli import run_cli
-from ddpm_ms.cli_args import add_sampling_args, class_request, load_for_args
+from ddpm_ms.command_line import run_cli, add_sampling_args, class_request, load_for_args
 
 
 def main(argv=None):
@@ -20,7 +19,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="output directory (default: the run directory)")
     args = parser.parse_args(argv)
     from ddpm_ms.utils.fileio import npy_bytes, write_bytes
-    from ddpm_ms.pipeline import generate
+    from ddpm_ms.diffusion.generation import generate
     from ddpm_ms.utils.visualize import save_grid
 
     model, sched, cfg, dtype = load_for_args(args)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms import data
-from ddpm_ms.cli import run_cli
+from ddpm_ms.command_line import run_cli
 from ddpm_ms.config import load_config, save_config
 from ddpm_ms.utils.device import setup_device
 from ddpm_ms.training.distributed import check_same_resume_step, device_batch_size, init_distributed, run_on_main

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import ddpm_ms  # noqa: E402,F401  (caps oneDNN before MindSpore loads)
-from ddpm_ms.cli import run_cli  # noqa: E402
+from ddpm_ms.command_line import run_cli  # noqa: E402
 from ddpm_ms.utils.errors import UserError  # noqa: E402
 
 CLASS_NAMES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
@@ -42,7 +42,7 @@ def main(argv=None):
     from ddpm_ms.evaluation.classifier import extract, load_or_train_classifier
     from ddpm_ms.evaluation.metrics import RealReference, evaluate_images
     from ddpm_ms.loading import load_for_sampling
-    from ddpm_ms.pipeline import generate
+    from ddpm_ms.diffusion.generation import generate
 
     weights = [float(w) for w in args.weights.split(",")]
     loaded = load_for_sampling(args.checkpoint, args.device, "graph")

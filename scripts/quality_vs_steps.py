@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ddpm_ms  # noqa: E402,F401  (caps oneDNN before MindSpore loads)
 from ddpm_ms.utils import fileio  # noqa: E402
-from ddpm_ms.cli import run_cli  # noqa: E402
+from ddpm_ms.command_line import run_cli  # noqa: E402
 from ddpm_ms.utils.errors import UserError  # noqa: E402
 from ddpm_ms.diffusion.samplers import SAMPLERS  # noqa: E402
 
@@ -136,7 +136,7 @@ def main(argv=None):
     from ddpm_ms.evaluate import classifier_record, prepare_reference, write_json, write_text
     from ddpm_ms.evaluation.metrics import evaluate_images, summary_line
     from ddpm_ms.loading import load_for_sampling
-    from ddpm_ms.pipeline import generate
+    from ddpm_ms.diffusion.generation import generate
 
     loaded = load_for_sampling(args.checkpoint, args.device, "graph", use_ema=not args.no_ema)
     net_model, sched, cfg, dtype, path = loaded.model, loaded.sched, loaded.cfg, loaded.dtype, loaded.path

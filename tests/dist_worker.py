@@ -124,7 +124,7 @@ def resume_run(out, data_dir):
 
 
 if __name__ == "__main__":
-    from ddpm_ms.cli import run_cli
+    from ddpm_ms.command_line import run_cli
 
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "cases":

@@ -11,7 +11,8 @@ from mindspore import Parameter, Tensor
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms.config import ARCH_KEYS, resolve
 from ddpm_ms.utils.errors import UserError
-from ddpm_ms.pipeline import create_model, load_model
+from ddpm_ms.factory import create_model
+from ddpm_ms.pipeline import load_model
 
 
 def groups(value):

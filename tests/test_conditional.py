@@ -12,7 +12,7 @@ from mindspore import Tensor
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms.config import ARCH_KEYS, load_config
 from ddpm_ms.utils.errors import UserError
-from ddpm_ms.pipeline import class_labels, guided_eps_fn
+from ddpm_ms.diffusion.generation import class_labels, guided_eps_fn
 from ddpm_ms.train import train
 from ddpm_ms.training.step import drop_labels
 from idx_files import write_blob_dataset
@@ -77,7 +77,8 @@ def test_class_labels_and_unconditional_confusion():
 
 @pytest.mark.parametrize("objective", [[], ["prediction_type=x0"], ["prediction_type=v", "zero_terminal_snr=true"]])
 def test_conditional_training_run_and_guided_sampling(tmp_path, objective):
-    from ddpm_ms.pipeline import generate, load_model
+    from ddpm_ms.diffusion.generation import generate
+    from ddpm_ms.pipeline import load_model
 
     data_dir = write_blob_dataset(tmp_path / "data", n_train=48)
     out = str(tmp_path / "run")

@@ -19,11 +19,13 @@ from mindspore import Tensor
 
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms import convert
-from ddpm_ms.cli import run_cli
+from ddpm_ms.command_line import run_cli
 from ddpm_ms.config import load_config
 from ddpm_ms.diffusion.gaussian import Schedule
 from ddpm_ms.utils.errors import UserError
-from ddpm_ms.pipeline import create_model, create_schedule, generate, load_model
+from ddpm_ms.factory import create_model, create_schedule
+from ddpm_ms.diffusion.generation import generate
+from ddpm_ms.pipeline import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR10 = os.path.join(ROOT, "configs", "ddpm_cifar10.yaml")

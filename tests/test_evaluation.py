@@ -13,7 +13,7 @@ import mindspore as ms
 
 from ddpm_ms.evaluation import classifier as C
 from ddpm_ms.evaluation import metrics as E
-from ddpm_ms.cli import run_cli
+from ddpm_ms.command_line import run_cli
 from ddpm_ms.utils.errors import UserError
 from idx_files import write_blob_dataset
 

@@ -25,12 +25,14 @@ from mindspore import Tensor
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms import export as export_mod
 from ddpm_ms import sample as sample_mod
-from ddpm_ms.cli import run_cli
+from ddpm_ms.command_line import run_cli
 from ddpm_ms.config import load_config
 from ddpm_ms.utils.errors import UserError
 from ddpm_ms.interop.exported import load_exported
 from ddpm_ms.interop.onnx_forms import ExportGELU, erf
-from ddpm_ms.pipeline import create_model, generate, guided_eps_fn, load_model, make_eps_fn
+from ddpm_ms.factory import create_model
+from ddpm_ms.diffusion.generation import generate, guided_eps_fn, make_eps_fn
+from ddpm_ms.pipeline import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")

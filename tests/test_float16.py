@@ -17,7 +17,7 @@ from mindspore import Tensor
 
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms.config import load_config
-from ddpm_ms.pipeline import cast_model, create_model
+from ddpm_ms.factory import cast_model, create_model
 from ddpm_ms.models.layers import GroupNorm
 from ddpm_ms.train import train
 from ddpm_ms.training.trainer import Trainer

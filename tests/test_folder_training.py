@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import ddpm_ms  # noqa: F401
-from ddpm_ms.cli import run_cli
+from ddpm_ms.command_line import run_cli
 from ddpm_ms.config import load_config
 from ddpm_ms.data import check_config, dataset_spec
 

@@ -13,7 +13,7 @@ from ddpm_ms.config import load_config
 from ddpm_ms.diffusion.gaussian import p_losses
 from ddpm_ms.training.ema import EMA
 from ddpm_ms.utils.errors import UserError
-from ddpm_ms.pipeline import create_model, create_schedule
+from ddpm_ms.factory import create_model, create_schedule
 from ddpm_ms.training.step import STATS, LossAndGrads, TrainStep, Update
 
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")

@@ -562,7 +562,7 @@ def test_fast_kernels_argument_builds_a_builtin_model_with_the_same_outputs(arch
     if mode == "graph":
         pytest.skip("mode independent: the choice is made when the cells are built")
     from ddpm_ms.config import load_config
-    from ddpm_ms.pipeline import create_model
+    from ddpm_ms.factory import create_model
     tiny = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
     over = {"block_type": "convnext", "act": "gelu", "attn_levels": [1], "num_classes": 2}
     if arch == "ddpm":

@@ -93,7 +93,7 @@ def test_the_scan_sees_relative_absolute_and_lazy_imports():
     assert "ddpm_ms.utils.checkpoint" in graph["ddpm_ms.pipeline"]  # from . import checkpoint as ckpt
     assert "ddpm_ms.utils.cache" in graph["ddpm_ms.models.kernels"]  # from ..cache import ... (in a package __init__)
     assert "ddpm_ms.utils.errors" in graph["ddpm_ms.data.mnist"]  # from ddpm_ms.errors import UserError
-    assert "ddpm_ms.loading" in graph["ddpm_ms.cli_args"]  # imported inside a function
+    assert "ddpm_ms.loading" in graph["ddpm_ms.command_line"]  # imported inside a function
     assert {"ddpm_ms.sample", "ddpm_ms.evaluate", "ddpm_ms.train", "ddpm_ms.gif"} <= cli_modules(files)
     assert "ddpm_ms.pipeline" not in cli_modules(files)
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]

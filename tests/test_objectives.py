@@ -16,7 +16,7 @@ from mindspore import Tensor
 from ddpm_ms.config import load_config
 from ddpm_ms.diffusion.gaussian import Schedule, loss_weights, min_snr_weights, model_output_to_eps_x0, p_losses
 from ddpm_ms.utils.errors import UserError
-from ddpm_ms.pipeline import guided_eps_fn
+from ddpm_ms.diffusion.generation import guided_eps_fn
 from ddpm_ms.diffusion.samplers import sample, sampler_timesteps
 from ddpm_ms.diffusion.schedules import SCHEDULES, make_beta_schedule, rescale_zero_terminal_snr
 
@@ -282,7 +282,7 @@ def test_diffusers_scheduler_objective_and_zero_terminal_snr_round_trip(predicti
     """diffusers' DDPMScheduler (prediction_type, rescale_betas_zero_snr) <-> ddpm_ms's keys: same betas."""
     diffusers = pytest.importorskip("diffusers")
     from ddpm_ms import convert
-    from ddpm_ms.pipeline import create_schedule
+    from ddpm_ms.factory import create_schedule
 
     ztsnr = prediction != "epsilon"  # refused with eps, as in load_config
     sched = diffusers.DDPMScheduler(num_train_timesteps=100, beta_schedule="linear", prediction_type=prediction,

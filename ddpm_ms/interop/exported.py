@@ -4,7 +4,7 @@
 :class:`ExportedDenoiser`: the schedule and config the samplers need, and the noise predictor
 run by MindSpore (MindIR: ``ms.load`` + ``nn.GraphCell``) or by onnxruntime (ONNX). The
 samplers are the same as for a checkpoint; only the network call differs
-(``pipeline.generate`` asks the denoiser for its ``make_eps_fn``).
+(``ddpm_ms.diffusion.generation.generate`` asks the denoiser for its ``make_eps_fn``).
 """
 
 import json

@@ -78,7 +78,6 @@ __all__ = [
     "DownLevel",
     "UpLevel",
     "Unet",
-    "to_mixed_precision",
 ]
 
 BLOCK_TYPES = ("convnext", "resnet")  # Unet's block_type choices (config key block_type)
@@ -117,28 +116,6 @@ class SinusoidalPositionEmbeddings(nn.Cell):
     def construct(self, t):
         args = t.astype(ms.float32).reshape(-1, 1) * self.freqs
         return ops.concat((ops.sin(args), ops.cos(args)), -1)
-
-
-def to_mixed_precision(net, dtype=ms.float16):
-    """Ascend/GPU precision: ``net`` computes in ``dtype``, its GroupNorms in float32 -> ``net``.
-
-    The policy of ``ms.amp.custom_mixed_precision(net, black_list=[GroupNorm, ...])`` (every
-    cell's inputs and parameters cast to ``dtype``, the norms' to float32 and their outputs
-    back to ``dtype``; here the cells marked ``keep_float32``, the timestep embeddings, stay
-    float32 too), set as flags on the
-    cells themselves instead of wrapping
-    each norm in an ``_OutputTo16`` cell: parameter names are unchanged, so checkpoints of
-    float16 and float32 runs are interchangeable. Changes ``net`` in place.
-    """
-    net.to_float(dtype)
-    for _, cell in net.cells_and_names():
-        if isinstance(cell, GroupNorm):
-            cell.to_float(ms.float32)
-            cell.out_dtype = dtype
-        elif getattr(cell, "keep_float32", False):
-            # timestep embeddings: in float16 the embedding of t = 999 is off by 0.15 (t * freq rounded)
-            cell.to_float(ms.float32)
-    return net
 
 
 class Residual(nn.Cell):

@@ -18,7 +18,8 @@ from ddpm_ms.utils.device import compute_dtype, set_jit_level
 from ddpm_ms.diffusion.gaussian import loss_weights
 from ddpm_ms.training.ema import EMA
 from ddpm_ms.training.lr_schedule import learning_rates, steps_and_epochs
-from ddpm_ms.pipeline import cast_model, create_model, create_schedule, generate
+from ddpm_ms.factory import cast_model, create_model, create_schedule
+from ddpm_ms.diffusion.generation import generate
 from ddpm_ms.training.step import (
     FAULT_OVERFLOW_RANK,
     STATS,
