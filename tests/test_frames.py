@@ -15,7 +15,7 @@ from PIL import Image
 
 from ddpm_ms.diffusion.gaussian import Schedule
 from ddpm_ms.diffusion.frames import FrameRecorder, distance_to_final, even_pace_indices, progress_curve, quantize
-from ddpm_ms.diffusion.samplers import SAMPLERS, sample
+from ddpm_ms.diffusion.samplers import SAMPLERS, initial_noise, sample
 from ddpm_ms.utils.visualize import LABEL_HEIGHT, PANEL_GAP, frame_grid, make_grid, save_gif
 
 N, H = 6, 12
@@ -46,7 +46,7 @@ def run_chain(sampler, steps, source="x", T=1000, seed=0):
     several counts are chosen from one chain)."""
     sched = linear_schedule(T)
     rng = np.random.default_rng(seed)
-    x_T = rng.standard_normal((N, 1, H, H), dtype=np.float32)
+    x_T = initial_noise((N, 1, H, H), rng)  # as generation.generate does, for the first frame
     rec = FrameRecorder(x_T, 40, source)
     x = sample(PointEps(sched), sched, x_T.shape, sampler, steps, eta=0.0, rng=rng, callback=rec,
                progress=False, x_T=Tensor(x_T))

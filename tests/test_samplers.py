@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from ddpm_ms.diffusion.gaussian import NonFiniteError, Schedule, model_output_to_eps_x0, p_sample
+from ddpm_ms.diffusion.gaussian import NonFiniteError, Schedule, model_output_to_eps_x0, p_sample, reverse_variance
 from ddpm_ms.diffusion.samplers import (
     SAMPLERS,
+    ddim_mean,
     ddim_sigma,
-    ddim_step,
+    denoised,
     dpm_solver_pp_step,
+    initial_noise,
     sample,
     sampler_timesteps,
     timestep_sequence,
@@ -180,6 +182,15 @@ def test_ddim_eta1_sigma_is_posterior_variance():
     assert all(ddim_sigma(sched, t, t - 1, 0.0) == 0.0 for t in (0, 5, 999))
 
 
+def test_reverse_variance_of_a_one_index_step_is_beta_and_beta_tilde():
+    """The one variance rule, from alpha_bar, gives Ho et al.'s beta_t and beta~_t for t -> t - 1."""
+    sched = linear_schedule()
+    ts = range(1, sched.num_timesteps)
+    np.testing.assert_allclose([reverse_variance(sched, t, "beta") for t in ts], sched.betas[1:], rtol=1e-10)
+    np.testing.assert_allclose([reverse_variance(sched, t, "posterior", t - 1) for t in ts],
+                               sched.posterior_variance[1:], rtol=1e-10)
+
+
 @pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("t", [0, 1, 10, 500, 999])
 def test_ddim_eta1_step_equals_ddpm_posterior_step(t, clip):
@@ -188,7 +199,8 @@ def test_ddim_eta1_step_equals_ddpm_posterior_step(t, clip):
     x_t, eps, z = (tensor(2.0 * rng.standard_normal((8, 1, 3, 3))) for _ in range(3))
     want, want_x0 = p_sample(sched, x_t, t, eps, z, "posterior", clip_denoised=clip)
     sigma = ddim_sigma(sched, t, t - 1, 1.0)
-    got, got_x0 = ddim_step(sched, x_t, t, t - 1, eps, sigma, z, clip_denoised=clip)
+    eps, got_x0 = denoised(sched, x_t, t, eps, "eps", clip)  # x_0 clipped and eps recomputed as the loop does
+    got = ddim_mean(sched, t - 1, eps, got_x0, sigma) + sigma * z  # Eq. 12
     np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(got_x0.asnumpy(), want_x0.asnumpy(), atol=1e-5, rtol=1e-6)
 
@@ -198,7 +210,8 @@ def test_dpm_solver_pp_first_order_step_is_ddim():
     rng = np.random.default_rng(7)
     x_t, eps = tensor(rng.standard_normal((4, 1, 3, 3))), tensor(rng.standard_normal((4, 1, 3, 3)))
     for t, t_next in ((999, 899), (500, 0), (40, -1)):
-        ddim, x0 = ddim_step(sched, x_t, t, t_next, eps, clip_denoised=False)
+        _, x0 = denoised(sched, x_t, t, eps, "eps", clip_denoised=False)
+        ddim = ddim_mean(sched, t_next, eps, x0)  # Eq. 12 with eta = 0
         dpm = dpm_solver_pp_step(sched, x_t, t, t_next, x0)
         np.testing.assert_allclose(dpm.asnumpy(), ddim.asnumpy(), atol=1e-5, rtol=1e-5)
 
@@ -317,6 +330,18 @@ def test_same_seed_is_bit_identical(sampler, eta):
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     np.testing.assert_array_equal(a, run(rng=np.random.default_rng(1)))
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddpm", 7), ("ddim", 7), ("dpm-solver++", 7)])
+def test_x_T_from_initial_noise_is_the_seeded_run(sampler, steps):
+    """generation.generate draws x_T with initial_noise from the rng it then passes on: the same run."""
+    sched = Schedule.from_config("linear", 30)
+    eps, shape = GaussianEps(sched, MU, S), (4, 1, 2, 2)
+    a = sample(eps, sched, shape, sampler, steps, eta=0.5, seed=3, progress=False).asnumpy()
+    rng = np.random.default_rng(3)
+    x_T = Tensor(initial_noise(shape, rng))
+    b = sample(eps, sched, shape, sampler, steps, eta=0.5, rng=rng, x_T=x_T, progress=False).asnumpy()
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm-solver++"])

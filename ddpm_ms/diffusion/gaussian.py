@@ -14,10 +14,7 @@ from mindspore import Tensor, ops
 
 from ddpm_ms.diffusion.schedules import make_beta_schedule, rescale_zero_terminal_snr
 
-LOSS_TYPES = ("l1", "l2", "huber")
-VARIANCE_TYPES = ("posterior", "beta")
-PREDICTION_TYPES = ("eps", "x0", "v")  # what the network predicts (see model_output_to_eps_x0)
-LOSS_WEIGHTINGS = ("none", "min_snr")
+from ddpm_ms.diffusion import LOSS_TYPES, LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES  # MindSpore-free there
 
 
 class NonFiniteError(FloatingPointError):
@@ -57,10 +54,6 @@ class Schedule:
         # q(x_{t-1} | x_t, x_0), Eqs. 6-7
         ac, acp = self.alphas_cumprod, self.alphas_cumprod_prev
         self.posterior_variance = betas * (1.0 - acp) / (1.0 - ac)
-        # the variance is 0 at t = 0; log-variance uses the next value there (improved-diffusion)
-        self.posterior_log_variance_clipped = np.log(
-            np.append(self.posterior_variance[1], self.posterior_variance[1:])
-        )
         self.posterior_mean_coef1 = betas * np.sqrt(acp) / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - acp) * np.sqrt(alphas) / (1.0 - ac)
 
@@ -243,12 +236,26 @@ def q_posterior_mean(sched, x_start, x_t, t):
     return float(sched.posterior_mean_coef1[t]) * x_start + float(sched.posterior_mean_coef2[t]) * x_t
 
 
-def reverse_variance(sched, t, variance="posterior"):
-    """sigma_t^2 of p(x_{t-1} | x_t): beta_tilde_t (posterior) or beta_t (Sec. 3.2)."""
+def alpha_bar(sched, t):
+    """alpha_bar at index t; 1 at t = -1 (the index after the last step of a chain: x_{-1} = x_0)."""
+    return 1.0 if t < 0 else float(sched.alphas_cumprod[t])
+
+
+def reverse_variance(sched, t, variance="posterior", t_next=None):
+    """sigma^2 of p(x_t' | x_t) for the step from index t to t' = t_next (default t - 1: a step of the schedule).
+
+    "beta": beta'_t = 1 - abar_t / abar_t' (Sec. 3.2: sigma_t^2 = beta_t); "posterior": the variance of
+    q(x_t' | x_t, x_0), beta~'_t = (1 - abar_t') / (1 - abar_t) beta'_t (Eq. 7: sigma_t^2 = beta~_t).
+    For t' = t - 1 these are beta_t and beta~_t (the stored betas / posterior_variance up to float64
+    rounding); for a longer step, those of the respaced chain (Nichol & Dhariwal 2021, Sec. 4). This is
+    the one variance rule of the DDPM sampler; sqrt(beta~'_t) is DDIM's sigma (Song et al. 2021, Eq. 16) at eta = 1.
+    """
+    a_t, a_next = alpha_bar(sched, t), alpha_bar(sched, t - 1 if t_next is None else t_next)
+    beta = 1.0 - a_t / a_next
     if variance == "posterior":
-        return float(sched.posterior_variance[t])
+        return (1.0 - a_next) / (1.0 - a_t) * beta
     if variance == "beta":
-        return float(sched.betas[t])
+        return beta
     raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCE_TYPES)}")
 
 

@@ -4,15 +4,20 @@ All samplers share :class:`ddpm_ms.diffusion.gaussian.Schedule` and its x_0 / ep
 conversions; they differ only in the update from timestep index ``t`` to the next
 index ``t_next`` of a descending sequence (see :func:`timestep_sequence`). The index
 after the last one is ``-1``, where alpha_bar = 1 by definition, so every sampler
-ends by returning a data-space sample (for DDIM/DPM-Solver++ the last step returns
-the final x_0 prediction, matching the last step of Algorithm 2 of Ho et al.).
+ends by returning a data-space sample (its last step returns the final x_0 prediction,
+as the last step of Algorithm 2 of Ho et al. does).
 
-- ``ddpm``: ancestral sampling, Ho et al. 2020, Algorithm 2 (all T steps: one
-  :func:`ddpm_ms.diffusion.gaussian.p_sample` per step). With ``steps < T`` it is the respaced
-  DDPM of Nichol & Dhariwal 2021 (Sec. 4): betas recomputed from alpha_bar on the
-  sub-sequence, beta'_t = 1 - abar_t / abar_t'. Its posterior-variance form is DDIM
-  with eta = 1 (Song et al. 2021, Sec. 4.1), which is how it is implemented here;
-  ``variance="beta"`` keeps that mean and uses the noise scale sqrt(beta'_t).
+- ``ddpm``: ancestral sampling, Ho et al. 2020, Algorithm 2, on the chain of the
+  sampler's timesteps: with all T of them the paper's chain, with ``steps < T`` the
+  respaced DDPM of Nichol & Dhariwal 2021 (Sec. 4), whose betas are beta'_t = 1 - abar_t / abar_t'.
+  One step function for both (:func:`ddpm_sampler`): x_t' ~ q(x_t' | x_t, x_0) at the
+  model's x_0, with the variance of ``variance`` ("posterior": beta~'_t, "beta": beta'_t;
+  :func:`ddpm_ms.diffusion.gaussian.reverse_variance`) and no noise into t' = -1. Its mean is
+  the same Gaussian's written two ways: Ho et al.'s Eq. 7 (the schedule's stored
+  coefficients) for a step t' = t - 1, and DDIM's Eq. 12 with eta = 1 (Song et al. 2021,
+  Sec. 4.1: the same mean, from alpha_bar alone) for a longer step. So the respaced DDPM
+  with variance "posterior" is DDIM with eta = 1 (bit for bit when no step but the last,
+  which gives x_0 either way, is t' = t - 1).
 - ``ddim``: Song et al. 2021, Eq. 12 with sigma from Eq. 16 (eta in [0, 1]).
 - ``dpm-solver++``: Lu et al. 2022 (arXiv 2211.01095), Algorithm 2, multistep
   second order in data (x_0) prediction, with the first and the final step first
@@ -24,17 +29,18 @@ the final x_0 prediction, matching the last step of Algorithm 2 of Ho et al.).
   step is the one into t = 0; a 2nd-order step there, with a small step-size ratio
   r, overshoots: +39% in std on the Gaussian test data at 10 uniform steps.)
 
-Every sampler is a step function run by the same loop (``_run``: one progress bar, one
-finite check, one callback ``callback(i, t, x, x0)``). The network may predict eps, x_0 or
-v (``prediction_type``): its output is turned into the pair (eps, x_0) by
-:func:`ddpm_ms.diffusion.gaussian.model_output_to_eps_x0` in that loop only, and
-every step takes that pair, so no sampler depends on the objective. Every sampler starts
+Every sampler is a step function ``step(t, t_next, x_t, eps, x0) -> x_t'`` run by the same
+loop (``_run``: one progress bar, one finite check, one callback ``callback(i, t, x, x0)``).
+The network may predict eps, x_0 or v (``prediction_type``): its output is turned into the
+pair (eps, x_0), x_0 clipped if asked, by :func:`denoised` in that loop only, and every step
+takes that pair, so no sampler depends on the objective or on clipping. Every sampler starts
 at the last index T-1 ("trailing"; Lin et al. 2024, Sec. 3.3), where a zero-terminal-SNR
 schedule has alpha_bar = 0 and x_T ~ N(0, I) is exact (with x0- or v-prediction only:
 there eps-prediction cannot give x_0).
 
-Randomness comes only from one NumPy Generator: x_T ~ N(0, I) is drawn first, then
-the per-step noise (DDPM, DDIM with eta > 0), so a seed fixes the result exactly.
+Randomness comes only from one NumPy Generator: x_T ~ N(0, I) is drawn first
+(:func:`initial_noise`), then the per-step noise (DDPM, DDIM with eta > 0), so a seed
+fixes the result exactly.
 """
 
 import numpy as np
@@ -44,10 +50,11 @@ from ddpm_ms.diffusion.gaussian import (
     PREDICTION_TYPES,
     VARIANCE_TYPES,
     NonFiniteError,
+    alpha_bar,
     model_output_to_eps_x0,
-    p_sample,
     predict_noise_from_start,
-    predict_start_from_noise,
+    q_posterior_mean,
+    reverse_variance,
 )
 
 __all__ = [
@@ -57,15 +64,20 @@ __all__ = [
     "timestep_sequence",
     "sampler_timesteps",
     "sample",
+    "initial_noise",
+    "denoised",
     "alpha_bar",
     "ddim_sigma",
-    "respaced_beta",
-    "ddim_step",
+    "ddim_mean",
     "log_snr",
     "dpm_solver_pp_step",
+    "ddpm_sampler",
+    "ddim_sampler",
+    "dpm_solver_pp_sampler",
 ]
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+from ddpm_ms.diffusion import SAMPLERS  # defined MindSpore-free there, for ddpm_ms.config
+
 SPACINGS = ("uniform", "quadratic")
 CHECK_EVERY = 50  # steps between NaN/inf checks of x and of the model output (also after step 1 and the last)
 
@@ -113,41 +125,17 @@ def sampler_timesteps(num_timesteps, steps=None, sampler="ddim", spacing="unifor
 # ----- DDIM (Song et al. 2021) -----
 
 
-def alpha_bar(sched, t):
-    """alpha_bar at index t; 1 at t = -1 (the step after the last: x_{-1} = x_0)."""
-    return 1.0 if t < 0 else float(sched.alphas_cumprod[t])
-
-
 def ddim_sigma(sched, t, t_next, eta):
-    """Eq. 16: sigma = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t')."""
-    a_t, a_next = alpha_bar(sched, t), alpha_bar(sched, t_next)
-    var = (1.0 - a_next) / (1.0 - a_t) * (1.0 - a_t / a_next)
-    return float(eta * np.sqrt(max(var, 0.0)))
+    """Eq. 16: sigma = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t') = eta sqrt(beta~'_t),
+    with beta~'_t the posterior variance of the step t -> t' (:func:`ddpm_ms.diffusion.gaussian.reverse_variance`)."""
+    return float(eta * np.sqrt(max(reverse_variance(sched, t, "posterior", t_next), 0.0)))
 
 
-def respaced_beta(sched, t, t_next):
-    """Nichol & Dhariwal 2021, Sec. 4: beta of the respaced chain, 1 - abar_t / abar_t'."""
-    return 1.0 - alpha_bar(sched, t) / alpha_bar(sched, t_next)
-
-
-def ddim_step(sched, x_t, t, t_next, eps, sigma=0.0, noise=None, clip_denoised=True, noise_std=None, x0=None):
-    """Eq. 12: x_t' = sqrt(abar_t') x0 + sqrt(1 - abar_t' - sigma^2) eps + sigma z.
-
-    x0 is the model's x_0 prediction (computed from eps if not given). With clip_denoised,
-    x0 is clipped to [-1, 1] and eps recomputed from it. noise_std (default sigma) scales z
-    separately from the sigma in the mean (respaced DDPM with variance="beta"). Returns (x_t', x0).
-    """
-    if x0 is None:
-        x0 = predict_start_from_noise(sched, x_t, t, eps)
-    if clip_denoised:
-        x0 = ops.clamp(x0, -1.0, 1.0)
-        eps = predict_noise_from_start(sched, x_t, t, x0)
+def ddim_mean(sched, t_next, eps, x0, sigma=0.0):
+    """Eq. 12 without its noise term sigma z: sqrt(abar_t') x0 + sqrt(1 - abar_t' - sigma^2) eps,
+    from the pair (eps, x0) predicted at x_t (:func:`denoised`)."""
     a_next = alpha_bar(sched, t_next)
-    x_next = float(np.sqrt(a_next)) * x0 + float(np.sqrt(max(1.0 - a_next - sigma**2, 0.0))) * eps
-    std = sigma if noise_std is None else noise_std
-    if std > 0:
-        x_next = x_next + float(std) * noise
-    return x_next, x0
+    return float(np.sqrt(a_next)) * x0 + float(np.sqrt(max(1.0 - a_next - sigma**2, 0.0))) * eps
 
 
 # ----- DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095) -----
@@ -186,10 +174,40 @@ def dpm_solver_pp_step(sched, x_t, t, t_next, x0, x0_prev=None, t_prev=None):
 
 # ----- the sampling loop: one for all samplers -----
 #
-# A sampler is a step function step(i, t, t_next, x_t, eps, x0) -> (x_t', x0) from timestep
-# index t to the next index t_next of its sequence (-1 after the last), given the model's
-# prediction as the pair (eps, x0). _run draws nothing itself: a stochastic step draws its
-# noise from the rng when it is called, so the order is x_T first (in sample), then per step.
+# A sampler is a step function step(t, t_next, x_t, eps, x0) -> x_t' from timestep index t
+# to the next index t_next of its sequence (-1 after the last), given the model's prediction
+# as the pair (eps, x0) from denoised(). _run draws nothing itself: a stochastic step draws
+# its noise from the rng when it is called (add_noise), so the order is x_T first
+# (initial_noise, in sample), then per step.
+
+
+def initial_noise(shape, rng):
+    """x_T ~ N(0, I) as a float32 NumPy array of ``shape``: the first draw from rng, before any
+    per-step noise. The one place x_T is drawn (:func:`sample`, ``generation.generate``)."""
+    return rng.standard_normal(tuple(int(s) for s in shape), dtype=np.float32)
+
+
+def add_noise(x, std, rng):
+    """x + std z with z ~ N(0, I) drawn from rng; x itself (nothing drawn) if std is 0.
+    The noise term of Algorithm 2, line 4 (Ho et al.) and of Eq. 12 (Song et al.)."""
+    if std > 0:
+        return x + float(std) * Tensor(rng.standard_normal(tuple(x.shape), dtype=np.float32))
+    return x
+
+
+def denoised(sched, x_t, t, out, prediction_type="eps", clip_denoised=True):
+    """The network output ``out`` at x_t, index t, as the pair (eps, x_0) that every step takes.
+
+    The conversion is :func:`ddpm_ms.diffusion.gaussian.model_output_to_eps_x0`. With clip_denoised,
+    x_0 is clipped to [-1, 1] and eps recomputed from it (Eq. 4 of Ho et al.), so the pair stays
+    consistent: as in Ho et al.'s code for DDPM/DDIM, fixed-range thresholding for DPM-Solver++
+    (Lu et al. 2022, Sec. 5).
+    """
+    eps, x0 = model_output_to_eps_x0(sched, x_t, t, out, prediction_type)
+    if clip_denoised:
+        x0 = ops.clamp(x0, -1.0, 1.0)
+        eps = predict_noise_from_start(sched, x_t, t, x0)
+    return eps, x0
 
 
 def timestep_tensor(t, batch):
@@ -236,16 +254,16 @@ class _CheckedEps:
             )
 
 
-def _run(name, eps_fn, sched, x, ts, step, callback, progress, prediction_type="eps"):
-    """The loop: over ts, network output -> (eps, x0) -> step -> callback(i, t, x, x0) -> finite check."""
+def _run(name, eps_fn, sched, x, ts, step, callback, progress, prediction_type="eps", clip_denoised=True):
+    """The loop: over ts, network output -> denoised (eps, x0) -> step -> callback(i, t, x, x0) -> finite check."""
     from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
     batch = x.shape[0]
     for i in tqdm(range(len(ts)), desc=f"{name} sampling", disable=not progress, leave=False):
         t = int(ts[i])
         t_next = int(ts[i + 1]) if i + 1 < len(ts) else -1
-        eps, x0 = model_output_to_eps_x0(sched, x, t, eps_fn(x, timestep_tensor(t, batch)), prediction_type)
-        x, x0 = step(i, t, t_next, x, eps, x0)
+        eps, x0 = denoised(sched, x, t, eps_fn(x, timestep_tensor(t, batch)), prediction_type, clip_denoised)
+        x = step(t, t_next, x, eps, x0)
         if callback is not None:
             callback(i, t, x, x0)
         if (i + 1) % CHECK_EVERY == 0 or i + 1 == len(ts):
@@ -253,60 +271,61 @@ def _run(name, eps_fn, sched, x, ts, step, callback, progress, prediction_type="
     return x
 
 
-def _noise(rng, x, draw):
-    """z ~ N(0, I) shaped like x, drawn from rng only if the step uses it (draw), else None."""
-    return Tensor(rng.standard_normal(tuple(x.shape), dtype=np.float32)) if draw else None
+# ----- the samplers: one step function each -----
 
 
-def ddpm_full_step(sched, rng, variance="posterior", clip_denoised=True):
-    """Algorithm 2 of Ho et al. (all T indices): x_{t-1} = p_sample(x_t), noise z unless t = 0."""
+def ddpm_sampler(sched, rng, variance="posterior"):
+    """DDPM: Algorithm 2 of Ho et al. on the sampler's timesteps (all T, or respaced: Nichol & Dhariwal, Sec. 4).
 
-    def step(i, t, t_next, x_t, eps, x0):
-        return p_sample(sched, x_t, t, eps, _noise(rng, x_t, t > 0), variance, clip_denoised, x0)
+    x_t' = mean + sigma z, the posterior q(x_t' | x_t, x_0) at the model's x_0. sigma^2 is the variance
+    rule ``variance`` (:func:`ddpm_ms.diffusion.gaussian.reverse_variance`), with no noise into t' = -1 (line 3).
+    The mean is one Gaussian's in two forms (module docstring): Eq. 7 where the schedule stores its
+    coefficients (t' = t - 1), Eq. 12 of Song et al. with eta = 1 for a longer step.
+    """
 
-    return step
-
-
-def ddim_loop_step(sched, rng, eta, clip_denoised=True, variance=None):
-    """DDIM with eta (Eq. 12, sigma from Eq. 16) or, with variance set, the respaced DDPM
-    (eta = 1; variance "beta" draws its noise with std sqrt(beta'_t) instead of sigma)."""
-
-    def step(i, t, t_next, x_t, eps, x0):
-        sigma = ddim_sigma(sched, t, t_next, eta)
-        noise_std = None
-        if variance == "beta":
-            noise_std = float(np.sqrt(respaced_beta(sched, t, t_next))) if t_next >= 0 else 0.0
-        noise = _noise(rng, x_t, (sigma if noise_std is None else noise_std) > 0)
-        return ddim_step(sched, x_t, t, t_next, eps, sigma, noise, clip_denoised, noise_std, x0)
+    def step(t, t_next, x_t, eps, x0):
+        if t_next == t - 1:  # Ho et al. Eq. 7, the schedule's own coefficients
+            mean = q_posterior_mean(sched, x0, x_t, t)
+        else:  # a respaced step: the same mean as Eq. 12 of Song et al. with eta = 1 (their Sec. 4.1)
+            mean = ddim_mean(sched, t_next, eps, x0, ddim_sigma(sched, t, t_next, 1.0))
+        sigma = np.sqrt(reverse_variance(sched, t, variance, t_next)) if t_next >= 0 else 0.0
+        return add_noise(mean, sigma, rng)  # Algorithm 2, line 4
 
     return step
 
 
-def dpm_solver_pp_loop_step(sched, clip_denoised=True):
-    """Algorithm 2 of Lu et al. 2022; first and final steps first order (it keeps the previous x_0)."""
+def ddim_sampler(sched, rng, eta=0.0):
+    """DDIM: Song et al. 2021, Eq. 12 with sigma from Eq. 16 (eta = 0: deterministic)."""
+
+    def step(t, t_next, x_t, eps, x0):
+        sigma = ddim_sigma(sched, t, t_next, eta)  # Eq. 16
+        return add_noise(ddim_mean(sched, t_next, eps, x0, sigma), sigma, rng)  # Eq. 12
+
+    return step
+
+
+def dpm_solver_pp_sampler(sched):
+    """DPM-Solver++(2M): Lu et al. 2022, Algorithm 2; the first step and the final one (into
+    lambda = +inf) first order. It keeps the previous x_0 prediction."""
     prev = {}
 
-    def step(i, t, t_next, x_t, eps, x0):
-        if clip_denoised:  # thresholding (Sec. 5 of the paper) with a fixed [-1, 1] range
-            x0 = ops.clamp(x0, -1.0, 1.0)
+    def step(t, t_next, x_t, eps, x0):
         second_order = bool(prev) and t_next >= 0
         x_next = dpm_solver_pp_step(sched, x_t, t, t_next, x0,
                                     prev.get("x0") if second_order else None, prev.get("t"))
         prev.update(x0=x0, t=t)
-        return x_next, x0
+        return x_next
 
     return step
 
 
-def sampler_step(sampler, sched, ts, rng, eta=0.0, variance="posterior", clip_denoised=True):
-    """(progress-bar name, step function) of ``sampler`` on its timesteps ts."""
-    if sampler == "ddpm" and len(ts) == sched.num_timesteps:
-        return "DDPM", ddpm_full_step(sched, rng, variance, clip_denoised)
-    if sampler == "ddpm":  # respaced DDPM = DDIM with eta = 1 (module docstring)
-        return "DDPM", ddim_loop_step(sched, rng, 1.0, clip_denoised, variance)
+def sampler_step(sampler, sched, rng, eta=0.0, variance="posterior"):
+    """(progress-bar name, step function) of ``sampler``; eta is DDIM's, variance DDPM's."""
+    if sampler == "ddpm":
+        return "DDPM", ddpm_sampler(sched, rng, variance)
     if sampler == "ddim":
-        return "DDIM", ddim_loop_step(sched, rng, eta, clip_denoised)
-    return "DPM-Solver++", dpm_solver_pp_loop_step(sched, clip_denoised)
+        return "DDIM", ddim_sampler(sched, rng, eta)
+    return "DPM-Solver++", dpm_solver_pp_sampler(sched)
 
 
 def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rng=None,
@@ -325,7 +344,8 @@ def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rn
     code; fixed-range thresholding for DPM-Solver++).
     seed / rng: all noise comes from rng (default np.random.default_rng(seed)).
     callback(step_index, t, x, x0_pred) is called after every step.
-    x_T: optional starting noise (a Tensor of ``shape``) instead of the first draw from rng.
+    x_T: optional starting noise (a Tensor of ``shape``) instead of the first draw from rng
+    (:func:`initial_noise`).
     Raises NonFiniteError if the model output or x has NaN/inf. Returns the float32 Tensor x_0.
     """
     if sampler not in SAMPLERS:
@@ -345,8 +365,8 @@ def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rn
     shape = tuple(int(s) for s in shape)
 
     eps_fn = _CheckedEps(eps_fn, sampler)
-    x = Tensor(rng.standard_normal(shape, dtype=np.float32)) if x_T is None else x_T  # x_T ~ N(0, I)
-    name, step = sampler_step(sampler, sched, ts, rng, eta, variance, clip_denoised)
-    x = _run(name, eps_fn, sched, x, ts, step, callback, progress, prediction_type)
+    x = Tensor(initial_noise(shape, rng)) if x_T is None else x_T
+    name, step = sampler_step(sampler, sched, rng, eta, variance)
+    x = _run(name, eps_fn, sched, x, ts, step, callback, progress, prediction_type, clip_denoised)
     eps_fn.check()
     return x

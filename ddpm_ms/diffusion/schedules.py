@@ -12,7 +12,7 @@ Noise Schedules and Sample Steps are Flawed", Algorithm 1): alpha_bar_T = 0 exac
 
 import numpy as np
 
-SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
+from ddpm_ms.diffusion import SCHEDULES  # defined MindSpore-free there, for ddpm_ms.config
 
 
 def linear_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02):
