@@ -32,7 +32,7 @@ from ddpm_ms.export import export  # noqa: E402
 from ddpm_ms.interop.exported import load_exported  # noqa: E402
 from ddpm_ms.factory import create_model  # noqa: E402
 from ddpm_ms.diffusion.generation import guided_eps_fn, make_eps_fn
-from ddpm_ms.pipeline import load_model
+from ddpm_ms.pipeline import load
 
 
 def timed(fn, repeats):
@@ -64,7 +64,7 @@ def main():
                          {"config": cfg, "step": 0})
 
     rng = np.random.default_rng(0)
-    ref, sched, cfg = load_model(path, fast_kernels=False)
+    ref, sched, cfg = load(path, fast_kernels=False)[:3]
     shape = (args.batch, cfg["channels"], cfg["image_size"], cfg["image_size"])
     x = Tensor(rng.standard_normal(shape, dtype=np.float32))
     t = Tensor(np.linspace(0, sched.num_timesteps - 1, args.batch).round().astype(np.int32))
@@ -76,7 +76,7 @@ def main():
 
     ref_fn = eps_of(ref)
     want = ref_fn(x, t).asnumpy()
-    fast_fn = eps_of(load_model(path)[0])
+    fast_fn = eps_of(load(path).model)
     rows = [("checkpoint, built-in ops", "", "", "", timed(lambda: ref_fn(x, t).asnumpy(), args.repeats)),
             ("checkpoint, fast CPU kernels", "", "",
              f"{np.abs(fast_fn(x, t).asnumpy() - want).max() / np.abs(want).max():.1e}",

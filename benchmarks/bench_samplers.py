@@ -14,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import ddpm_ms  # noqa: E402,F401  (sets ONEDNN_MAX_CPU_ISA before MindSpore loads)
-from ddpm_ms.loading import load_for_sampling  # noqa: E402
+from ddpm_ms.pipeline import load  # noqa: E402
 from ddpm_ms.diffusion.generation import generate  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def main():
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    loaded = load_for_sampling(args.checkpoint, args.device, "graph")
+    loaded = load(args.checkpoint, device=args.device)
     model, sched, cfg, dtype, backend = loaded.model, loaded.sched, loaded.cfg, loaded.dtype, loaded.backend
     generate(model, sched, cfg, args.num, sampler="ddim", steps=2, dtype=dtype, progress=False)  # compile
 

@@ -14,8 +14,8 @@ import sys
 
 import numpy as np
 
-from ddpm_ms.diffusion.samplers import SAMPLERS
-from ddpm_ms.utils.device import DTYPES, MODES
+from ddpm_ms.diffusion import SAMPLERS
+from ddpm_ms.utils import DEVICES, DTYPES, MODES
 from ddpm_ms.utils.errors import UserError, WriteError
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_WRITE_FAILED, EXIT_INTERRUPTED = 2, 3, 4, 130
@@ -57,19 +57,32 @@ def add_weights_arg(parser):
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
 
 
+def add_checkpoint_arg(parser, required=False, help="checkpoint file or run directory (its newest checkpoint)"):
+    """--checkpoint (``parser`` may be a mutually exclusive group)."""
+    parser.add_argument("--checkpoint", required=required, help=help)
+
+
+def add_device_args(parser, device=None):
+    """--device and --mode, one definition for every command; ``device``: the default (None: the
+    run's config for ddpm-train, auto for the sampling commands)."""
+    parser.add_argument("--device", default=device, choices=DEVICES,
+                        help=f"auto, Ascend, GPU or CPU (default: {device or 'auto'}; a missing one falls back "
+                             "with a warning, except under msrun)")
+    parser.add_argument("--mode", default=None, choices=MODES, help="graph (default) or pynative (debugging)")
+
+
 def add_runtime_args(parser):
     """--device, --mode, --dtype, --no-progress."""
-    parser.add_argument("--device", default="auto", help="auto, Ascend, GPU or CPU")
-    parser.add_argument("--mode", default="graph", choices=MODES)
+    add_device_args(parser)
     parser.add_argument("--dtype", default=None, choices=DTYPES,
                         help="compute dtype (default: the run's config; auto = float16 on Ascend/GPU, float32 on CPU)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_sampling_args(parser):
     """Everything ddpm-sample, ddpm-gif and ddpm-figures take: the model source, sampler, images, runtime."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint file or run directory")
+    add_checkpoint_arg(source)
     source.add_argument("--exported", metavar="FILE",
                         help="a .mindir or .onnx file written by ddpm-export (instead of --checkpoint)")
     add_sampler_args(parser)
@@ -121,23 +134,11 @@ def class_request(args, cfg):
 
 # --------------------------------------------------------------------------- loading
 
-def load_for_args(args):
-    """The model of --checkpoint or --exported, checked against the options -> (model, sched, cfg, dtype)."""
-    if args.exported:
-        import mindspore as ms
+def load_for_args(args, min_num=1):
+    """The model of --checkpoint or --exported (``ddpm_ms.pipeline.load``), checked against the options -> Loaded."""
+    from ddpm_ms.pipeline import load
 
-        from ddpm_ms.utils.device import setup_device
-        from ddpm_ms.interop.exported import load_exported
-
-        if args.no_ema:
-            raise UserError("--no-ema applies to checkpoints; an exported file holds the weights it was "
-                            "exported with (ddpm-export --no-ema)")
-        setup_device(args.device, args.mode)
-        model = load_exported(args.exported)
-        check_sampling_args(args, model.cfg["timesteps"])
-        return model, model.sched, model.cfg, ms.float32
-    from ddpm_ms.loading import load_for_sampling
-
-    loaded = load_for_sampling(args.checkpoint, args.device, args.mode, use_ema=not args.no_ema, dtype=args.dtype,
-                               check=lambda cfg: check_sampling_args(args, cfg["timesteps"]))
-    return loaded.model, loaded.sched, loaded.cfg, loaded.dtype
+    exported = getattr(args, "exported", None)
+    return load(exported or args.checkpoint, use_ema=not args.no_ema, device=args.device or "auto",
+                mode=args.mode or "graph", dtype=args.dtype, exported=bool(exported),
+                check=lambda cfg: check_sampling_args(args, cfg["timesteps"], min_num))

@@ -14,14 +14,18 @@ import os
 import yaml
 
 from ddpm_ms.utils import fileio
-from ddpm_ms.data import DATASETS
+from ddpm_ms.utils import DEVICES, DTYPES, JIT_LEVELS, MODES
 from ddpm_ms.utils.errors import UserError
-from ddpm_ms.diffusion.schedules import SCHEDULES
-from ddpm_ms.diffusion.gaussian import LOSS_TYPES, LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES
-from ddpm_ms.utils.device import DEVICES, DTYPES, JIT_LEVELS, MODES
-from ddpm_ms.diffusion.samplers import SAMPLERS
-from ddpm_ms.models.layers import ACTIVATIONS
-from ddpm_ms.models.tutorial_unet import BLOCK_TYPES, level_problem
+from ddpm_ms.data import DATASETS
+from ddpm_ms.diffusion import (
+    LOSS_TYPES,
+    LOSS_WEIGHTINGS,
+    PREDICTION_TYPES,
+    SAMPLERS,
+    SCHEDULES,
+    VARIANCE_TYPES,
+)
+from ddpm_ms.models import ACTIVATIONS, ARCHS, BLOCK_TYPES, level_problem
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -111,7 +115,7 @@ DEFAULTS = {
 
 CHOICES = {
     "dataset": DATASETS,
-    "arch": ("tutorial", "ddpm"),
+    "arch": ARCHS,
     "block_type": BLOCK_TYPES,
     "act": ACTIVATIONS,
     "beta_schedule": SCHEDULES,
@@ -376,6 +380,12 @@ def load_config(path=None, overrides=()):
             raise _unknown_key(key, path)
     values.update(parse_overrides(overrides))
     return resolve(values, where=path or "overrides")
+
+
+def saved_config(meta):
+    """The config stored in a checkpoint's (or exported model's) ``meta``, completed by today's
+    defaults for the keys added to ddpm_ms after it was written."""
+    return dict(DEFAULTS, **meta["config"])
 
 
 def save_config(cfg, path):

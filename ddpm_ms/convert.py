@@ -30,7 +30,7 @@ import numpy as np
 
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms.command_line import run_cli
-from ddpm_ms.config import ARCH_KEYS, DEFAULTS, resolve
+from ddpm_ms.config import ARCH_KEYS, resolve, saved_config
 from ddpm_ms.utils.errors import UserError
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -310,7 +310,7 @@ def to_diffusers(src, out_dir):
     """Write the ``arch: ddpm`` checkpoint ``src`` as a diffusers folder ``out_dir``; returns the config."""
     path = ckpt.resolve_checkpoint(src)
     groups, meta = ckpt.load(path)
-    cfg = dict(DEFAULTS, **meta["config"])
+    cfg = saved_config(meta)
     if cfg["arch"] != "ddpm":
         raise UserError(f"{path} holds an arch {cfg['arch']!r} model; only arch: ddpm (the paper's U-Net) has a "
                         "diffusers counterpart")

@@ -26,8 +26,8 @@ import time
 import numpy as np
 
 from ddpm_ms.utils import fileio
-from ddpm_ms.command_line import (add_guidance_arg, add_runtime_args, add_sampler_args, add_weights_arg,
-                                  check_sampling_args, run_cli)
+from ddpm_ms.command_line import (add_checkpoint_arg, add_guidance_arg, add_runtime_args, add_sampler_args,
+                                  add_weights_arg, check_sampling_args, run_cli)
 from ddpm_ms.utils.errors import UserError
 
 
@@ -161,7 +161,7 @@ def build_parser():
         description="FD / IS / precision / recall of samples in a dataset classifier's feature space.")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help=".npy of images [N, C, S, S] (floats in [-1, 1] or uint8) or a folder of PNGs")
-    src.add_argument("--checkpoint", help="checkpoint file or run directory: generate --num samples first")
+    add_checkpoint_arg(src, help="checkpoint file or run directory: generate --num samples first")
     parser.add_argument("--num", type=int, default=1000, help="images to generate (with --checkpoint)")
     add_sampler_args(parser, steps_help="sampling steps (default: the run's config)",
                      seed_help="sampling seed (and seed of the floor's real subset)")
@@ -183,11 +183,11 @@ def build_parser():
 
 def generate_samples(args):
     """Load the checkpoint (resolved by main) and generate ``args.num`` images -> (images, source record)."""
-    from ddpm_ms.loading import load_for_sampling
     from ddpm_ms.diffusion.generation import generate
+    from ddpm_ms.pipeline import load
 
-    loaded = load_for_sampling(args.checkpoint, use_ema=not args.no_ema, backend=args.backend, dtype=args.dtype,
-                               check=lambda cfg: check_sampling_args(args, cfg["timesteps"], min_num=2))
+    loaded = load(args.checkpoint, use_ema=not args.no_ema, backend=args.backend, dtype=args.dtype,
+                  check=lambda cfg: check_sampling_args(args, cfg["timesteps"], min_num=2))
     sched, cfg, dtype = loaded.sched, loaded.cfg, loaded.dtype
     sampler = args.sampler or cfg["sampler"]
     steps = args.steps if args.steps is not None else (cfg["sample_steps"] or sched.num_timesteps)
@@ -231,7 +231,7 @@ def main(argv=None):
         args.checkpoint = ckpt.resolve_checkpoint(args.checkpoint)
         dataset = args.dataset or ckpt.load(args.checkpoint)[1]["config"].get("dataset", "fashion_mnist")
         require_feature_network(dataset)
-    args.backend = setup_device(args.device, args.mode)
+    args.backend = setup_device(args.device or "auto", args.mode or "graph")
     # the classifier first: a missing data set or a first-time training shows up before sampling
     net, info, reference = prepare_reference(args.data_dir, args.cache_dir, progress=not args.no_progress,
                                              dataset=dataset)

@@ -27,8 +27,8 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ddpm_ms.utils import fileio
-from ddpm_ms.command_line import run_cli
-from ddpm_ms.diffusion.gaussian import classifier_free_guidance
+from ddpm_ms.command_line import add_checkpoint_arg, add_device_args, add_weights_arg, run_cli
+from ddpm_ms.diffusion.generation import guided_output
 from ddpm_ms.utils.errors import UserError
 from ddpm_ms.interop.exported import (  # the format, defined by its reader
     FORMAT_NAME,
@@ -64,9 +64,7 @@ class GuidedDenoiser(nn.Cell):
         self.null = Tensor(np.full(batch, num_classes, np.int32))
 
     def construct(self, x, t, y, guidance):
-        both = self.model(ops.concat((x, x)), ops.concat((t, t)), ops.concat((y, self.null)))
-        eps_cond, eps_uncond = ops.split(both, self.batch)
-        return classifier_free_guidance(eps_cond, eps_uncond, guidance)
+        return guided_output(self.model, x, t, ops.concat((y, self.null)), guidance)
 
 
 def denoiser(model, cfg, batch):
@@ -131,11 +129,11 @@ def export(checkpoint, fmt, batch, out, use_ema=True):
     """
     from ddpm_ms.utils import checkpoint as ckpt
     from ddpm_ms.interop.onnx_forms import to_export_forms
-    from ddpm_ms.pipeline import load_checkpoint_file
+    from ddpm_ms.pipeline import load
 
     check_request(fmt, batch, out)
     path = ckpt.resolve_checkpoint(checkpoint)
-    model, sched, cfg = load_checkpoint_file(path, use_ema=use_ema, fast_kernels=False)
+    model, sched, cfg = load(path, use_ema=use_ema, dtype="float32", fast_kernels=False)[:3]
     if fmt == "onnx" and cfg.get("arch") == "ddpm" and cfg.get("downsample_padding") == 0:
         # its bottom/right-only padding (PadV3, or an asymmetric conv pad) does not survive MindSpore's ONNX exporter
         raise UserError("ONNX export of arch: ddpm models with downsample_padding: 0 (the DDPM checkpoints) is not "
@@ -163,17 +161,17 @@ def export(checkpoint, fmt, batch, out, use_ema=True):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="ddpm-export", description="Export a ddpm_ms denoiser to MindIR or ONNX.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    add_checkpoint_arg(parser, required=True)
     parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="mindir or onnx")
     parser.add_argument("--batch", type=int, default=64, help="the batch size the graph is built for (default 64)")
     parser.add_argument("--out", required=True, help="output file, ending in .mindir or .onnx")
-    parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
-    parser.add_argument("--device", default="CPU", help="backend to trace on (default CPU; the file is the same)")
+    add_weights_arg(parser)
+    add_device_args(parser, device="CPU")  # the backend to trace on: the file is the same
     args = parser.parse_args(argv)
     check_request(args.format, args.batch, args.out)
     from ddpm_ms.utils.device import setup_device
 
-    setup_device(args.device, "graph")
+    setup_device(args.device, args.mode or "graph")
     start = time.perf_counter()
     info = export(args.checkpoint, args.format, args.batch, args.out, use_ema=not args.no_ema)
     size = os.path.getsize(args.out) / 2**20

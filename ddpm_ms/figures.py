@@ -13,7 +13,7 @@ import numpy as np
 
 from ddpm_ms.command_line import run_cli
 from ddpm_ms.utils.errors import UserError
-from ddpm_ms.diffusion.samplers import SAMPLERS
+from ddpm_ms.diffusion import SAMPLERS
 
 
 def slerp(z0, z1, alpha):
@@ -119,7 +119,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.figure == "interpolate" and (args.pairs < 1 or args.points < 2):
         raise UserError("--pairs must be >= 1 and --points >= 2")
-    model, sched, cfg, dtype = load_for_args(args)
+    model, sched, cfg, dtype = load_for_args(args)[:4]
     progress = not args.no_progress
     if args.figure == "interpolate":
         images = interpolate(model, sched, cfg, args.pairs, args.points, args.steps or 50, args.seed, dtype,

@@ -8,10 +8,9 @@ The frames are taken at an even pace of visible change, from the start noise to 
 """
 
 import argparse
-import os
 import sys
 
-from ddpm_ms.command_line import run_cli, add_sampling_args, class_request, load_for_args
+from ddpm_ms.command_line import add_sampling_args, class_request, load_for_args, run_cli
 from ddpm_ms.utils.errors import UserError
 from ddpm_ms.diffusion.frames import SOURCES
 
@@ -36,18 +35,14 @@ def main(argv=None):
 
         if not features.check("webp"):
             raise UserError("this Pillow has no WebP support; write a .gif instead")
-    from ddpm_ms.diffusion.generation import generate
-    from ddpm_ms.utils.visualize import save_gif
+    from ddpm_ms.pipeline import DDPMPipeline
 
-    model, sched, cfg, dtype = load_for_args(args)
-    classes, num, nrow = class_request(args, cfg)
-    _, frames = generate(model, sched, cfg, num, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                         seed=args.seed, dtype=dtype, gif_frames=args.frames, gif_source=args.source,
-                         progress=not args.no_progress, classes=classes, guidance=args.guidance)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_gif(frames, args.out, nrow=nrow, duration=args.duration, hold_last=args.hold,
-             labels=frames.labels if args.label else None)
-    print(f"wrote {args.out} ({len(frames)} frames)", file=sys.stderr)
+    pipe = DDPMPipeline(load_for_args(args))
+    classes, num, nrow = class_request(args, pipe.cfg)
+    pipe.gif(args.out, num=num, seed=args.seed, frames=args.frames, source=args.source, sampler=args.sampler,
+             steps=args.steps, eta=args.eta, classes=classes, guidance=args.guidance, nrow=nrow,
+             duration=args.duration, hold=args.hold, label=args.label, progress=not args.no_progress)
+    print(f"wrote {args.out} ({args.frames} frames)", file=sys.stderr)
 
 
 def console_main():

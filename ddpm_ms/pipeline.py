@@ -1,29 +1,149 @@
-"""From a checkpoint to images: the one loader, and ``DDPMPipeline``."""
+"""From a checkpoint or an exported file to images: the one loader, and ``DDPMPipeline``.
 
-from ddpm_ms.config import DEFAULTS
-from ddpm_ms.factory import create_model, create_schedule
+    from ddpm_ms import DDPMPipeline
+
+    pipe = DDPMPipeline.from_checkpoint("runs/quick")                # a run directory or a .ckpt; EMA weights
+    images = pipe(num=16, sampler="dpm-solver++", steps=20, seed=0)  # uint8 [16, 28, 28, 1]
+    pipe.save_grid(images, "samples.png")
+    pipe.gif("denoising.gif", num=16, seed=0)
+
+:func:`load` is the only way ddpm_ms turns a file into a network to sample with: the sampling
+commands (through ``command_line.load_for_args``), ``ddpm-export``, ``ddpm-evaluate``, the
+notebook and the scripts all call it, and ``ddpm-sample`` / ``ddpm-gif`` sample through
+``DDPMPipeline`` itself, so the Python API and the commands give the same images.
+"""
+
+import os
+from collections import namedtuple
+
+import numpy as np
+
+from ddpm_ms.config import saved_config
+from ddpm_ms.diffusion.generation import generate
+from ddpm_ms.factory import cast_model, create_model, create_schedule
 from ddpm_ms.utils import checkpoint as ckpt
-from ddpm_ms.utils.device import set_jit_level
+from ddpm_ms.utils.errors import UserError
+
+EXPORTED_SUFFIXES = (".mindir", ".onnx")
+
+Loaded = namedtuple("Loaded", "model sched cfg dtype path backend")
+Loaded.__doc__ = """model: the network to call (cast for the compute dtype); sched: its Schedule; cfg: its config;
+dtype: the compute dtype; path: the file it came from; backend: the device backend in use."""
 
 
-def load_model(path, use_ema=True, cfg_overrides=None, fast_kernels=None):
-    """Rebuild the model stored in ``path`` -> (model, schedule, config).
+def load(source, use_ema=True, device=None, mode="graph", dtype=None, fast_kernels=None, check=None, backend=None,
+         exported=None):
+    """The denoiser in ``source``, ready to sample -> :data:`Loaded`.
 
-    ``path`` is a checkpoint file or a run directory (then its newest checkpoint, as for
-    ``ddpm-sample --checkpoint``); fast_kernels as for create_model.
+    source: a checkpoint file, a run directory (its newest checkpoint), or a ``.mindir`` / ``.onnx``
+        file written by ddpm-export (its JSON beside it).
+    use_ema: the EMA weights (default) or the raw ones (checkpoints only).
+    device: None uses the device MindSpore is already set up for; a name ("auto", "Ascend", "GPU",
+        "CPU") sets it up first (with ``mode``). ``backend``: the result of an earlier setup_device.
+    dtype: the compute dtype, "auto", "float32" or "float16"; None: the run's config.
+    fast_kernels: the CPU kernels: None = the user's default (on unless DDPM_MS_FAST_KERNELS=0),
+        False = MindSpore's built-in ops only (as an exported graph needs), True = asked for.
+    check: ``check(cfg)`` runs once the config is known, before anything is built or cast.
+    exported: whether ``source`` is an exported file (None: a .mindir / .onnx name is).
     """
-    return load_checkpoint_file(ckpt.resolve_checkpoint(path), use_ema, cfg_overrides, fast_kernels)
+    import mindspore as ms
 
+    from ddpm_ms.utils.device import compute_dtype, set_jit_level, setup_device
 
-def load_checkpoint_file(path, use_ema=True, cfg_overrides=None, fast_kernels=True):
-    """load_model for a path already resolved to a checkpoint file (ckpt.resolve_checkpoint)."""
+    if backend is None:
+        backend = setup_device(device, mode) if device is not None else ms.get_context("device_target")
+    if exported or (exported is None and str(source).lower().endswith(EXPORTED_SUFFIXES)):
+        from ddpm_ms.interop.exported import load_exported
+
+        if not use_ema:
+            raise UserError("--no-ema applies to checkpoints; an exported file holds the weights it was "
+                            "exported with (ddpm-export --no-ema)")
+        model = load_exported(source)
+        if check is not None:
+            check(model.cfg)
+        return Loaded(model, model.sched, model.cfg, ms.float32, source, backend)
+    path = ckpt.resolve_checkpoint(source)
     groups, meta = ckpt.load(path)
-    cfg = dict(DEFAULTS, **meta["config"])  # keys added to ddpm_ms after the checkpoint was written
-    if cfg_overrides:
-        cfg.update(cfg_overrides)
+    cfg = saved_config(meta)
+    if check is not None:
+        check(cfg)
     model = create_model(cfg, fast_kernels)
     weights = groups["ema"] if use_ema and groups["ema"] else groups["model"]
     ckpt.assign(ckpt.named_params(model), weights, "model", path)
     model.set_train(False)
     set_jit_level(model, cfg["jit_level"])
-    return model, create_schedule(cfg), cfg
+    dtype = compute_dtype(backend, dtype or cfg.get("dtype", "auto"))
+    return Loaded(cast_model(model, dtype), create_schedule(cfg), cfg, dtype, path, backend)
+
+
+class DDPMPipeline:
+    """A trained denoiser and its schedule: ``pipe(num=...)`` -> images.
+
+    Built by :meth:`from_checkpoint` or :meth:`from_exported` (both through :func:`load`);
+    sampling runs :func:`ddpm_ms.diffusion.generation.generate`, as the commands do.
+    """
+
+    def __init__(self, loaded):
+        self.model, self.sched, self.cfg, self.dtype, self.path, self.backend = loaded
+
+    @classmethod
+    def from_checkpoint(cls, path, use_ema=True, device="auto", mode="graph", dtype=None, fast_kernels=None):
+        """A run directory (its newest checkpoint) or a checkpoint file; EMA weights unless use_ema=False."""
+        return cls(load(path, use_ema, device, mode, dtype, fast_kernels))
+
+    @classmethod
+    def from_exported(cls, path, device="auto", mode="graph"):
+        """A ``.mindir`` or ``.onnx`` file written by ddpm-export."""
+        return cls(load(path, device=device, mode=mode, exported=True))
+
+    @property
+    def num_classes(self):
+        """The number of classes of a class-conditional model, else None."""
+        return self.cfg["num_classes"]
+
+    def sample(self, num=16, sampler=None, steps=None, eta=None, seed=0, classes=None, guidance=None,
+               gif_frames=0, gif_source="x", progress=False, x_T=None):
+        """-> (images [N, C, H, W] float32 in [-1, 1], GIF frames): the raw form the commands save.
+
+        Defaults come from the run's config (its sampler, sample_steps, eta, guidance); for a
+        class-conditional model ``classes`` defaults to 0, 1, 2, ... cycling.
+        """
+        return generate(self.model, self.sched, self.cfg, num, sampler=sampler, steps=steps, eta=eta, seed=seed,
+                        dtype=self.dtype, gif_frames=gif_frames, gif_source=gif_source, progress=progress,
+                        x_T=x_T, classes=classes, guidance=guidance)
+
+    def __call__(self, num=16, sampler=None, steps=None, eta=None, seed=0, classes=None, guidance=None,
+                 output="uint8", progress=False):
+        """``num`` images -> uint8 [N, H, W, C] (``output="float"``: float32 [N, H, W, C] in [-1, 1])."""
+        if output not in ("uint8", "float"):
+            raise UserError(f"output must be 'uint8' or 'float', got {output!r}")
+        from ddpm_ms.utils.visualize import to_uint8
+
+        images, _ = self.sample(num, sampler, steps, eta, seed, classes, guidance, progress=progress)
+        return to_uint8(images) if output == "uint8" else images.transpose(0, 2, 3, 1)
+
+    def save_grid(self, images, path, nrow=None):
+        """Write ``images`` (what the pipeline returned, uint8 or float, [N, H, W, C]) as one PNG grid."""
+        from ddpm_ms.utils.visualize import save_grid
+
+        images = np.asarray(images)
+        if images.dtype == np.uint8:
+            images = images.astype(np.float32) / 127.5 - 1.0
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_grid(images.transpose(0, 3, 1, 2), path, nrow=nrow)
+        return path
+
+    def gif(self, path, num=16, seed=0, frames=40, source="x", sampler=None, steps=None, eta=None, classes=None,
+            guidance=None, nrow=None, duration=4.0, hold=1.0, label=False, progress=False):
+        """Sample ``num`` images and write the denoising of their grid as a GIF (or .webp); returns path.
+
+        ``frames`` states from the start noise to the samples at an even pace of visible change
+        (``source``: x_t "x", the predicted x_0 "x0", or "both"); the last is held ``hold`` seconds.
+        """
+        from ddpm_ms.utils.visualize import save_gif
+
+        _, chain = self.sample(num, sampler, steps, eta, seed, classes, guidance, gif_frames=frames,
+                               gif_source=source, progress=progress)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_gif(chain, path, nrow=nrow, duration=duration, hold_last=hold, labels=chain.labels if label else None)
+        return path

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from ddpm_ms.command_line import run_cli, add_sampling_args, class_request, load_for_args
+from ddpm_ms.command_line import add_sampling_args, class_request, load_for_args, run_cli
 
 
 def main(argv=None):
@@ -18,18 +18,18 @@ def main(argv=None):
     add_sampling_args(parser)
     parser.add_argument("--out", default=None, help="output directory (default: the run directory)")
     args = parser.parse_args(argv)
+    from ddpm_ms.pipeline import DDPMPipeline
     from ddpm_ms.utils.fileio import npy_bytes, write_bytes
-    from ddpm_ms.diffusion.generation import generate
     from ddpm_ms.utils.visualize import save_grid
 
-    model, sched, cfg, dtype = load_for_args(args)
+    pipe = DDPMPipeline(load_for_args(args))
+    cfg = pipe.cfg
     source = args.checkpoint or args.exported
     out = args.out or (source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)))
     os.makedirs(out, exist_ok=True)
     classes, num, nrow = class_request(args, cfg)
-    images, _ = generate(model, sched, cfg, num, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                         seed=args.seed, dtype=dtype, progress=not args.no_progress, classes=classes,
-                         guidance=args.guidance)
+    images, _ = pipe.sample(num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+                            classes=classes, guidance=args.guidance, progress=not args.no_progress)
     name = f"samples_{args.sampler or cfg['sampler']}_{args.steps or cfg['sample_steps'] or 'full'}_seed{args.seed}"
     if cfg["num_classes"] is not None:
         w = cfg["guidance"] if args.guidance is None else args.guidance

@@ -18,13 +18,13 @@ import numpy as np
 
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms import data
-from ddpm_ms.command_line import run_cli
+from ddpm_ms.command_line import add_device_args, run_cli
 from ddpm_ms.config import load_config, save_config
 from ddpm_ms.utils.device import setup_device
 from ddpm_ms.training.distributed import check_same_resume_step, device_batch_size, init_distributed, run_on_main
 from ddpm_ms.utils.errors import WriteError
 from ddpm_ms.utils.fileio import npy_bytes, write_bytes
-from ddpm_ms.training.rundir import CSV_FIELDS, LossLog, RunDir, resume_point  # noqa: F401 (CSV_FIELDS lived here)
+from ddpm_ms.training.rundir import LossLog, RunDir, resume_point
 from ddpm_ms.training.trainer import Trainer, read_stats
 from ddpm_ms.utils.visualize import plot_loss, save_gif, save_grid
 
@@ -180,8 +180,7 @@ def build_parser():
                                      description="Train a DDPM on Fashion-MNIST, MNIST, CIFAR-10 or an image folder.")
     parser.add_argument("--config", default=None,
                         help="YAML config file, or a packaged config's name (quick, fashion_mnist, ...)")
-    parser.add_argument("--device", default=None, help="auto, Ascend, GPU or CPU (falls back if missing)")
-    parser.add_argument("--mode", default=None, help="graph (default) or pynative (debugging)")
+    add_device_args(parser)  # default: the config's device and mode
     parser.add_argument("--output-dir", default=None, help="where checkpoints, logs and images go")
     parser.add_argument("--data-dir", default=None,
                         help="the dataset's files (default: located automatically); dataset=folder: the image folder")

@@ -41,11 +41,11 @@ def main(argv=None):
     from ddpm_ms import data
     from ddpm_ms.evaluation.classifier import extract, load_or_train_classifier
     from ddpm_ms.evaluation.metrics import RealReference, evaluate_images
-    from ddpm_ms.loading import load_for_sampling
+    from ddpm_ms.pipeline import load
     from ddpm_ms.diffusion.generation import generate
 
     weights = [float(w) for w in args.weights.split(",")]
-    loaded = load_for_sampling(args.checkpoint, args.device, "graph")
+    loaded = load(args.checkpoint, device=args.device)
     model, sched, cfg, dtype, path = loaded.model, loaded.sched, loaded.cfg, loaded.dtype, loaded.path
     if cfg["num_classes"] is None:
         raise UserError(f"{path} is an unconditional model; this table needs a class-conditional checkpoint")

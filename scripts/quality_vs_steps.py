@@ -135,10 +135,10 @@ def main(argv=None):
 
     from ddpm_ms.evaluate import classifier_record, prepare_reference, write_json, write_text
     from ddpm_ms.evaluation.metrics import evaluate_images, summary_line
-    from ddpm_ms.loading import load_for_sampling
+    from ddpm_ms.pipeline import load
     from ddpm_ms.diffusion.generation import generate
 
-    loaded = load_for_sampling(args.checkpoint, args.device, "graph", use_ema=not args.no_ema)
+    loaded = load(args.checkpoint, device=args.device, use_ema=not args.no_ema)
     net_model, sched, cfg, dtype, path = loaded.model, loaded.sched, loaded.cfg, loaded.dtype, loaded.path
     run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(path))
     out_dir = args.out_dir or os.path.join(run_dir, "quality_vs_steps")

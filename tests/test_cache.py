@@ -6,7 +6,7 @@ import pytest
 
 from ddpm_ms.utils import cache
 from ddpm_ms.evaluation import classifier
-from ddpm_ms import data
+from ddpm_ms.data import mnist
 from ddpm_ms.models import kernels
 from ddpm_ms.data import cifar10
 
@@ -55,6 +55,6 @@ def test_the_three_users_ask_the_helper(env, tmp_path):
     env.setenv("DDPM_MS_CACHE", str(tmp_path / "c"))
     assert kernels.cache_dir() == str(tmp_path / "k")
     assert classifier.default_cache_dir() == str(tmp_path / "c" / "classifier")
-    assert data.default_cache_dir("mnist") == str(tmp_path / "xdg" / "ddpm_ms" / "mnist")
+    assert mnist.default_cache_dir("mnist") == str(tmp_path / "xdg" / "ddpm_ms" / "mnist")
     assert cifar10.default_cache_dir() == str(tmp_path / "xdg" / "ddpm_ms" / "cifar-10")
     assert os.path.dirname(kernels.library_path(kernels._compiler() or "g++")) == str(tmp_path / "k")

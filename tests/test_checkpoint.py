@@ -12,7 +12,7 @@ from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms.config import ARCH_KEYS, resolve
 from ddpm_ms.utils.errors import UserError
 from ddpm_ms.factory import create_model
-from ddpm_ms.pipeline import load_model
+from ddpm_ms.pipeline import load
 
 
 def groups(value):
@@ -68,7 +68,7 @@ def test_model_rebuilt_from_checkpoint_and_architecture_checked(tmp_path):
     params = ckpt.named_params(model)
     path = str(tmp_path / "m.ckpt")
     ckpt.save(path, {"model": params, "ema": params}, {"config": cfg})
-    rebuilt, sched, cfg2 = load_model(path)
+    rebuilt, sched, cfg2 = load(path)[:3]
     assert cfg2 == cfg and sched.num_timesteps == 10
     for name, p in ckpt.named_params(rebuilt).items():
         assert np.array_equal(p.asnumpy(), params[name].asnumpy())
@@ -95,13 +95,13 @@ def test_load_model_takes_a_run_directory_and_uses_its_newest_checkpoint(tmp_pat
         for p in params.values():
             p.set_data(Tensor(p.asnumpy() + 1))
     for path in (run, run / "checkpoints"):
-        model, sched, cfg2 = load_model(str(path))
+        model, sched, cfg2 = load(str(path))[:3]
         assert cfg2 == cfg and sched.num_timesteps == 10
         loaded = {name: p.asnumpy() for name, p in ckpt.named_params(model).items()}
         assert all(np.array_equal(loaded[n], saved[2][n]) for n in saved[2])
         assert not any(np.array_equal(loaded[n], saved[1][n]) for n in saved[1])
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no checkpoints"):
-        load_model(str(tmp_path / "empty"))
+        load(str(tmp_path / "empty"))
     with pytest.raises(UserError, match="does not exist; pass a .ckpt file or a run directory"):
-        load_model(str(tmp_path / "missing"))
+        load(str(tmp_path / "missing"))

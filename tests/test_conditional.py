@@ -78,7 +78,7 @@ def test_class_labels_and_unconditional_confusion():
 @pytest.mark.parametrize("objective", [[], ["prediction_type=x0"], ["prediction_type=v", "zero_terminal_snr=true"]])
 def test_conditional_training_run_and_guided_sampling(tmp_path, objective):
     from ddpm_ms.diffusion.generation import generate
-    from ddpm_ms.pipeline import load_model
+    from ddpm_ms.pipeline import load
 
     data_dir = write_blob_dataset(tmp_path / "data", n_train=48)
     out = str(tmp_path / "run")
@@ -87,7 +87,7 @@ def test_conditional_training_run_and_guided_sampling(tmp_path, objective):
                              "guidance=2.0"] + objective)
     train(cfg, progress=False)
     path = ckpt.CheckpointManager(os.path.join(out, "checkpoints")).list()[-1]
-    model, sched, cfg2 = load_model(path)
+    model, sched, cfg2 = load(path)[:3]
     assert cfg2["num_classes"] == 10
     assert cfg2["prediction_type"] == cfg["prediction_type"]  # the objective is stored in the checkpoint
     a, _ = generate(model, sched, cfg2, 4, classes=[7, 7, 9, 1], guidance=0.0, seed=0, progress=False)

@@ -16,6 +16,7 @@ import pytest
 
 import ddpm_ms  # noqa: F401  (before mindspore: sets ONEDNN_MAX_CPU_ISA)
 from ddpm_ms import data
+from ddpm_ms.data import idx, mnist
 from ddpm_ms.utils.errors import UserError
 from idx_files import idx_bytes, write_idx  # noqa: F401
 
@@ -39,8 +40,8 @@ TRAIN_IMAGES = make_images(N_TRAIN, 1)
 TRAIN_LABELS = (np.arange(N_TRAIN) % 10).astype(np.uint8)
 TEST_IMAGES = make_images(N_TEST, 2)
 TEST_LABELS = ((np.arange(N_TEST) + 3) % 10).astype(np.uint8)
-ARRAYS = {data.TRAIN_IMAGES: TRAIN_IMAGES, data.TRAIN_LABELS: TRAIN_LABELS,
-          data.TEST_IMAGES: TEST_IMAGES, data.TEST_LABELS: TEST_LABELS}
+ARRAYS = {idx.TRAIN_IMAGES: TRAIN_IMAGES, idx.TRAIN_LABELS: TRAIN_LABELS,
+          idx.TEST_IMAGES: TEST_IMAGES, idx.TEST_LABELS: TEST_LABELS}
 
 
 def write_dataset(directory, gz=False):
@@ -55,7 +56,7 @@ def assert_holds_dataset(directory):
         path = os.path.join(directory, name)
         with open(path, "rb") as f:
             assert f.read(2) != b"\x1f\x8b", f"{path} is still compressed"
-        np.testing.assert_array_equal(data.read_idx(path), arr)
+        np.testing.assert_array_equal(idx.read_idx(path), arr)
 
 
 def lookup(images):
@@ -131,7 +132,7 @@ class Recorder:
 def test_read_idx_round_trip(tmp_path, gz):
     p = write_idx(tmp_path / "images", TRAIN_IMAGES, gz=gz)
     q = write_idx(tmp_path / "labels", TRAIN_LABELS, gz=gz)
-    im, lb = data.read_idx(p), data.read_idx(q)
+    im, lb = idx.read_idx(p), idx.read_idx(q)
     assert im.dtype == np.uint8 and im.shape == (N_TRAIN, 28, 28)
     assert lb.dtype == np.uint8 and lb.shape == (N_TRAIN,)
     np.testing.assert_array_equal(im, TRAIN_IMAGES)
@@ -145,7 +146,7 @@ def test_read_idx_truncated(tmp_path, gz):
     p = tmp_path / "trunc-images-idx3-ubyte"
     p.write_bytes(gzip.compress(payload) if gz else payload)
     with pytest.raises(UserError) as e:
-        data.read_idx(p)
+        idx.read_idx(p)
     msg = str(e.value)
     assert str(p) in msg and "truncated" in msg
     assert f"expected {N_TRAIN * 784} bytes" in msg and f"got {N_TRAIN * 784 - 100}" in msg
@@ -156,11 +157,11 @@ def test_read_idx_header_count_mismatch(tmp_path):
     # Header claims 41 images, payload holds 40; and labels claim fewer than stored.
     p = write_idx(tmp_path / "images", TRAIN_IMAGES, count=N_TRAIN + 1)
     with pytest.raises(UserError, match="truncated") as e:
-        data.read_idx(p)
+        idx.read_idx(p)
     assert p in str(e.value)
     q = write_idx(tmp_path / "labels", TRAIN_LABELS, count=N_TRAIN - 1)
     with pytest.raises(UserError, match="trailing") as e:
-        data.read_idx(q)
+        idx.read_idx(q)
     assert q in str(e.value)
 
 
@@ -168,7 +169,7 @@ def test_read_idx_header_count_mismatch(tmp_path):
 def test_read_idx_wrong_magic(tmp_path, magic):
     p = write_idx(tmp_path / "bad", TRAIN_IMAGES, magic=magic)
     with pytest.raises(UserError, match="magic") as e:
-        data.read_idx(p)
+        idx.read_idx(p)
     assert p in str(e.value) and f"0x{magic:08x}" in str(e.value)
 
 
@@ -176,42 +177,43 @@ def test_read_idx_tiny_missing_corrupt_and_wrong_size(tmp_path):
     tiny = tmp_path / "tiny"
     tiny.write_bytes(b"\x00\x00")
     with pytest.raises(UserError, match="tiny"):
-        data.read_idx(tiny)
+        idx.read_idx(tiny)
     header_only = tmp_path / "header"
     header_only.write_bytes(struct.pack(">II", 0x803, 5))
     with pytest.raises(UserError, match="truncated header"):
-        data.read_idx(header_only)
+        idx.read_idx(header_only)
     with pytest.raises(UserError, match="does not exist"):
-        data.read_idx(tmp_path / "nope")
+        idx.read_idx(tmp_path / "nope")
     badgz = tmp_path / "bad.gz"
     badgz.write_bytes(gzip.compress(idx_bytes(TRAIN_LABELS))[:-12])
     with pytest.raises(UserError, match="gzip") as e:
-        data.read_idx(badgz)
+        idx.read_idx(badgz)
     assert str(badgz) in str(e.value)
     p = write_idx(tmp_path / "big", np.zeros((2, 32, 32), np.uint8))
     with pytest.raises(UserError, match="32x32"):
-        data.read_idx(p)
+        idx.read_idx(p)
 
 
 def test_load_arrays(tmp_path, small_dir):
-    im, lb = data.load_arrays(small_dir, "train")
+    im, lb = idx.load_arrays(small_dir, "train")
     np.testing.assert_array_equal(im, TRAIN_IMAGES)
     np.testing.assert_array_equal(lb, TRAIN_LABELS)
-    im, lb = data.load_arrays(write_dataset(tmp_path / "gz", gz=True), "all")
+    im, lb = idx.load_arrays(write_dataset(tmp_path / "gz", gz=True), "all")
     np.testing.assert_array_equal(im, np.concatenate([TRAIN_IMAGES, TEST_IMAGES]))
     np.testing.assert_array_equal(lb, np.concatenate([TRAIN_LABELS, TEST_LABELS]))
     bad = write_dataset(tmp_path / "bad")
-    write_idx(os.path.join(bad, data.TEST_LABELS), TEST_LABELS[:-1])
+    write_idx(os.path.join(bad, idx.TEST_LABELS), TEST_LABELS[:-1])
     with pytest.raises(UserError, match="counts must match") as e:
-        data.load_arrays(bad, "test")
-    assert data.TEST_LABELS in str(e.value)
+        idx.load_arrays(bad, "test")
+    assert idx.TEST_LABELS in str(e.value)
     with pytest.raises(UserError, match="usage"):
-        data.load_arrays(small_dir, "valid")
+        idx.load_arrays(small_dir, "valid")
 
 
 def test_importing_data_does_not_import_mindspore():
     code = "import sys, ddpm_ms.data; assert 'mindspore' not in sys.modules"
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(data.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(data.__file__)))  # ddpm_ms/data/__init__.py
+    env = dict(os.environ, PYTHONPATH=root)
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
@@ -232,7 +234,7 @@ def locate(places, **kw):
     kw.setdefault("system_dirs", [places.system])
     kw.setdefault("download", False)
     kw.setdefault("downloader", Recorder(fail=True))
-    return data.locate_fashion_mnist(**kw)
+    return mnist.locate_fashion_mnist(**kw)
 
 
 def test_locate_explicit_dir_wins(places):
@@ -249,20 +251,20 @@ def test_locate_explicit_gz_dir_is_decompressed_into_cache(places):
     got = locate(places, data_dir=explicit)
     assert got == places.cache
     assert_holds_dataset(got)
-    assert sorted(os.listdir(got)) == sorted(data.FILES)  # no temp files left
+    assert sorted(os.listdir(got)) == sorted(idx.FILES)  # no temp files left
 
 
 def test_locate_explicit_mixed_dir(places):
     explicit = write_dataset(places.root / "mine")
-    os.remove(os.path.join(explicit, data.TEST_IMAGES))
-    write_idx(os.path.join(explicit, data.TEST_IMAGES + ".gz"), TEST_IMAGES, gz=True)
+    os.remove(os.path.join(explicit, idx.TEST_IMAGES))
+    write_idx(os.path.join(explicit, idx.TEST_IMAGES + ".gz"), TEST_IMAGES, gz=True)
     assert_holds_dataset(locate(places, data_dir=explicit))
 
 
 def test_locate_explicit_unusable_dir_does_not_fall_back(places):
     write_dataset(places.cache)  # a perfectly good cache is NOT used
     explicit = write_dataset(places.root / "mine")
-    bad = os.path.join(explicit, data.TRAIN_IMAGES)
+    bad = os.path.join(explicit, idx.TRAIN_IMAGES)
     with open(bad, "r+b") as f:
         f.truncate(1000)
     with pytest.raises(UserError) as e:
@@ -291,7 +293,7 @@ def test_locate_debian_dir_is_decompressed_into_cache(places):
     got = locate(places)
     assert got == places.cache
     assert_holds_dataset(got)
-    assert sorted(os.listdir(got)) == sorted(data.FILES)  # atomic: no temp files left
+    assert sorted(os.listdir(got)) == sorted(idx.FILES)  # atomic: no temp files left
     assert sorted(os.listdir(places.system)) == before  # system dir untouched
     # Second call: served from the cache even when the system dir has gone.
     for name in before:
@@ -301,11 +303,11 @@ def test_locate_debian_dir_is_decompressed_into_cache(places):
 
 def test_locate_corrupt_debian_file_is_not_cached(places):
     write_dataset(places.system, gz=True)
-    with open(os.path.join(places.system, data.TEST_LABELS + ".gz"), "wb") as f:
+    with open(os.path.join(places.system, idx.TEST_LABELS + ".gz"), "wb") as f:
         f.write(gzip.compress(idx_bytes(TEST_LABELS, magic=0x0801FFFF)))
     with pytest.raises(UserError, match="magic"):
         locate(places)
-    assert not os.path.exists(os.path.join(places.cache, data.TRAIN_IMAGES))
+    assert not os.path.exists(os.path.join(places.cache, idx.TRAIN_IMAGES))
 
 
 def test_locate_missing_everywhere_lists_every_place(places):
@@ -315,7 +317,7 @@ def test_locate_missing_everywhere_lists_every_place(places):
         locate(places, system_dirs=[places.system, other], download=True, downloader=rec)
     msg = str(e.value)
     assert "\n" not in msg
-    for expected in (places.cache, places.system, other, data.FASHION_MNIST_MIRROR,
+    for expected in (places.cache, places.system, other, mnist.FASHION_MNIST_MIRROR,
                      "network is unreachable", "--data-dir",
                      "apt-get install dataset-fashion-mnist"):
         assert expected in msg, expected
@@ -335,9 +337,9 @@ def test_locate_download_fetches_verifies_and_decompresses(places):
     rec = Recorder()
     got = locate(places, download=True, downloader=rec, checksums=Recorder.checksums())
     assert got == places.cache
-    assert sorted(rec.urls) == sorted(data.FASHION_MNIST_MIRROR + n + ".gz" for n in data.FILES)
+    assert sorted(rec.urls) == sorted(mnist.FASHION_MNIST_MIRROR + n + ".gz" for n in idx.FILES)
     assert_holds_dataset(got)
-    assert sorted(os.listdir(got)) == sorted(data.FILES)
+    assert sorted(os.listdir(got)) == sorted(idx.FILES)
     # Now cached: no second download.
     rec2 = Recorder()
     assert locate(places, download=True, downloader=rec2) == places.cache
@@ -345,31 +347,31 @@ def test_locate_download_fetches_verifies_and_decompresses(places):
 
 
 def test_locate_download_md5_mismatch(places):
-    rec = Recorder(corrupt=data.TRAIN_LABELS)
+    rec = Recorder(corrupt=idx.TRAIN_LABELS)
     with pytest.raises(UserError, match="MD5 mismatch") as e:
         locate(places, download=True, downloader=rec, checksums=Recorder.checksums())
-    assert data.TRAIN_LABELS + ".gz" in str(e.value)
-    assert not os.path.exists(os.path.join(places.cache, data.TRAIN_LABELS + ".gz"))
+    assert idx.TRAIN_LABELS + ".gz" in str(e.value)
+    assert not os.path.exists(os.path.join(places.cache, idx.TRAIN_LABELS + ".gz"))
     # The real checksums reject the synthetic files too.
-    with pytest.raises(UserError, match=data.FASHION_MNIST_MD5[data.TRAIN_IMAGES + ".gz"]):
+    with pytest.raises(UserError, match=mnist.FASHION_MNIST_MD5[idx.TRAIN_IMAGES + ".gz"]):
         locate(places, download=True, downloader=Recorder())
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("DDPM_MS_DATA", str(tmp_path / "d"))
-    assert data.default_cache_dir() == str(tmp_path / "d")
+    assert mnist.default_cache_dir() == str(tmp_path / "d")
     monkeypatch.delenv("DDPM_MS_DATA")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert data.default_cache_dir() == str(tmp_path / "x" / "ddpm_ms" / "fashion-mnist")
+    assert mnist.default_cache_dir() == str(tmp_path / "x" / "ddpm_ms" / "fashion-mnist")
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "h"))
-    assert data.default_cache_dir() == str(tmp_path / "h" / ".cache" / "ddpm_ms" /
-                                           "fashion-mnist")
+    assert mnist.default_cache_dir() == str(tmp_path / "h" / ".cache" / "ddpm_ms" /
+                                            "fashion-mnist")
 
 
 def test_locate_default_cache_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("DDPM_MS_DATA", write_dataset(tmp_path / "envcache"))
-    got = data.locate_fashion_mnist(system_dirs=[], download=False)
+    got = mnist.locate_fashion_mnist(system_dirs=[], download=False)
     assert got == str(tmp_path / "envcache")
 
 
@@ -458,8 +460,8 @@ def test_pipeline_resize(small_dir):
 
 def test_pipeline_user_errors(tmp_path, small_dir):
     train_only = write_dataset(tmp_path / "train_only")
-    os.remove(os.path.join(train_only, data.TEST_IMAGES))
-    with pytest.raises(UserError, match=data.TEST_IMAGES):
+    os.remove(os.path.join(train_only, idx.TEST_IMAGES))
+    with pytest.raises(UserError, match=idx.TEST_IMAGES):
         data.create_dataset("fashion_mnist", train_only, batch_size=4, usage="test")
     with pytest.raises(UserError, match="larger than"):
         data.create_dataset("fashion_mnist", small_dir, batch_size=64)
@@ -478,19 +480,19 @@ def test_pipeline_user_errors(tmp_path, small_dir):
 
 @pytest.mark.skipif(not os.path.isdir(REAL_DIR), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist(tmp_path):
-    images, labels = data.load_arrays(REAL_DIR, "train")
+    images, labels = idx.load_arrays(REAL_DIR, "train")
     assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (60000,)
     np.testing.assert_array_equal(np.bincount(labels), [6000] * 10)
     assert images.max() == 255 and images.min() == 0
     # The Debian gz files go through locate into a cache, and the pipeline reads them.
-    got = data.locate_fashion_mnist(cache_dir=tmp_path / "cache", system_dirs=[REAL_DIR],
-                                    download=False)
+    got = mnist.locate_fashion_mnist(cache_dir=tmp_path / "cache", system_dirs=[REAL_DIR],
+                                     download=False)
     assert got == str(tmp_path / "cache")
     ds = data.create_dataset("fashion_mnist", got, batch_size=64, usage="test", shuffle=False,
                              random_flip=False, with_labels=True)
     assert ds.get_dataset_size() == 10000 // 64
     img, lab = next(ds.create_tuple_iterator(output_numpy=True, num_epochs=1))
-    test_images, test_labels = data.load_arrays(got, "test")
+    test_images, test_labels = idx.load_arrays(got, "test")
     np.testing.assert_allclose(img[:, 0], test_images[:64] / 255.0 * 2 - 1, atol=1e-6)
     np.testing.assert_array_equal(lab, test_labels[:64])

@@ -17,6 +17,8 @@ from ddpm_ms import data
 from ddpm_ms.data import cifar10
 from ddpm_ms.data import fetch
 from ddpm_ms.data import folder
+from ddpm_ms.data import idx
+from ddpm_ms.data import mnist
 from ddpm_ms.utils.errors import UserError
 
 
@@ -108,31 +110,31 @@ def test_mnist_shards_are_disjoint(tmp_path, shuffle):
 
 def test_mnist_download_verifies_md5_and_decompresses(tmp_path):
     server = GzServer()
-    got = data.locate_mnist(cache_dir=tmp_path / "cache", system_dirs=[], downloader=server,
-                            checksums=server.md5s())
+    got = mnist.locate_mnist(cache_dir=tmp_path / "cache", system_dirs=[], downloader=server,
+                             checksums=server.md5s())
     assert got == str(tmp_path / "cache")
-    assert server.urls == [data.MNIST_MIRROR + n + ".gz" for n in FILE_NAMES]
+    assert server.urls == [mnist.MNIST_MIRROR + n + ".gz" for n in FILE_NAMES]
     for name, arr in MN_ARRAYS.items():
-        np.testing.assert_array_equal(data.read_idx(os.path.join(got, name)), arr)
+        np.testing.assert_array_equal(idx.read_idx(os.path.join(got, name)), arr)
     assert not any(n.endswith((".gz", ".part")) for n in os.listdir(got))
 
 
 def test_mnist_download_md5_mismatch_is_one_error_and_leaves_nothing(tmp_path):
     server = GzServer(corrupt=FILE_NAMES[2])
     with pytest.raises(UserError, match="MD5 mismatch") as e:
-        data.locate_mnist(cache_dir=tmp_path / "cache", system_dirs=[], downloader=server, checksums=server.md5s())
+        mnist.locate_mnist(cache_dir=tmp_path / "cache", system_dirs=[], downloader=server, checksums=server.md5s())
     assert "MNIST not found" in str(e.value) and "\n" not in str(e.value)
     assert not any(n.startswith(FILE_NAMES[2]) for n in os.listdir(tmp_path / "cache"))
     # the published MD5s are the default: the served files (not the real ones) fail them
-    with pytest.raises(UserError, match=data.MNIST_MD5[FILE_NAMES[0] + ".gz"]):
-        data.locate_mnist(cache_dir=tmp_path / "cache2", system_dirs=[], downloader=GzServer())
+    with pytest.raises(UserError, match=mnist.MNIST_MD5[FILE_NAMES[0] + ".gz"]):
+        mnist.locate_mnist(cache_dir=tmp_path / "cache2", system_dirs=[], downloader=GzServer())
 
 
 def test_mnist_gz_data_dir_and_missing_files(tmp_path):
-    got = data.locate_mnist(write_mnist(tmp_path / "gz", gz=True), cache_dir=tmp_path / "cache", download=False)
-    np.testing.assert_array_equal(data.read_idx(os.path.join(got, FILE_NAMES[0])), MN_TRAIN)
+    got = mnist.locate_mnist(write_mnist(tmp_path / "gz", gz=True), cache_dir=tmp_path / "cache", download=False)
+    np.testing.assert_array_equal(idx.read_idx(os.path.join(got, FILE_NAMES[0])), MN_TRAIN)
     with pytest.raises(UserError, match="MNIST data dir .* is unusable"):
-        data.locate_mnist(tmp_path / "nothing_here", cache_dir=tmp_path / "c2", download=False)
+        mnist.locate_mnist(tmp_path / "nothing_here", cache_dir=tmp_path / "c2", download=False)
 
 
 # --------------------------------------------------------------------------- CIFAR-10 (binary)

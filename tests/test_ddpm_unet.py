@@ -20,12 +20,12 @@ from mindspore import Tensor
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms import convert
 from ddpm_ms.command_line import run_cli
-from ddpm_ms.config import load_config
+from ddpm_ms.config import load_config, saved_config
 from ddpm_ms.diffusion.gaussian import Schedule
 from ddpm_ms.utils.errors import UserError
 from ddpm_ms.factory import create_model, create_schedule
 from ddpm_ms.diffusion.generation import generate
-from ddpm_ms.pipeline import load_model
+from ddpm_ms.pipeline import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR10 = os.path.join(ROOT, "configs", "ddpm_cifar10.yaml")
@@ -152,7 +152,7 @@ def test_group_norm_kernel_takes_the_epsilon(pynative, monkeypatch):
     """eps = 0.05 against var ~ 0.04 (an ignored eps would show): kernel = float64 formula,
     gradients = built-in op's."""
     from ddpm_ms.models import kernels
-    from ddpm_ms.models.ddpm_unet import GroupNorm
+    from ddpm_ms.models.layers import GroupNorm
 
     if not kernels.enabled():
         pytest.skip("the compiled CPU kernels are not available here")
@@ -178,6 +178,25 @@ def test_group_norm_kernel_takes_the_epsilon(pynative, monkeypatch):
         grads[fast] = fn(Tensor(x))
     for a, b in zip([grads["1"][0], *grads["1"][1]], [grads["0"][0], *grads["0"][1]]):
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+def test_group_norm_kernel_returns_the_mixed_precision_dtype(pynative, eps):
+    """Both kernel paths (the kernel's own eps 1e-5, another eps as an input) honour ``out_dtype``:
+    the eps-input path once returned float32 in a float16 network (a BiasAdd type error in graph mode)."""
+    from ddpm_ms.models import kernels
+    from ddpm_ms.models.layers import GroupNorm
+
+    if not kernels.enabled():
+        pytest.skip("the compiled CPU kernels are not available here")
+    norm = GroupNorm(2, 4, eps=eps)
+    assert (norm._fast is not None) == (eps == kernels.GROUP_NORM_EPS) != (norm._eps_fast is not None)
+    x = Tensor(np.random.default_rng(4).standard_normal((2, 4, 3, 3)).astype(np.float32))
+    out32 = norm(x)
+    norm.out_dtype = ms.float16  # as precision.to_mixed_precision sets it
+    out16 = norm(x)
+    assert out32.dtype == ms.float32 and out16.dtype == ms.float16
+    np.testing.assert_array_equal(out16.asnumpy(), out32.asnumpy().astype(np.float16))
 
 
 def test_legacy_attention_names_are_read():
@@ -223,7 +242,7 @@ def test_convert_cli_takes_over_the_scheduler_and_every_sampler_runs(tiny_diffus
     np.testing.assert_allclose(Schedule.from_config(cfg["beta_schedule"], cfg["timesteps"], cfg["beta_start"],
                                                     cfg["beta_end"]).betas, sched.betas.numpy(), rtol=1e-6)
 
-    net, sched_ms, cfg = load_model(out)
+    net, sched_ms, cfg = load(out)[:3]
     for sampler in ("ddpm", "ddim", "dpm-solver++"):
         images, _ = generate(net, sched_ms, cfg, 2, sampler=sampler, steps=None if sampler == "ddpm" else 4,
                              progress=False)
@@ -302,6 +321,7 @@ def test_checkpoints_without_the_new_keys_still_match_their_config():
     """A checkpoint written before `arch` existed compares as the default (tutorial) architecture."""
     cfg = load_config(os.path.join(ROOT, "tests", "configs", "tiny.yaml"))
     old = {k: v for k, v in cfg.items() if k not in ("arch", "layers_per_block", "norm_eps", "freq_shift")}
-    ckpt.check_compatible({"config": old}, cfg, ("arch", "dim", "layers_per_block", "freq_shift"), "old.ckpt")
+    saved = {"config": saved_config({"config": old})}  # as the trainer and the loader read a checkpoint
+    ckpt.check_compatible(saved, cfg, ("arch", "dim", "layers_per_block", "freq_shift"), "old.ckpt")
     with pytest.raises(ckpt.CheckpointError, match="arch: checkpoint 'tutorial' vs config 'ddpm'"):
-        ckpt.check_compatible({"config": old}, dict(cfg, arch="ddpm"), ("arch",), "old.ckpt")
+        ckpt.check_compatible(saved, dict(cfg, arch="ddpm"), ("arch",), "old.ckpt")

@@ -35,7 +35,7 @@ def keep_execution_mode():
 
 @pytest.fixture(scope="module")
 def fashion_dir():
-    from ddpm_ms.data import locate_fashion_mnist
+    from ddpm_ms.data.mnist import locate_fashion_mnist
 
     try:
         return locate_fashion_mnist(download=False)
@@ -125,7 +125,7 @@ def shift(images, pixels):
 def test_fd_grows_when_images_are_blurred_or_shifted(space, fashion_dir, fixed_net):
     """Real test images vs other real test images, and vs blurred / shifted ones, in two feature
     spaces: 2x2-pooled pixels and a fixed-seed (untrained) FashionCNN."""
-    from ddpm_ms.data import load_arrays
+    from ddpm_ms.data.idx import load_arrays
 
     n = 300
     images = C.to_model_input(load_arrays(fashion_dir, "test")[0][:2 * n])

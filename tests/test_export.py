@@ -32,7 +32,7 @@ from ddpm_ms.interop.exported import load_exported
 from ddpm_ms.interop.onnx_forms import ExportGELU, erf
 from ddpm_ms.factory import create_model
 from ddpm_ms.diffusion.generation import generate, guided_eps_fn, make_eps_fn
-from ddpm_ms.pipeline import load_model
+from ddpm_ms.pipeline import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
@@ -80,7 +80,7 @@ def models(tmp_path_factory):
     for i, (kind, over) in enumerate(MODELS.items()):
         cfg = load_config(TINY, over)
         path = save_random_checkpoint(str(tmp / f"{kind}.ckpt"), cfg, seed=i)
-        ref, sched, cfg = load_model(path, fast_kernels=False)
+        ref, sched, cfg = load(path, fast_kernels=False)[:3]
         entry = {"ckpt": path, "ref": ref, "sched": sched, "cfg": cfg}
         for fmt in FORMATS:
             entry[fmt] = str(tmp / f"{kind}.{fmt}")
@@ -188,10 +188,10 @@ def test_metadata_records_what_a_runtime_needs(models):
 
 
 def readme_onnxruntime_example():
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "docs", "interop.md")) as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
     found = [b for b in blocks if "onnxruntime as ort" in b]
-    assert len(found) == 1, "the README's plain-onnxruntime example is missing"
+    assert len(found) == 1, "docs/interop.md's plain-onnxruntime example is missing"
     return found[0]
 
 
@@ -203,7 +203,7 @@ def test_readme_onnxruntime_example_runs_and_matches_ddpm_ms(models, tmp_path, m
     shutil.copy(entry["onnx"] + ".json", tmp_path / "model.onnx.json")
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(readme_onnxruntime_example(), scope)  # noqa: S102 - the README's own example
+    exec(readme_onnxruntime_example(), scope)  # noqa: S102 - the docs' own example
     net = entry["net"]["onnx"]
     want, _ = generate(net, net.sched, net.cfg, BATCH, sampler="ddim", steps=min(50, 20), eta=0.0, seed=0,
                        progress=False)

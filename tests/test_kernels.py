@@ -173,9 +173,9 @@ def test_group_norm_forward_and_gradients(shape, G):
 
 
 @needs_kernels
-def test_group_norm_cell_uses_the_kernel_and_other_eps_does_not():
-    assert layers.GroupNorm(2, 4)._fast is not None
-    assert layers.GroupNorm(2, 4, eps=1e-6)._fast is None
+def test_group_norm_cell_uses_the_fixed_eps_kernel_for_1e_5_and_the_eps_input_kernel_otherwise():
+    assert layers.GroupNorm(2, 4)._fast is not None and layers.GroupNorm(2, 4)._eps_fast is None
+    assert layers.GroupNorm(2, 4, eps=1e-6)._fast is None and layers.GroupNorm(2, 4, eps=1e-6)._eps_fast is not None
 
 
 # ----------------------------------------------------------------------------- fused attention

@@ -177,13 +177,13 @@ def test_two_trainings_on_one_directory(tmp_path):
         print(f"B refused after {time.monotonic() - t0:.1f} s")
         # a reader (sampling, GIF, evaluation) takes the newest complete checkpoint meanwhile, never one
         # being written (a write in progress, as A leaves it when killed mid-save; A's next save removes it)
-        from ddpm_ms.pipeline import load_model
+        from ddpm_ms.pipeline import load
         from ddpm_ms.utils.checkpoint import resolve_checkpoint
 
         complete = sorted(n for n in os.listdir(out / "checkpoints") if n.startswith("ckpt_step"))
         (out / "checkpoints" / ".tmp-1-ckpt_step00000099.ckpt").write_bytes(b"partial")
         assert resolve_checkpoint(str(out)) == str(out / "checkpoints" / complete[-1])
-        model, _, cfg = load_model(str(out))
+        model, _, cfg = load(str(out))[:3]
         assert cfg["max_steps"] == 5 and model.trainable_params()
     finally:
         a.send_signal(signal.SIGCONT)

@@ -14,12 +14,13 @@ dataset_spec(name, data_dir=None, image_size=None, channels=None) -> DatasetSpec
 locate(name, data_dir=None, download=True) -> a directory that holds the dataset
     (``--data-dir``, the per-user cache, a system location, a checksum-verified download)
 create_dataset(name, data_dir, batch_size, usage="train", image_size=None, channels=None, ...)
-    a ``mindspore.dataset`` pipeline of float32 batches [B, C, S, S] in [-1, 1] (see pipeline.py)
+    a ``mindspore.dataset`` pipeline of float32 batches [B, C, S, S] in [-1, 1] (see dataset.py)
 load_split(name, data_dir, usage)         -> (images uint8 [N, C, H, W], labels int64 [N])
 check_config(spec, cfg)                   a run's channels / num_classes against the dataset
 
-The IDX helpers of the Fashion-MNIST-only module this package replaces stay importable from
-here (``read_idx``, ``load_arrays``, ``locate_fashion_mnist``, ...). MindSpore is imported lazily.
+The format helpers live in their modules (``idx.read_idx``, ``mnist.locate_fashion_mnist``, ...).
+Importing this package imports no MindSpore (``ddpm_ms.config`` reads DATASETS from here):
+only ``create_dataset`` does. This package imports ddpm_ms.utils only.
 """
 
 from collections import namedtuple
@@ -28,29 +29,7 @@ import numpy as np
 
 from ddpm_ms.utils.errors import UserError
 
-from ddpm_ms.data import cifar10, folder, idx, mnist  # noqa: F401  (the dataset modules)
-from ddpm_ms.data.idx import (  # noqa: F401
-    FILES,
-    IMAGE_SIDE,
-    SPLITS,
-    TEST_IMAGES,
-    TEST_LABELS,
-    TRAIN_IMAGES,
-    TRAIN_LABELS,
-    load_arrays,
-    read_idx,
-    validate_dir,
-)
-from ddpm_ms.data.mnist import (  # noqa: F401
-    DEBIAN_DIR,
-    FASHION_MNIST_MD5,
-    FASHION_MNIST_MIRROR,
-    MNIST_MD5,
-    MNIST_MIRROR,
-    default_cache_dir,
-    locate_fashion_mnist,
-    locate_mnist,
-)
+from ddpm_ms.data import cifar10, folder, idx, mnist  # the dataset modules
 from ddpm_ms.data.dataset import build_pipeline
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -61,8 +40,8 @@ DatasetSpec = namedtuple("DatasetSpec", "name title image_size channels class_na
 
 # the labelled datasets with a fixed image format: (title, side, channels, class names)
 _FIXED = {
-    "fashion_mnist": ("Fashion-MNIST", IMAGE_SIDE, 1, FASHION_MNIST_CLASSES),
-    "mnist": ("MNIST", IMAGE_SIDE, 1, MNIST_CLASSES),
+    "fashion_mnist": ("Fashion-MNIST", idx.IMAGE_SIDE, 1, FASHION_MNIST_CLASSES),
+    "mnist": ("MNIST", idx.IMAGE_SIDE, 1, MNIST_CLASSES),
     "cifar10": ("CIFAR-10", cifar10.SIDE, 3, cifar10.CLASS_NAMES),
 }
 DATASETS = tuple(_FIXED) + ("folder",)
@@ -96,9 +75,9 @@ def locate(name, data_dir=None, download=True):
     """A directory holding dataset ``name`` (see each module's locate function for the search order)."""
     _check_name(name)
     if name == "fashion_mnist":
-        return locate_fashion_mnist(data_dir, download=download)
+        return mnist.locate_fashion_mnist(data_dir, download=download)
     if name == "mnist":
-        return locate_mnist(data_dir, download=download)
+        return mnist.locate_mnist(data_dir, download=download)
     if name == "cifar10":
         return cifar10.locate_cifar10(data_dir, download=download)
     if data_dir is None:

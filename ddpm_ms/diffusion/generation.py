@@ -10,7 +10,7 @@ from mindspore import Tensor, ops
 
 from ddpm_ms.diffusion.frames import FrameRecorder
 from ddpm_ms.diffusion.gaussian import classifier_free_guidance
-from ddpm_ms.diffusion.samplers import sample
+from ddpm_ms.diffusion.samplers import initial_noise, sample
 from ddpm_ms.utils.errors import UserError
 
 
@@ -27,12 +27,16 @@ def guided_eps_fn(eps_fn, classes, guidance, null_class):
         return lambda x, t: eps_fn(x, t, y)
     y_both = Tensor(np.concatenate([np.asarray(classes, np.int32), np.full(len(classes), null_class, np.int32)]))
 
-    def eps(x, t):
-        both = eps_fn(ops.concat((x, x)), ops.concat((t, t)), y_both)
-        eps_cond, eps_uncond = ops.split(both, x.shape[0])
-        return classifier_free_guidance(eps_cond, eps_uncond, guidance)
+    return lambda x, t: guided_output(eps_fn, x, t, y_both, guidance)
 
-    return eps
+
+def guided_output(net, x, t, y_both, guidance):
+    """Ho & Salimans 2022, Eq. 6 from one call of ``net`` on a batch of 2N (``y_both``: the N labels,
+    then N null labels): (1 + w) out(x, y) - w out(x, null). Graph-safe: the exported guided graph
+    (``ddpm_ms.export.GuidedDenoiser``) is built from it too."""
+    both = net(ops.concat((x, x)), ops.concat((t, t)), y_both)
+    out_cond, out_uncond = ops.split(both, x.shape[0])
+    return classifier_free_guidance(out_cond, out_uncond, guidance)
 
 
 def class_labels(cfg, num, classes=None):
@@ -88,8 +92,8 @@ def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0,
     steps = steps if steps is not None else cfg["sample_steps"]
     eta = cfg["eta"] if eta is None else eta
     shape = (num, cfg["channels"], cfg["image_size"], cfg["image_size"])
-    rng = np.random.default_rng(seed)  # x_T drawn here as sample() would: the GIF's first frame
-    x_T = rng.standard_normal(shape, dtype=np.float32) if x_T is None else np.asarray(x_T, np.float32)
+    rng = np.random.default_rng(seed)  # x_T drawn here (sample()'s first draw): the GIF's first frame
+    x_T = initial_noise(shape, rng) if x_T is None else np.asarray(x_T, np.float32)
     recorder = FrameRecorder(x_T, gif_frames, gif_source) if gif_frames else None
     x = sample(eps_fn, sched, shape, sampler=sampler, steps=steps, eta=eta, rng=rng,
                clip_denoised=cfg["clip_denoised"], variance=cfg["variance"],

@@ -14,7 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from ddpm_ms.config import DEFAULTS
+from ddpm_ms.config import saved_config
 from ddpm_ms.diffusion.gaussian import Schedule
 from ddpm_ms.utils.errors import UserError
 
@@ -91,7 +91,7 @@ class ExportedDenoiser:
     def __init__(self, path):
         meta = read_metadata(path)
         self.path, self.meta = path, meta
-        self.cfg = dict(DEFAULTS, **meta["config"])
+        self.cfg = saved_config(meta)
         self.sched = Schedule(np.asarray(meta["betas"], np.float64))
         self.batch = int(meta["batch_size"])
         self.x_shape = tuple(meta["inputs"][0]["shape"])

@@ -5,7 +5,8 @@ A PixelCNN++-style Wide-ResNet U-Net: per resolution level ``layers_per_block`` 
 3x3 conv, residual), self-attention after each block at the chosen levels, a stride-2 3x3 conv to
 go down; a middle of block, attention, block; on the way up ``layers_per_block + 1`` blocks per
 level, each taking one skip (concatenated on channels), nearest-neighbour x2 + 3x3 conv to go up;
-GroupNorm -> SiLU -> 3x3 conv out. The timestep enters through a sinusoidal embedding and a
+GroupNorm -> SiLU -> 3x3 conv out. The timestep enters through a sinusoidal embedding (the one
+shared with the tutorial U-Net, ``ddpm_ms.models.embeddings``, in diffusers' form) and a
 two-layer MLP (``linear_1``, SiLU, ``linear_2``), added into every residual block. For CIFAR-10
 (channels 128 x (1, 2, 2, 2), attention at 16x16) it has 35,746,307 parameters (the paper's 35.7 M).
 
@@ -26,18 +27,22 @@ project's compiled kernels (``ddpm_ms.models.layers``, chosen by ``fast_kernels`
 down-sampling conv and the rest use MindSpore's built-in ops, as everything does on Ascend/GPU.
 """
 
-import math
-
-import numpy as np
-
-import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import nn, ops
 
 from ddpm_ms.models import kernels
-from ddpm_ms.models.layers import Conv2d, SiLU, TimeShift, full_attention, kernel_ops, make_act, pointwise
-from ddpm_ms.models.layers import GroupNormAnyEps as GroupNorm
+from ddpm_ms.models.embeddings import SinusoidalTimestepEmbedding
+from ddpm_ms.models.layers import (
+    Conv2d,
+    GroupNorm,
+    SiLU,
+    TimeShift,
+    full_attention,
+    kernel_ops,
+    make_act,
+    pointwise,
+)
 
-__all__ = ["AttentionBlock", "DDPMUnet", "GroupNorm", "ResnetBlock2D", "TimestepProjection", "diffusers_key"]
+__all__ = ["AttentionBlock", "DDPMUnet", "ResnetBlock2D", "diffusers_key"]
 
 # ddpm_ms parameter name suffix -> diffusers state-dict suffix (all other names are identical)
 DIFFUSERS_SUFFIX = {"gamma": "weight", "beta": "bias", "embedding_table": "weight"}
@@ -47,32 +52,6 @@ def diffusers_key(name):
     """The diffusers ``UNet2DModel`` state-dict key of ddpm_ms parameter ``name``."""
     head, _, last = name.rpartition(".")
     return f"{head}.{DIFFUSERS_SUFFIX.get(last, last)}" if head else DIFFUSERS_SUFFIX.get(last, last)
-
-
-def timestep_frequencies(dim, freq_shift=1, max_period=10000.0):
-    """freq_j = exp(-log(max_period) * j / (half - freq_shift)), j < half = dim // 2 (float32, as diffusers)."""
-    half = dim // 2
-    exponent = -math.log(max_period) * np.arange(half, dtype=np.float32) / np.float32(half - freq_shift)
-    return np.exp(exponent.astype(np.float32)).astype(np.float32)
-
-
-class TimestepProjection(nn.Cell):
-    """Sinusoidal timestep embedding [N] -> [N, dim]: concat(sin(t f), cos(t f)), or (cos, sin) flipped."""
-
-    keep_float32 = True  # unet.to_mixed_precision leaves it in float32 (float16 would round t * f)
-
-    def __init__(self, dim, flip_sin_to_cos=False, freq_shift=1):
-        super().__init__()
-        if dim % 2:
-            raise ValueError(f"the time embedding needs an even width, got {dim}")
-        self.flip = bool(flip_sin_to_cos)
-        self.freqs = Tensor(timestep_frequencies(dim, freq_shift).reshape(1, -1))
-
-    def construct(self, t):
-        args = t.astype(ms.float32).reshape(-1, 1) * self.freqs
-        if self.flip:
-            return ops.concat((ops.cos(args), ops.sin(args)), -1)
-        return ops.concat((ops.sin(args), ops.cos(args)), -1)
 
 
 class TimestepEmbedding(nn.Cell):
@@ -94,14 +73,14 @@ class ResnetBlock2D(nn.Cell):
     def __init__(self, cin, cout, temb_dim, groups=32, eps=1e-6, dropout=0.0, act="silu", fast_kernels=None):
         super().__init__()
         fk = fast_kernels
-        self.norm1 = GroupNorm(groups, cin, eps, fk)
+        self.norm1 = GroupNorm(groups, cin, eps, fast_kernels=fk)
         self.act = make_act(act, fk)  # one parameter-free cell per use (a shared one confuses the ONNX exporter)
         self.act_temb = make_act(act, fk)
         self.act2 = make_act(act, fk)
         self.conv1 = Conv2d(cin, cout, 3, padding=1, has_bias=True, fast_kernels=fk)
         self.time_emb_proj = nn.Dense(temb_dim, cout)
         self.shift = TimeShift(fk)
-        self.norm2 = GroupNorm(groups, cout, eps, fk)
+        self.norm2 = GroupNorm(groups, cout, eps, fast_kernels=fk)
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.conv2 = Conv2d(cout, cout, 3, padding=1, has_bias=True, fast_kernels=fk)
         self.has_shortcut = cin != cout
@@ -131,7 +110,7 @@ class AttentionBlock(nn.Cell):
             raise ValueError(f"attention head width {head_dim} does not divide {channels} channels")
         self.heads = channels // head_dim
         self.dim_head = head_dim
-        self.group_norm = GroupNorm(groups, channels, eps, fast_kernels)
+        self.group_norm = GroupNorm(groups, channels, eps, fast_kernels=fast_kernels)
         self.to_q = nn.Dense(channels, channels)
         self.to_k = nn.Dense(channels, channels)
         self.to_v = nn.Dense(channels, channels)
@@ -300,7 +279,7 @@ class DDPMUnet(nn.Cell):
             return AttentionBlock(c, attn_head_dim, groups, eps, fk)
 
         self.conv_in = Conv2d(channels, widths[0], 3, padding=1, has_bias=True, fast_kernels=fk)
-        self.time_proj = TimestepProjection(widths[0], flip_sin_to_cos, freq_shift)
+        self.time_proj = SinusoidalTimestepEmbedding(widths[0], flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(widths[0], temb, fk)
         if self.num_classes is not None:
             self.class_embedding = nn.Embedding(self.num_classes + 1, temb)
@@ -334,7 +313,7 @@ class DDPMUnet(nn.Cell):
         self.up_blocks = nn.CellList(ups)
         self.skips_per_up = layers_per_block + 1
 
-        self.conv_norm_out = GroupNorm(groups, widths[0], eps, fk)
+        self.conv_norm_out = GroupNorm(groups, widths[0], eps, fast_kernels=fk)
         self.conv_act = SiLU(fk)
         self.conv_out = Conv2d(widths[0], self.out_dim, 3, padding=1, has_bias=True, fast_kernels=fk)
 

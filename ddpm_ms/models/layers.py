@@ -25,7 +25,7 @@ from ddpm_ms.models import kernels as _kernels
 
 __all__ = [
     "GELU", "SiLU", "make_act", "DepthwiseConv2d", "Conv2d", "ConvTranspose2d", "conv", "GroupNorm",
-    "GroupNormAnyEps", "TimeShift", "full_attention", "linear_attention", "pointwise", "split_qkv",
+    "TimeShift", "full_attention", "linear_attention", "pointwise", "split_qkv",
     "kernel_ops", "use_kernels",
 ]
 
@@ -72,14 +72,16 @@ class SiLU(nn.SiLU):
         return super().construct(x)
 
 
-ACTIVATIONS = {"gelu": GELU, "silu": SiLU}
+from ddpm_ms.models import ACTIVATIONS  # noqa: E402  (the names, defined MindSpore-free there for ddpm_ms.config)
+
+_ACT_CELLS = {"gelu": GELU, "silu": SiLU}  # one Cell class per name in ACTIVATIONS
 
 
 def make_act(act, fast_kernels=None):
     """Return a fresh activation Cell for ``act`` ("gelu" = exact erf GELU, or "silu")."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be 'gelu' or 'silu', got {act!r}")
-    return ACTIVATIONS[act](fast_kernels)
+    return _ACT_CELLS[act](fast_kernels)
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -150,44 +152,36 @@ def conv(cin, cout, kernel, padding=0, stride=1, group=1, has_bias=False, fast_k
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` that always normalises in float32 and returns the input dtype.
 
-    On CPU (float32, eps 1e-5, 4-D input) it runs a compiled kernel, forward and backward.
-    ``out_dtype`` (None: the input's) is set by ``unet.to_mixed_precision``.
+    On CPU (float32, 4-D input) it runs a compiled kernel, forward and backward, for any epsilon:
+    ``_fast`` is the kernel with its own constant 1e-5 (``kernels.GROUP_NORM_EPS``, the tutorial
+    U-Net's), ``_eps_fast`` the same kernel taking another epsilon as a float32 [1] input
+    (``group_norm_eps``; diffusers' DDPM checkpoints use 1e-6). ``out_dtype`` (None: the input's)
+    is set by ``precision.to_mixed_precision``.
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-05, affine=True, gamma_init="ones",
                  beta_init="zeros", dtype=ms.float32, fast_kernels=None):
         super().__init__(num_groups, num_channels, eps, affine, gamma_init, beta_init, dtype)
-        self._fast = kernel_ops(fast_kernels) if eps == _kernels.GROUP_NORM_EPS else None
+        fast = kernel_ops(fast_kernels)
+        self._own_eps = bool(eps == _kernels.GROUP_NORM_EPS)
+        self._fast = fast if self._own_eps else None
+        self._eps_fast = None if self._own_eps else fast
+        self._eps = Tensor(np.array([eps], np.float32))
         self.out_dtype = None  # None: the input's dtype; set by to_mixed_precision
 
     def _cal_output(self, x):
-        if use_kernels(self._fast, x, self.gamma) and x.ndim == 4:
+        if (use_kernels(self._fast, x, self.gamma) or use_kernels(self._eps_fast, x, self.gamma)) and x.ndim == 4:
             n, c, h, w = x.shape
-            out = self._fast.group_norm(x.reshape(n, self.num_groups, c // self.num_groups, h * w),
-                                        self.gamma, self.beta)[0].reshape(n, c, h, w)
+            grouped = x.reshape(n, self.num_groups, c // self.num_groups, h * w)
+            if self._own_eps:
+                out = self._fast.group_norm(grouped, self.gamma, self.beta)
+            else:
+                out = self._eps_fast.group_norm_eps(grouped, self.gamma, self.beta, self._eps)
+            out = out[0].reshape(n, c, h, w)
             return out if self.out_dtype is None else out.astype(self.out_dtype)
         out = ops.group_norm(x.astype(ms.float32), self.num_groups, self.gamma.astype(ms.float32),
                              self.beta.astype(ms.float32), self.eps)
         return out.astype(x.dtype if self.out_dtype is None else self.out_dtype)
-
-
-class GroupNormAnyEps(GroupNorm):
-    """``GroupNorm`` for any epsilon: on CPU the compiled kernel gets it as an input
-    (``group_norm_eps``; diffusers' DDPM checkpoints use 1e-6, the kernel's own constant is 1e-5)."""
-
-    def __init__(self, num_groups, num_channels, eps=1e-6, fast_kernels=None):
-        super().__init__(num_groups, num_channels, eps, fast_kernels=fast_kernels)
-        fast = kernel_ops(fast_kernels)
-        self._eps_fast = fast if fast is not None and self._fast is None else None
-        self._eps = Tensor(np.array([eps], np.float32))
-
-    def _cal_output(self, x):
-        if use_kernels(self._eps_fast, x, self.gamma) and x.ndim == 4:
-            n, c, h, w = x.shape
-            out = self._eps_fast.group_norm_eps(x.reshape(n, self.num_groups, c // self.num_groups, h * w),
-                                                self.gamma, self.beta, self._eps)
-            return out[0].reshape(n, c, h, w)
-        return super()._cal_output(x)
 
 
 class TimeShift(nn.Cell):

@@ -39,23 +39,22 @@ Differences from the tutorial code, all deliberate:
 
 Group norms and softmaxes compute in float32 even when the network is cast to
 float16 with ``Cell.to_float``; results are cast back to the input dtype.
-``to_mixed_precision`` is the float16 policy of Ascend/GPU (float16 compute, group norms in
-float32) set with flags on the network's own cells, so parameter names stay those of the
-float32 model.
+``to_mixed_precision`` (``ddpm_ms.models.precision``) is the float16 policy of Ascend/GPU
+(float16 compute, group norms and the timestep embedding in float32) set with flags on the
+network's own cells, so parameter names stay those of the float32 model.
 
 The layers that run ddpm_ms's compiled CPU kernels (GroupNorm, GELU/SiLU, convolutions, the
 time shift, the attention cores) come from ``ddpm_ms.models.layers``; ``fast_kernels`` (None: the user's
 default, see there) is passed to each of them. Parameter names and values are the same either way.
+The timestep embedding is the one shared with the DDPM U-Net (``ddpm_ms.models.embeddings``).
 """
-
-import math
 
 import numpy as np
 
-import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import nn, ops
 
 from ddpm_ms.models import kernels
+from ddpm_ms.models.embeddings import SinusoidalTimestepEmbedding
 from ddpm_ms.models.layers import (
     ConvTranspose2d,
     GroupNorm,
@@ -80,42 +79,19 @@ __all__ = [
     "Unet",
 ]
 
-BLOCK_TYPES = ("convnext", "resnet")  # Unet's block_type choices (config key block_type)
+from ddpm_ms.models import BLOCK_TYPES, level_problem  # defined MindSpore-free there, for ddpm_ms.config
 
 
-def level_problem(dim_mults, attn_levels):
-    """Why ``dim_mults`` / ``attn_levels`` describe no U-Net, as (key, what is wrong), or None.
+class SinusoidalPositionEmbeddings(SinusoidalTimestepEmbedding):
+    """The tutorial's sinusoidal embedding of timesteps: [N] -> [N, dim] (even dim >= 4).
 
-    Shared by Unet and config.validate (which words it as a config error).
+    ``half = dim // 2``; ``freq_j = exp(-j * log(10000) / (half - 1))`` (computed in float64,
+    rounded once to float32); ``out = concat(sin(t * freq), cos(t * freq))``, computed in float32.
+    The shared ``ddpm_ms.models.embeddings.SinusoidalTimestepEmbedding`` with these settings.
     """
-    if not dim_mults:
-        return "dim_mults", "must not be empty"
-    if attn_levels is not None and any(not 0 <= i < len(dim_mults) for i in attn_levels):
-        return "attn_levels", f"{list(attn_levels)} must index levels 0..{len(dim_mults) - 1}"
-    return None
-
-
-class SinusoidalPositionEmbeddings(nn.Cell):
-    """Transformer sinusoidal embedding of timesteps: [N] -> [N, dim].
-
-    ``half = dim // 2``; ``freq_j = exp(-j * log(10000) / (half - 1))``;
-    ``out = concat(sin(t * freq), cos(t * freq))``. Computed in float32.
-    """
-
-    keep_float32 = True  # to_mixed_precision leaves it in float32
 
     def __init__(self, dim):
-        super().__init__()
-        if dim < 4 or dim % 2:
-            raise ValueError(f"SinusoidalPositionEmbeddings needs an even dim >= 4, got {dim}")
-        self.dim = dim
-        half = dim // 2
-        freqs = np.exp(np.arange(half, dtype=np.float64) * -(math.log(10000.0) / (half - 1)))
-        self.freqs = Tensor(freqs.astype(np.float32).reshape(1, half))
-
-    def construct(self, t):
-        args = t.astype(ms.float32).reshape(-1, 1) * self.freqs
-        return ops.concat((ops.sin(args), ops.cos(args)), -1)
+        super().__init__(dim, flip_sin_to_cos=False, freq_shift=1, freq_dtype=np.float64)
 
 
 class Residual(nn.Cell):

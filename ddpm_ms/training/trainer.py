@@ -13,7 +13,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ddpm_ms.utils import checkpoint as ckpt
-from ddpm_ms.config import ARCH_KEYS, DEFAULTS, OBJECTIVE_KEYS, SCHEDULE_KEYS
+from ddpm_ms.config import ARCH_KEYS, OBJECTIVE_KEYS, SCHEDULE_KEYS, saved_config
 from ddpm_ms.utils.device import compute_dtype, set_jit_level
 from ddpm_ms.diffusion.gaussian import loss_weights
 from ddpm_ms.training.ema import EMA
@@ -175,7 +175,7 @@ class Trainer:
         return manager.save(self.step, self.state_groups(), meta)
 
     def restore(self, path, groups, meta):
-        saved = {"config": dict(DEFAULTS, **meta["config"])}  # keys added to ddpm_ms after it was written
+        saved = {"config": saved_config(meta)}
         ckpt.check_compatible(saved, self.cfg, ARCH_KEYS + SCHEDULE_KEYS + OBJECTIVE_KEYS, path)
         for group, params in self.state_groups().items():
             ckpt.assign(params, groups[group], f"{group} state of this run", path)

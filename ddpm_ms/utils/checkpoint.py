@@ -154,11 +154,14 @@ def assign(params, tensors, what, path):
 
 
 def check_compatible(meta, cfg, keys, path):
-    """Raise CheckpointError naming every key in ``keys`` whose value differs between meta and cfg."""
-    from ddpm_ms.config import DEFAULTS  # keys added to ddpm_ms after the checkpoint was written have their defaults
+    """Raise CheckpointError naming every key in ``keys`` whose value differs between meta and cfg.
 
-    saved = dict(DEFAULTS, **meta.get("config", {}))
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
+    ``meta["config"]`` must hold every key in ``keys``: the caller merges the checkpoint's saved
+    config with ``ddpm_ms.config.DEFAULTS`` first (keys added to ddpm_ms after the checkpoint was
+    written have their defaults); utils does not import config. A key missing there is a KeyError.
+    """
+    saved = meta["config"]
+    diffs = [f"{k}: checkpoint {saved[k]!r} vs config {cfg[k]!r}" for k in keys if saved[k] != cfg[k]]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was trained with another architecture ({'; '.join(diffs)}); "
                               "use the matching config or a new output_dir")

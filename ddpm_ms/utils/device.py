@@ -16,11 +16,7 @@ import mindspore as ms
 from ddpm_ms import _MINDSPORE_WAS_IMPORTED_FIRST, _ONEDNN_VAR
 from ddpm_ms.utils.errors import UserError
 
-FALLBACK_ORDER = ("Ascend", "GPU", "CPU")
-DEVICES = ("auto",) + FALLBACK_ORDER
-MODES = ("graph", "pynative")
-DTYPES = ("auto", "float32", "float16")  # compute_dtype's choices
-JIT_LEVELS = ("O0", "O1")  # set_jit_level's choices on every backend ("O2" is Ascend-only, deprecated since 2.9)
+from ddpm_ms.utils import DEVICES, DTYPES, FALLBACK_ORDER, JIT_LEVELS, MODES  # noqa: F401  (MindSpore-free there)
 
 
 def backend_available(name):
