@@ -34,7 +34,7 @@ setup(
         'scipy-openblas32>=0.3.28; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest", "ruff", "nbclient", "nbformat", "ipykernel", "diffusers", "safetensors",
+        "test": ["pytest", "pytest-xdist", "ruff", "nbclient", "nbformat", "ipykernel", "diffusers", "safetensors",
                  "onnx<1.19", "onnxruntime<1.23"],  # newer ones need NumPy 2 (ml_dtypes), which breaks MindSpore 2.10
         "onnx": ["onnxruntime<1.23"],  # ddpm-sample --exported FILE.onnx
         # ddpm-convert: diffusers folders <-> checkpoints (safetensors via NumPy; .bin files also need torch)

@@ -86,7 +86,10 @@ def test_figures_from_checkpoint(trained, tmp_path):
     proc = run([sys.executable, "-m", "ddpm_ms.figures", "compare", "--checkpoint", out, "--num", "3",
                 "--samplers", "ddim,dpm-solver++", "--step-counts", "2,full", "--out", steps, "--no-progress"])
     assert proc.returncode == 0, proc.stderr
-    assert os.path.getsize(steps) > 0
+    rows, num = 2 * 2, 3  # (ddim, dpm-solver++) x (2, full) rows of 3 images, at save_comparison's size
+    with Image.open(steps) as fig:
+        assert fig.size == (round((0.6 * num + 1.6) * 120), round((0.75 * rows + 0.3) * 120))
+        assert np.asarray(fig.convert("L")).std() > 10  # images drawn, not a blank figure
 
 
 @pytest.mark.parametrize("args, message", [

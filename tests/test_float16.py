@@ -12,6 +12,7 @@ import os
 import mindspore as ms
 import numpy as np
 import pytest
+from PIL import Image
 from idx_files import write_blob_dataset
 from mindspore import Tensor
 
@@ -109,7 +110,9 @@ def float16_run(tmp_path_factory):
 
 def test_float16_run_writes_epoch_grid_final_samples_and_lr_of_the_step(float16_run):
     out, _ = float16_run
-    assert os.path.getsize(os.path.join(out, "samples", "epoch_001.png")) > 0
+    with Image.open(os.path.join(out, "samples", "epoch_001.png")) as grid:  # 2 samples side by side, scale 2
+        assert grid.size == (2 * (2 * (28 + 2) + 2), 2 * (28 + 2 + 2))
+        assert np.asarray(grid)[4:-4, 4:-4].std() > 0  # sampled images, not a blank grid
     images = np.load(os.path.join(out, "samples.npy"))
     assert images.shape == (2, 1, 28, 28) and np.isfinite(images).all()
     rows = _rows(os.path.join(out, "loss.csv"))
