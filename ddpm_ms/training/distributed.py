@@ -1,23 +1,26 @@
-"""Data parallelism under msrun: joining the group, the per-device batch, agreeing on the resume step."""
+"""Data parallelism under msrun: joining the group, the per-device batch, agreeing on the resume step and errors."""
 
 import os
 
 import numpy as np
-import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ddpm_ms.utils.errors import UserError, WriteError
 
 
 def init_distributed():
-    """(rank, world_size); under msrun (MS_WORKER_NUM > 1) this joins the data-parallel group."""
+    """(rank, world_size); under msrun (MS_WORKER_NUM > 1) this joins the data-parallel group.
+
+    Data parallelism is explicit (the train step's ``DistributedGradReducer(mean=True)`` and
+    AllReduce ops, the dataset's shards), so no auto-parallel context is set:
+    ``set_auto_parallel_context`` is deprecated in MindSpore 2.10 in favour of ``AutoParallel``,
+    which is for the semi-/auto-parallel modes ddpm_ms does not use.
+    """
     if int(os.environ.get("MS_WORKER_NUM", "1")) <= 1:
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init
 
     init()
-    ms.reset_auto_parallel_context()
-    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
     return get_rank(), get_group_size()
 
 
