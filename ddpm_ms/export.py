@@ -60,7 +60,6 @@ class GuidedDenoiser(nn.Cell):
     def __init__(self, model, batch, num_classes):
         super().__init__()
         self.model = model
-        self.batch = batch
         self.null = Tensor(np.full(batch, num_classes, np.int32))
 
     def construct(self, x, t, y, guidance):
