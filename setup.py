@@ -50,6 +50,8 @@ setup(
             "ddpm-evaluate=ddpm_ms.evaluate:console_main",
             "ddpm-export=ddpm_ms.export:console_main",
             "ddpm-convert=ddpm_ms.convert:console_main",
+            "ddpm-inpaint=ddpm_ms.inpaint:console_main",
+            "ddpm-img2img=ddpm_ms.img2img:console_main",
         ]
     },
 )

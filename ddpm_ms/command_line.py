@@ -7,8 +7,12 @@ and the space it needed; partial files are removed, earlier checkpoints are inta
 run continues with --resume); 130 interrupted.
 
 The sampling commands (ddpm-sample, ddpm-gif, ddpm-figures, ddpm-evaluate) take one set of
-options, defined and checked here, and load their model with :func:`load_for_args`.
+options, defined and checked here, and load their model with :func:`load_for_args`; the editing
+commands (ddpm-inpaint, ddpm-img2img) add theirs (:func:`add_editing_args`) and write their
+outputs with :func:`write_edits`.
 """
+
+import os
 
 import sys
 
@@ -96,13 +100,35 @@ def add_sampling_args(parser):
     add_runtime_args(parser)
 
 
+def add_editing_args(parser):
+    """What ddpm-inpaint and ddpm-img2img take besides their own options: the model, the images, the sampler,
+    results per image, classes, runtime, --out."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    add_checkpoint_arg(source)
+    source.add_argument("--exported", metavar="FILE",
+                        help="a .mindir or .onnx file written by ddpm-export (its batch: images x --num-per-image)")
+    parser.add_argument("--images", required=True, metavar="DIR|FILE",
+                        help="a folder of images, one image file, or an .npy array of images; image files are "
+                             "converted, resized (shorter side) and centre-cropped to the model's size")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (its outputs must not exist)")
+    add_sampler_args(parser, steps_help="the sampler's steps (default: the run's config)",
+                     seed_help="seed of the noise (and of random masks)")
+    parser.add_argument("--num-per-image", type=int, default=1, metavar="K", help="results per image (default 1)")
+    parser.add_argument("--classes", default=None,
+                        help="class-conditional models: one label for all images or one per image, e.g. 7 or 7,7,9 "
+                             "(default: the model's unconditional prediction)")
+    add_guidance_arg(parser, help="with --classes: classifier-free guidance weight w >= 0 (default: the run's config)")
+    add_weights_arg(parser)
+    add_runtime_args(parser)
+
+
 # --------------------------------------------------------------------------- checks
 
 def check_sampling_args(args, timesteps, min_num=1):
     """The sampling options against the model's ``timesteps`` (UserError naming the option)."""
     if args.guidance is not None and not 0 <= args.guidance < float("inf"):
         raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
-    if args.num < min_num:
+    if getattr(args, "num", min_num) < min_num:  # the editing commands take images instead of --num
         raise UserError(f"--num must be >= {min_num}, got {args.num}")
     if args.steps is not None and not 1 <= args.steps <= timesteps:
         raise UserError(f"--steps must be in 1..{timesteps} (the model's timesteps), got {args.steps}")
@@ -132,6 +158,14 @@ def class_request(args, cfg):
     return None, args.num, None
 
 
+def check_editing_args(args):
+    if args.num_per_image < 1:
+        raise UserError(f"--num-per-image must be >= 1, got {args.num_per_image}")
+    if args.guidance is not None and args.classes is None:
+        raise UserError("--guidance needs --classes when editing (without labels the model's unconditional "
+                        "prediction is used)")
+
+
 # --------------------------------------------------------------------------- loading
 
 def load_for_args(args, min_num=1):
@@ -142,3 +176,57 @@ def load_for_args(args, min_num=1):
     return load(exported or args.checkpoint, use_ema=not args.no_ema, device=args.device or "auto",
                 mode=args.mode or "graph", dtype=args.dtype, exported=bool(exported),
                 check=lambda cfg: check_sampling_args(args, cfg["timesteps"], min_num))
+
+
+def load_for_editing(args):
+    """(Loaded, uint8 images [N, C, S, S], their names) for the editing commands; checks first, writes nothing."""
+    from ddpm_ms.data.user_images import read_images
+    from ddpm_ms.pipeline import load
+
+    check_editing_args(args)
+    outputs_free(args.out, args.kind)
+    exported = getattr(args, "exported", None)
+    loaded = load(exported or args.checkpoint, use_ema=not args.no_ema, device=args.device or "auto",
+                  mode=args.mode or "graph", dtype=args.dtype, exported=bool(exported),
+                  check=lambda cfg: check_sampling_args(args, cfg["timesteps"]))
+    images, names = read_images(args.images, loaded.cfg["channels"], loaded.cfg["image_size"])
+    return loaded, images, names
+
+
+# --------------------------------------------------------------------------- editing outputs
+
+def edit_outputs(out, kind):
+    """The files an editing command writes into ``out``: its grid, its .npy and its folder of PNGs."""
+    return os.path.join(out, f"{kind}_grid.png"), os.path.join(out, f"{kind}.npy"), os.path.join(out, kind)
+
+
+def outputs_free(out, kind):
+    """UserError if ``out`` already holds an output of ``kind`` (nothing is overwritten)."""
+    taken = [p for p in edit_outputs(out, kind) if os.path.exists(p)]
+    if taken:
+        raise UserError(f"{taken[0]} already exists; choose another --out (nothing is overwritten)")
+
+
+def write_edits(out, kind, inputs, shown, results, names):
+    """Write the results of an editing command: ``<kind>_grid.png`` (one row per image: the input, ``shown``
+    (the masked input) if given, its K results), ``<kind>.npy`` (float32 [N * K, C, H, W] in [-1, 1], the
+    K results of each image together) and ``<kind>/<name>_<k>.png``. inputs: uint8 [N, C, H, W]."""
+    from ddpm_ms.utils.fileio import npy_bytes, write_bytes
+    from ddpm_ms.utils.visualize import save_grid, save_image, to_uint8
+
+    grid_path, npy_path, folder = edit_outputs(out, kind)
+    n = len(inputs)
+    k = len(results) // n
+    as_float = inputs.astype(np.float32) / 127.5 - 1.0
+    columns = [as_float[:, None]] + ([shown[:, None]] if shown is not None else []) + \
+        [results.reshape((n, k) + results.shape[1:])]
+    rows = np.concatenate(columns, axis=1)
+    os.makedirs(folder, exist_ok=True)
+    save_grid(rows.reshape((-1,) + rows.shape[2:]), grid_path, nrow=rows.shape[1])
+    write_bytes(npy_path, npy_bytes(results.astype(np.float32)), kind)
+    pixels = to_uint8(results)
+    for i, name in enumerate(names):
+        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in os.path.splitext(name)[0])
+        for j in range(k):
+            save_image(pixels[i * k + j], os.path.join(folder, f"{i:04d}_{stem}_{j}.png"))
+    print(f"wrote {grid_path}, {npy_path} and {n * k} PNGs in {folder}", file=sys.stderr)

@@ -6,6 +6,8 @@
     images = pipe(num=16, sampler="dpm-solver++", steps=20, seed=0)  # uint8 [16, 28, 28, 1]
     pipe.save_grid(images, "samples.png")
     pipe.gif("denoising.gif", num=16, seed=0)
+    filled = pipe.inpaint(images[:4], mask="center")                 # RePaint; the mask marks what to fill
+    edited = pipe.img2img(images[:4], strength=0.5)                  # SDEdit
 
 :func:`load` is the only way ddpm_ms turns a file into a network to sample with: the sampling
 commands (through ``command_line.load_for_args``), ``ddpm-export``, ``ddpm-evaluate``, the
@@ -19,7 +21,7 @@ from collections import namedtuple
 import numpy as np
 
 from ddpm_ms.config import saved_config
-from ddpm_ms.diffusion.generation import generate
+from ddpm_ms.diffusion.generation import generate, img2img, inpaint
 from ddpm_ms.factory import cast_model, create_model, create_schedule
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms.utils.errors import UserError
@@ -147,3 +149,48 @@ class DDPMPipeline:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         save_gif(chain, path, nrow=nrow, duration=duration, hold_last=hold, labels=chain.labels if label else None)
         return path
+
+    # ----- editing images: ddpm_ms.diffusion.editing -----
+
+    def _pixels(self, images):
+        """uint8 or float [-1, 1] images [N, H, W, C] (as this pipeline returns them) -> float32 [N, C, H, W]."""
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4:
+            raise UserError(f"images must be [N, H, W, C], got shape {list(images.shape)}")
+        x = images.astype(np.float32) / 127.5 - 1.0 if images.dtype == np.uint8 else images.astype(np.float32)
+        return x.transpose(0, 3, 1, 2)
+
+    def _output(self, results, output):
+        from ddpm_ms.utils.visualize import to_uint8
+
+        return to_uint8(results) if output == "uint8" else results.transpose(0, 2, 3, 1)
+
+    def inpaint(self, images, mask, num_per_image=1, sampler=None, steps=None, eta=None, seed=0, jump_length=10,
+                jump_n_sample=1, keep_known=True, classes=None, guidance=None, output="uint8", progress=False):
+        """Fill the masked pixels of ``images`` (RePaint) -> [N * K, H, W, C] like ``pipe(...)`` returns.
+
+        images: uint8, or floats in [-1, 1], [N, H, W, C] (gray may be [N, H, W]). mask: True/1 = a pixel
+        to fill: bool [H, W] or [N, H, W], or a named mask ("center", "half-left", "box:x0,y0,x1,y1",
+        "random:0.5", ...: ``ddpm_ms.data.user_images``). The known pixels come back unchanged unless
+        keep_known=False. jump_length / jump_n_sample: RePaint's resampling (sampler "ddpm").
+        """
+        x = self._pixels(images)
+        if isinstance(mask, str):
+            from ddpm_ms.data.user_images import read_mask
+
+            fill = read_mask(mask, len(x), self.cfg["image_size"], seed=seed)
+        else:
+            fill = np.asarray(mask).astype(bool)
+            fill = fill[:, None] if fill.ndim == 3 else fill
+        results = inpaint(self.model, self.sched, self.cfg, x, ~fill, num_per_image, sampler, steps, eta, seed,
+                          self.dtype, jump_length, jump_n_sample, keep_known, classes, guidance, progress)
+        return self._output(results, output)
+
+    def img2img(self, images, strength, num_per_image=1, sampler=None, steps=None, eta=None, seed=0, classes=None,
+                guidance=None, output="uint8", progress=False):
+        """SDEdit: ``images`` noised to ``strength`` in (0, 1] and denoised -> [N * K, H, W, C]."""
+        results = img2img(self.model, self.sched, self.cfg, self._pixels(images), strength, num_per_image, sampler,
+                          steps, eta, seed, self.dtype, classes, guidance, progress)
+        return self._output(results, output)

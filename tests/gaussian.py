@@ -109,3 +109,60 @@ class GaussianPrediction:
         i = int(t.asnumpy()[0])
         assert np.all(t.asnumpy() == i)
         return x * float(self.c1_np[i]) - float(self.c0_np[i])
+
+
+class CorrelatedGaussian:
+    """Data x_0 ~ N(mu, Sigma) over d correlated pixels (images [N, 1, 1, d]): the optimal denoiser
+    (linear in x_t for every t) and the affine maps that chains built from it apply.
+
+    With a = sqrt(abar_t), b = sqrt(1 - abar_t): x_t ~ N(a mu, a^2 Sigma + b^2 I) jointly with x_0, so
+    E[x_0 | x_t] = mu + a Sigma (a^2 Sigma + b^2 I)^-1 (x_t - a mu) = K_t x_t + k_t and
+    E[eps | x_t] = (x_t - a E[x_0 | x_t]) / b. The true conditional of pixels U given pixels K is
+    N(mu_U + S_UK S_KK^-1 (x_K - mu_K), S_UU - S_UK S_KK^-1 S_KU).
+    """
+
+    def __init__(self, sched, mu, cov):
+        self.sched, self.mu, self.cov = sched, np.asarray(mu, np.float64), np.asarray(cov, np.float64)
+        self.d = len(self.mu)
+        eye = np.eye(self.d)
+        self.K, self.k = [], []
+        for abar in sched.alphas_cumprod:
+            a, b2 = np.sqrt(abar), 1.0 - abar
+            gain = a * self.cov @ np.linalg.inv(a * a * self.cov + b2 * eye)
+            self.K.append(gain)
+            self.k.append(self.mu - a * gain @ self.mu)
+
+    def abar(self, t):
+        return 1.0 if t < 0 else float(self.sched.alphas_cumprod[t])
+
+    def x0_map(self, t):
+        """(K, k): E[x_0 | x_t] = K x_t + k."""
+        return self.K[t], self.k[t]
+
+    def eps_map(self, t):
+        """(E, e): E[eps | x_t] = E x_t + e."""
+        a, b = np.sqrt(self.abar(t)), np.sqrt(1.0 - self.abar(t))
+        return (np.eye(self.d) - a * self.K[t]) / b, -a * self.k[t] / b
+
+    def __call__(self, x, t):
+        """eps_fn on MindSpore tensors x [N, 1, 1, d], t [N] (one timestep for the batch)."""
+        i = int(t.asnumpy()[0])
+        E, e = self.eps_map(i)
+        flat = x.asnumpy().reshape(-1, self.d).astype(np.float64)
+        return Tensor((flat @ E.T + e).astype(np.float32).reshape(x.shape))
+
+    def conditional(self, known, x_known):
+        """(mean, cov) of the unknown pixels given the known ones (boolean mask ``known``)."""
+        u, k = ~known, known
+        s_uk = self.cov[np.ix_(u, k)]
+        solve = s_uk @ np.linalg.inv(self.cov[np.ix_(k, k)])
+        mean = self.mu[u] + solve @ (np.asarray(x_known) - self.mu[k])
+        return mean, self.cov[np.ix_(u, u)] - solve @ s_uk.T
+
+
+def gaussian_kl(m0, c0, m1, c1):
+    """KL(N(m0, c0) || N(m1, c1))."""
+    inv1 = np.linalg.inv(c1)
+    diff = m1 - m0
+    return 0.5 * (np.trace(inv1 @ c0) + diff @ inv1 @ diff - len(m0)
+                  + np.linalg.slogdet(c1)[1] - np.linalg.slogdet(c0)[1])

@@ -25,7 +25,6 @@ from mindspore import Tensor
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms import export as export_mod
 from ddpm_ms import sample as sample_mod
-from ddpm_ms.command_line import run_cli
 from ddpm_ms.config import load_config
 from ddpm_ms.utils.errors import UserError
 from ddpm_ms.interop.exported import load_exported
@@ -49,6 +48,12 @@ try:
     ORT_MISSING = None
 except ImportError as e:
     ORT_MISSING = f"onnxruntime is not installed ({e}); pip install 'onnxruntime<1.23'"
+
+try:
+    from cli_checks import one_line_error
+except ImportError:  # tests/ imported as a package
+    from tests.cli_checks import one_line_error
+
 
 
 def needs_runtime(fmt):
@@ -236,14 +241,6 @@ def test_sample_and_gif_commands_with_exported_file(models, tmp_path):
     assert out.stat().st_size > 0
 
 
-def cli_error(main, argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(main, argv)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
 def test_export_errors_write_nothing(models, tmp_path, capsys):
     path = models["resnet"]["ckpt"]
     cases = [
@@ -252,8 +249,8 @@ def test_export_errors_write_nothing(models, tmp_path, capsys):
         (["--format", "mindir", "--out", str(tmp_path / "no" / "m.mindir")], "does not exist"),
     ]
     for argv, message in cases:
-        assert message in cli_error(export_mod.main, ["--checkpoint", path] + argv, capsys)
-    assert "does not exist" in cli_error(export_mod.main, ["--checkpoint", str(tmp_path / "none.ckpt"), "--format",
+        assert message in one_line_error(export_mod.main, ["--checkpoint", path] + argv, capsys)
+    assert "does not exist" in one_line_error(export_mod.main, ["--checkpoint", str(tmp_path / "none.ckpt"), "--format",
                                                            "onnx", "--out", str(tmp_path / "m.onnx")], capsys)
     assert os.listdir(tmp_path) == []
 
@@ -261,7 +258,7 @@ def test_export_errors_write_nothing(models, tmp_path, capsys):
 def test_exported_file_errors(models, tmp_path, capsys, monkeypatch):
     def sample_error(path, *extra):
         argv = ["--exported", str(path), "--no-progress", "--out", str(tmp_path)] + list(extra)
-        return cli_error(sample_mod.main, argv, capsys)
+        return one_line_error(sample_mod.main, argv, capsys)
 
     entry = models["resnet"]
     assert "no m.onnx.json beside it" in sample_error(shutil.copy(entry["onnx"], tmp_path / "m.onnx"))

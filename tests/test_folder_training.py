@@ -10,13 +10,18 @@ import pytest
 from PIL import Image
 
 import ddpm_ms  # noqa: F401
-from ddpm_ms.command_line import run_cli
 from ddpm_ms.config import load_config
 from ddpm_ms.data import check_config, dataset_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
 CLASSES = ("blue", "red")
+
+try:
+    from cli_checks import one_line_error
+except ImportError:  # tests/ imported as a package
+    from tests.cli_checks import one_line_error
+
 
 
 def run(args):
@@ -80,22 +85,13 @@ def test_class_grid_from_a_folder_run(trained, tmp_path):
         assert grid.mode == "RGB" and grid.size == (2 * (2 * 34 + 2), 2 * (2 * 34 + 2))
 
 
-def one_line_exit_2(capsys, main, argv):
-    with pytest.raises(SystemExit) as e:
-        run_cli(main, argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 def test_evaluating_a_folder_run_says_there_is_no_feature_network(trained, capsys):
     from ddpm_ms.evaluate import main
 
     out, _ = trained
-    line = one_line_exit_2(capsys, main, ["--checkpoint", out, "--num", "4"])
+    line = one_line_error(main, ["--checkpoint", out, "--num", "4"], capsys)
     assert "no feature network exists for dataset 'folder'" in line
-    line = one_line_exit_2(capsys, main, ["--samples", os.path.join(out, "samples.npy"), "--dataset", "folder"])
+    line = one_line_error(main, ["--samples", os.path.join(out, "samples.npy"), "--dataset", "folder"], capsys)
     assert "no feature network" in line
 
 
@@ -117,7 +113,7 @@ def test_bad_folder_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, capsy
         out = tmp_path / f"run{k}"
         argv = ["--config", TINY, "--no-progress", "--output-dir", str(out)]
         argv += ["--data-dir", data_dir] if data_dir else []
-        line = one_line_exit_2(capsys, main, argv + overrides + extra)
+        line = one_line_error(main, argv + overrides + extra, capsys)
         assert message in line, line
         assert not out.exists()
 

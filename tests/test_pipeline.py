@@ -1,5 +1,7 @@
 """DDPMPipeline and the one loader: the same images as the commands, conditional models, exported files,
-and DDPM_MS_FAST_KERNELS honoured by a command."""
+and DDPM_MS_FAST_KERNELS honoured by a command. The editing commands, ddpm-inpaint and ddpm-img2img:
+the files they write, the same images as the pipeline's methods, the known pixels kept bit for bit,
+class-conditional and exported models, and one-line errors that write nothing."""
 
 import ddpm_ms  # noqa: F401  (before mindspore: it sets ONEDNN_MAX_CPU_ISA)
 
@@ -9,7 +11,11 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from ddpm_ms import gif, sample
+from PIL import Image
+
+from ddpm_ms import gif, img2img, inpaint, sample
+from ddpm_ms.data.folder import load_image
+from ddpm_ms.data.user_images import read_mask
 from ddpm_ms.config import load_config
 from ddpm_ms.pipeline import DDPMPipeline
 from ddpm_ms.training.trainer import Trainer
@@ -18,6 +24,12 @@ from ddpm_ms.utils.errors import UserError
 from ddpm_ms.utils.visualize import to_uint8
 
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
+
+try:
+    from cli_checks import one_line_error
+except ImportError:  # tests/ imported as a package
+    from tests.cli_checks import one_line_error
+
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +54,20 @@ def runs(tmp_path_factory):
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         return {"plain": write_run(root / "plain"), "cond": write_run(root / "cond", ["num_classes=3"])}
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.fixture(scope="module")
+def exported_cond(runs, tmp_path_factory):
+    """The class-conditional run exported to MindIR for a batch of 4."""
+    from ddpm_ms.export import export
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        path = str(tmp_path_factory.mktemp("exported") / "cond.mindir")
+        export(runs["cond"], "mindir", 4, path)
+        return path
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
 
@@ -97,12 +123,8 @@ def test_class_conditional_pipeline_with_guidance(runs, tmp_path):
         DDPMPipeline.from_checkpoint(runs["plain"], device="CPU")(num=2, classes=[0, 1])
 
 
-def test_pipeline_from_an_exported_model(runs, tmp_path):
-    from ddpm_ms.export import export
-
-    ms.set_context(mode=ms.GRAPH_MODE)
-    out = str(tmp_path / "tiny.mindir")
-    export(runs["cond"], "mindir", 4, out)
+def test_pipeline_from_an_exported_model(runs, exported_cond, tmp_path):
+    out = exported_cond
     want, _ = command_samples(tmp_path, ["--exported", out], "--num", "4", "--sampler", "ddim", "--steps", "3",
                               "--guidance", "1.5")
     pipe = DDPMPipeline.from_exported(out, device="CPU")
@@ -140,3 +162,125 @@ def test_a_sampling_command_honours_ddpm_ms_fast_kernels(runs, tmp_path, monkeyp
         assert fast_cells(model)
     else:
         pytest.skip("the CPU kernels cannot be built here")
+
+
+# ----- editing: ddpm-inpaint, ddpm-img2img and the pipeline's methods -----
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A folder of two gray 28x28 PNGs and one 40x30 RGB PNG (converted, resized and cropped on reading)."""
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / "b.png")
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(folder / "c wide.png")
+    return folder
+
+
+def expected_inputs(folder):
+    return np.stack([load_image(str(folder / n), 1, 28).transpose(2, 0, 1) for n in ("a.png", "b.png", "c wide.png")])
+
+
+COMMON = ["--sampler", "ddim", "--steps", "3", "--seed", "4", "--no-progress", "--device", "CPU"]
+
+
+def outputs(out, kind):
+    pngs = sorted(os.listdir(out / kind))
+    return np.load(out / f"{kind}.npy"), [np.asarray(Image.open(out / kind / p)) for p in pngs], pngs
+
+
+def test_ddpm_inpaint_writes_its_outputs_keeps_the_known_pixels_and_matches_the_pipeline(runs, photos, tmp_path):
+    out = tmp_path / "out"
+    inpaint.main(["--checkpoint", runs["plain"], "--images", str(photos), "--mask", "center", "--num-per-image", "2",
+                  "--out", str(out)] + COMMON)
+    results, pngs, names = outputs(out, "inpaint")
+    inputs = expected_inputs(photos)
+    assert results.shape == (6, 1, 28, 28) and results.dtype == np.float32 and len(pngs) == 6
+    assert names[0].startswith("0000_a_") and names[-1].startswith("0002_c_wide_")
+    fill = read_mask("center", 3, 28)[0, 0]
+    assert fill.sum() == 14 * 14
+    for i, png in enumerate(pngs):
+        source = inputs[i // 2, 0]
+        assert png.shape == (28, 28) and np.array_equal(png[~fill], source[~fill])  # bit for bit, as uint8
+        assert not np.array_equal(png[fill], source[fill])
+    x = inputs.astype(np.float32) / 127.5 - 1.0
+    assert np.array_equal(np.repeat(x, 2, 0)[:, :, ~fill], results[:, :, ~fill])  # and as floats
+    assert not np.array_equal(results[0], results[1])  # two results per image, from different noise
+    assert Image.open(out / "inpaint_grid.png").size == (2 * (4 * 30 + 2), 2 * (3 * 30 + 2))  # input|masked|2 results
+    pipe = DDPMPipeline.from_checkpoint(runs["plain"], device="CPU")
+    api = pipe.inpaint(inputs.transpose(0, 2, 3, 1), "center", num_per_image=2, sampler="ddim", steps=3, seed=4,
+                       output="float")
+    assert np.array_equal(api, results.transpose(0, 2, 3, 1))
+    blended = pipe.inpaint(inputs.transpose(0, 2, 3, 1), fill, sampler="ddim", steps=3, seed=4, keep_known=False,
+                           output="float")
+    assert not np.array_equal(blended[..., 0][:, ~fill], x[:, 0][:, ~fill])  # --harmonize: the model's values
+
+
+def test_ddpm_img2img_matches_the_pipeline(runs, photos, tmp_path):
+    out = tmp_path / "out"
+    img2img.main(["--checkpoint", runs["plain"], "--images", str(photos / "a.png"), "--strength", "0.6",
+                  "--out", str(out)] + COMMON)
+    results, pngs, _ = outputs(out, "img2img")
+    assert results.shape == (1, 1, 28, 28) and len(pngs) == 1
+    pipe = DDPMPipeline.from_checkpoint(runs["plain"], device="CPU")
+    source = load_image(str(photos / "a.png"), 1, 28)[None]
+    assert np.array_equal(pipe.img2img(source, 0.6, sampler="ddim", steps=3, seed=4, output="float"),
+                          results.transpose(0, 2, 3, 1))
+    # 0.6 of a 3-step DDIM grid (999, 500, 0) runs the steps at 500 and 0; a strength below 1/T returns the input
+    assert np.array_equal(pipe.img2img(source, 0.0005, sampler="ddim", steps=3, seed=4), source)
+
+
+def test_a_class_conditional_model_and_its_exported_graph_edit_alike(runs, exported_cond, photos, tmp_path):
+    exported = exported_cond
+    images = expected_inputs(photos)[:2]
+    np.save(tmp_path / "two.npy", images)
+    kinds = {"inpaint": ["--mask", "random:0.4"], "img2img": ["--strength", "0.7"]}
+    for kind, command in (("inpaint", inpaint), ("img2img", img2img)):
+        got = {}
+        for name, source in (("ckpt", ["--checkpoint", runs["cond"]]), ("mindir", ["--exported", exported])):
+            out = tmp_path / f"{kind}_{name}"
+            command.main(source + ["--images", str(tmp_path / "two.npy"), "--num-per-image", "2", "--classes", "2,1",
+                                   "--guidance", "1.5", "--out", str(out)] + kinds[kind] + COMMON)
+            got[name] = np.load(out / f"{kind}.npy")
+        np.testing.assert_allclose(got["mindir"], got["ckpt"], atol=1e-4)
+    pipe = DDPMPipeline.from_checkpoint(runs["cond"], device="CPU")
+    guided = pipe.inpaint(images.transpose(0, 2, 3, 1), "half-left", classes=[2, 1], guidance=1.5, sampler="ddim",
+                          steps=3, output="float")
+    unconditional = pipe.inpaint(images.transpose(0, 2, 3, 1), "half-left", sampler="ddim", steps=3, output="float")
+    assert not np.array_equal(guided, unconditional)
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, photos, tmp_path, capsys):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(masks / "small.png")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(masks / "black.png")
+    Image.fromarray(np.full((28, 28), 255, np.uint8)).save(masks / "white.png")
+    np.save(tmp_path / "rgb.npy", np.zeros((2, 3, 28, 28), np.uint8))
+    out = tmp_path / "out"
+    base = ["--checkpoint", runs["plain"], "--out", str(out), "--no-progress", "--device", "CPU"]
+    photo = ["--images", str(photos)]
+    cases = [
+        (inpaint.main, photo + ["--mask", str(masks / "small.png")], "is 20x20; the images are 28x28"),
+        (inpaint.main, photo + ["--mask", str(masks / "black.png")], "keeps every pixel"),
+        (inpaint.main, photo + ["--mask", str(masks / "white.png")], "keeps no pixel"),
+        (inpaint.main, photo + ["--mask", "box:5,5,40,9"], "the box must satisfy"),
+        (inpaint.main, photo + ["--mask", "random:1.5"], "0 < p < 1"),
+        (inpaint.main, photo + ["--mask", "triangle"], "not a file, nor one of"),
+        (inpaint.main, ["--images", str(tmp_path / "rgb.npy"), "--mask", "center"], "the model takes 1"),
+        (inpaint.main, photo + ["--mask", "center", "--sampler", "ddim", "--jump-n-sample", "2"], "ddpm sampler"),
+        (inpaint.main, photo + ["--mask", "center", "--guidance", "2"], "--guidance needs --classes"),
+        (inpaint.main, photo + ["--mask", "center", "--classes", "1"], "unconditional model"),
+        (img2img.main, photo + ["--strength", "0"], "--strength must be in (0, 1]"),
+        (img2img.main, photo + ["--strength", "1.5"], "--strength must be in (0, 1]"),
+        (img2img.main, ["--images", str(tmp_path / "none")], "does not exist"),
+    ]
+    for main, argv, message in cases:
+        if main is img2img.main and "--strength" not in argv:
+            argv = argv + ["--strength", "0.5"]
+        assert message in one_line_error(main, base + argv, capsys), argv
+        assert not out.exists() or not os.listdir(out), argv
+    out.mkdir(exist_ok=True)
+    (out / "inpaint.npy").write_bytes(b"keep me")
+    assert "already exists" in one_line_error(inpaint.main, base + photo + ["--mask", "center"], capsys)
+    assert (out / "inpaint.npy").read_bytes() == b"keep me"

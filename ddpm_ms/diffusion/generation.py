@@ -67,6 +67,40 @@ def make_eps_fn(model, dtype=ms.float32):
     return eps_fn
 
 
+def model_eps_fn(model, cfg, num, classes=None, guidance=None, dtype=ms.float32, unconditional_default=False):
+    """The network as the samplers' eps_fn(x, t) for ``num`` images, with class labels and guidance.
+
+    For a class-conditional model, ``classes`` (default 0, 1, 2, ... cycling; with
+    ``unconditional_default`` the null label instead, i.e. the model's unconditional prediction, as
+    the editing functions use) and ``guidance`` (default: the config's) apply. ``model`` may also be
+    an exported graph (``ddpm_ms.interop.exported.ExportedDenoiser``).
+    """
+    null = cfg["num_classes"]
+    if unconditional_default and classes is None and null is not None:
+        labels, w = np.full(num, null, np.int64), 0.0
+        if guidance:
+            raise UserError("guidance needs class labels (--classes) for editing; without them the model's "
+                            "unconditional prediction is used")
+    else:
+        labels = class_labels(cfg, num, classes)
+        if labels is None and guidance:
+            raise UserError("guidance needs a class-conditional checkpoint (num_classes is not set in this one)")
+        w = cfg["guidance"] if guidance is None else guidance
+    if hasattr(model, "make_eps_fn"):  # an exported graph (ddpm_ms.interop.exported): guidance is one of its inputs
+        return model.make_eps_fn(num, labels, w)
+    eps_fn = make_eps_fn(model, dtype)
+    if labels is not None:
+        eps_fn = guided_eps_fn(eps_fn, labels, w, null)
+    return eps_fn
+
+
+def sampler_options(cfg, sampler=None, steps=None, eta=None):
+    """The sampler, its steps and eta (default: the config's) and the model's own options, as keyword arguments."""
+    return dict(sampler=sampler or cfg["sampler"], steps=steps if steps is not None else cfg["sample_steps"],
+                eta=cfg["eta"] if eta is None else eta, clip_denoised=cfg["clip_denoised"],
+                variance=cfg["variance"], prediction_type=cfg["prediction_type"])
+
+
 def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0, dtype=ms.float32,
              gif_frames=0, gif_source="x", progress=True, x_T=None, classes=None, guidance=None):
     """Sample ``num`` images -> (images [N, C, H, W] float32 numpy in [-1, 1], GIF frames).
@@ -78,25 +112,113 @@ def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0,
     ``classes`` (default 0, 1, 2, ... cycling) and ``guidance`` (default: the config's) apply.
     ``model`` may also be an exported graph (``ddpm_ms.interop.exported.ExportedDenoiser``).
     """
-    labels = class_labels(cfg, num, classes)
-    if labels is None and guidance:
-        raise UserError("guidance needs a class-conditional checkpoint (num_classes is not set in this one)")
-    w = cfg["guidance"] if guidance is None else guidance
-    if hasattr(model, "make_eps_fn"):  # an exported graph (ddpm_ms.interop.exported): guidance is one of its inputs
-        eps_fn = model.make_eps_fn(num, labels, w)
-    else:
-        eps_fn = make_eps_fn(model, dtype)
-        if labels is not None:
-            eps_fn = guided_eps_fn(eps_fn, labels, w, cfg["num_classes"])
-    sampler = sampler or cfg["sampler"]
-    steps = steps if steps is not None else cfg["sample_steps"]
-    eta = cfg["eta"] if eta is None else eta
+    eps_fn = model_eps_fn(model, cfg, num, classes, guidance, dtype)
     shape = (num, cfg["channels"], cfg["image_size"], cfg["image_size"])
     rng = np.random.default_rng(seed)  # x_T drawn here (sample()'s first draw): the GIF's first frame
     x_T = initial_noise(shape, rng) if x_T is None else np.asarray(x_T, np.float32)
     recorder = FrameRecorder(x_T, gif_frames, gif_source) if gif_frames else None
-    x = sample(eps_fn, sched, shape, sampler=sampler, steps=steps, eta=eta, rng=rng,
-               clip_denoised=cfg["clip_denoised"], variance=cfg["variance"],
-               callback=recorder, progress=progress, x_T=Tensor(x_T), prediction_type=cfg["prediction_type"])
+    x = sample(eps_fn, sched, shape, rng=rng, callback=recorder, progress=progress, x_T=Tensor(x_T),
+               **sampler_options(cfg, sampler, steps, eta))
     images = ops.clamp(x, -1.0, 1.0).asnumpy()
     return images, (recorder.frames(images, sched) if recorder else [])
+
+
+# ----- editing the user's images (ddpm_ms.diffusion.editing) -----
+
+def check_images(cfg, images):
+    """``images`` as float32 [N, C, S, S] in [-1, 1] for this model, else UserError."""
+    images = np.asarray(images)
+    c, side = cfg["channels"], cfg["image_size"]
+    if images.ndim != 4 or images.shape[1:] != (c, side, side):
+        raise UserError(f"the model takes images of [N, {c}, {side}, {side}] ({c} channel(s), {side}x{side}), "
+                        f"got {list(images.shape)}")
+    if images.shape[0] < 1:
+        raise UserError("no images given")
+    if not np.issubdtype(images.dtype, np.floating) or not np.isfinite(images).all():
+        raise UserError("images must be finite floats in [-1, 1] (uint8 / 127.5 - 1)")
+    if images.min() < -1.0 or images.max() > 1.0:
+        raise UserError(f"images must be in [-1, 1], got values in [{images.min():.3g}, {images.max():.3g}]")
+    return images.astype(np.float32)
+
+
+def _repeat(array, k):
+    return np.repeat(np.asarray(array), k, axis=0)
+
+
+def _edited(function, sched, *args, **options):
+    """Run an editing function of ddpm_ms.diffusion.editing -> float32 NumPy in [-1, 1]; its option
+    checks (ValueError) become one-line UserErrors before anything runs."""
+    from ddpm_ms.diffusion import editing
+
+    checked = {k: options[k] for k in ("sampler", "steps", "eta", "variance", "prediction_type", "jump_length",
+                                       "jump_n_sample", "strength") if k in options}
+    try:
+        editing.check_arguments(sched.num_timesteps, **checked)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return ops.clamp(function(*args, **options), -1.0, 1.0).asnumpy()
+
+
+def inpaint(model, sched, cfg, images, known, num_per_image=1, sampler=None, steps=None, eta=None, seed=0,
+            dtype=ms.float32, jump_length=10, jump_n_sample=1, keep_known=True, classes=None, guidance=None,
+            progress=True):
+    """Fill the pixels of ``images`` where ``known`` is False -> float32 [N * K, C, H, W] in [-1, 1].
+
+    images: float32 [N, C, H, W] in [-1, 1] of the model's size; known: bool, broadcastable to
+    [N, C, H, W] (e.g. [N, 1, H, W] or [1, 1, H, W]). K = num_per_image results per image, the K
+    results of each image together. The known pixels come back bit for bit (``keep_known=False``:
+    the model's own final values everywhere). jump_length / jump_n_sample: RePaint's resampling
+    (DDPM only). A class-conditional model fills with its unconditional prediction unless
+    ``classes`` (one label per image) are given, then with ``guidance``.
+    (:func:`ddpm_ms.diffusion.editing.inpaint`.)
+    """
+    from ddpm_ms.diffusion import editing
+
+    images = check_images(cfg, images)
+    known = np.asarray(known, dtype=bool)
+    try:
+        known = np.broadcast_to(known, images.shape)
+    except ValueError:
+        raise UserError(f"a mask of shape {list(known.shape)} does not fit images of shape {list(images.shape)}") \
+            from None
+    for i, k in enumerate(known):
+        if k.all():
+            raise UserError(f"the mask of image {i} keeps every pixel: nothing to fill")
+        if not k.any():
+            raise UserError(f"the mask of image {i} keeps no pixel: that is plain sampling (ddpm-sample)")
+    if int(num_per_image) != num_per_image or num_per_image < 1:
+        raise UserError(f"num_per_image must be an integer >= 1, got {num_per_image}")
+    num = len(images) * num_per_image
+    labels = None if classes is None else _repeat(_per_image(classes, len(images)), num_per_image)
+    eps_fn = model_eps_fn(model, cfg, num, labels, guidance, dtype, unconditional_default=True)
+    return _edited(editing.inpaint, sched, eps_fn, sched, _repeat(images, num_per_image),
+                   _repeat(known, num_per_image), seed=seed, jump_length=jump_length, jump_n_sample=jump_n_sample,
+                   keep_known=keep_known, progress=progress, **sampler_options(cfg, sampler, steps, eta))
+
+
+def img2img(model, sched, cfg, images, strength, num_per_image=1, sampler=None, steps=None, eta=None, seed=0,
+            dtype=ms.float32, classes=None, guidance=None, progress=True):
+    """SDEdit: ``images`` noised to ``strength`` in (0, 1], then denoised -> float32 [N * K, C, H, W] in [-1, 1].
+
+    ``steps`` is the sampler's whole sequence, of which the part at or below strength * T runs
+    (:func:`ddpm_ms.diffusion.editing.img2img`); the rest as in :func:`inpaint`.
+    """
+    from ddpm_ms.diffusion import editing
+
+    images = check_images(cfg, images)
+    if int(num_per_image) != num_per_image or num_per_image < 1:
+        raise UserError(f"num_per_image must be an integer >= 1, got {num_per_image}")
+    num = len(images) * num_per_image
+    labels = None if classes is None else _repeat(_per_image(classes, len(images)), num_per_image)
+    eps_fn = model_eps_fn(model, cfg, num, labels, guidance, dtype, unconditional_default=True)
+    return _edited(editing.img2img, sched, eps_fn, sched, _repeat(images, num_per_image), strength=strength,
+                   seed=seed, progress=progress, **sampler_options(cfg, sampler, steps, eta))
+
+
+def _per_image(classes, n):
+    classes = np.asarray(classes, np.int64).reshape(-1)
+    if len(classes) == 1:
+        return np.repeat(classes, n)
+    if len(classes) != n:
+        raise UserError(f"got {len(classes)} class labels for {n} images (give one, or one per image)")
+    return classes

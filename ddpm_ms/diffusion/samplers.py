@@ -254,20 +254,33 @@ class _CheckedEps:
             )
 
 
-def _run(name, eps_fn, sched, x, ts, step, callback, progress, prediction_type="eps", clip_denoised=True):
-    """The loop: over ts, network output -> denoised (eps, x0) -> step -> callback(i, t, x, x0) -> finite check."""
+def steps_of(ts):
+    """The moves (t, t_next) of a descending timestep sequence: each index to the next, the last to -1."""
+    ts = [int(t) for t in ts]
+    return list(zip(ts, ts[1:] + [-1]))
+
+
+def _run(name, eps_fn, sched, x, moves, step, callback, progress, prediction_type="eps", clip_denoised=True,
+         after_step=None, jump=None):
+    """The loop over ``moves`` (t, t_next): network output -> denoised (eps, x0) -> step -> ``after_step(x, t_next)``
+    (inpainting's known-region replacement, ``ddpm_ms.diffusion.editing``) -> callback(i, t, x, x0) -> finite check.
+    A move up (t_next > t, RePaint's resampling) is ``jump(x, t, t_next)``: noise, no network call."""
     from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
     batch = x.shape[0]
-    for i in tqdm(range(len(ts)), desc=f"{name} sampling", disable=not progress, leave=False):
-        t = int(ts[i])
-        t_next = int(ts[i + 1]) if i + 1 < len(ts) else -1
+    for i in tqdm(range(len(moves)), desc=f"{name} sampling", disable=not progress, leave=False):
+        t, t_next = moves[i]
+        if t_next > t:
+            x = jump(x, t, t_next)
+            continue
         eps, x0 = denoised(sched, x, t, eps_fn(x, timestep_tensor(t, batch)), prediction_type, clip_denoised)
         x = step(t, t_next, x, eps, x0)
+        if after_step is not None:
+            x = after_step(x, t_next)
         if callback is not None:
             callback(i, t, x, x0)
-        if (i + 1) % CHECK_EVERY == 0 or i + 1 == len(ts):
-            check_finite(x, f"{name} step {i + 1}/{len(ts)} (timestep {t})")
+        if (i + 1) % CHECK_EVERY == 0 or i + 1 == len(moves):
+            check_finite(x, f"{name} step {i + 1}/{len(moves)} (timestep {t})")
     return x
 
 
@@ -328,6 +341,25 @@ def sampler_step(sampler, sched, rng, eta=0.0, variance="posterior"):
     return "DPM-Solver++", dpm_solver_pp_sampler(sched)
 
 
+def check_options(sampler, eta=0.0, variance="posterior", prediction_type="eps"):
+    """ValueError naming the first bad option of :func:`sample` (and of the editing functions)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+    if variance not in VARIANCE_TYPES:
+        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCE_TYPES)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+
+
+def check_start(sched, ts, prediction_type):
+    """ValueError if the first timestep of ``ts`` has alpha_bar = 0 and the network predicts eps."""
+    if prediction_type == "eps" and sched.alphas_cumprod[ts[0]] == 0.0:
+        raise ValueError("alpha_bar is 0 at the first timestep (zero terminal SNR): an eps-prediction gives no "
+                         "x_0 there; use an x0- or v-prediction model")
+
+
 def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rng=None,
            clip_denoised=True, variance="posterior", spacing="uniform", callback=None, progress=True,
            x_T=None, prediction_type="eps"):
@@ -348,25 +380,16 @@ def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rn
     (:func:`initial_noise`).
     Raises NonFiniteError if the model output or x has NaN/inf. Returns the float32 Tensor x_0.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
-    if variance not in VARIANCE_TYPES:
-        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCE_TYPES)}")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+    check_options(sampler, eta, variance, prediction_type)
     T = sched.num_timesteps
     ts = sampler_timesteps(T, steps, sampler, spacing)  # validates steps and spacing
-    if prediction_type == "eps" and sched.alphas_cumprod[ts[0]] == 0.0:
-        raise ValueError("alpha_bar is 0 at the first timestep (zero terminal SNR): an eps-prediction gives no "
-                         "x_0 there; use an x0- or v-prediction model")
+    check_start(sched, ts, prediction_type)
     rng = np.random.default_rng(seed) if rng is None else rng
     shape = tuple(int(s) for s in shape)
 
     eps_fn = _CheckedEps(eps_fn, sampler)
     x = Tensor(initial_noise(shape, rng)) if x_T is None else x_T
     name, step = sampler_step(sampler, sched, rng, eta, variance)
-    x = _run(name, eps_fn, sched, x, ts, step, callback, progress, prediction_type, clip_denoised)
+    x = _run(name, eps_fn, sched, x, steps_of(ts), step, callback, progress, prediction_type, clip_denoised)
     eps_fn.check()
     return x

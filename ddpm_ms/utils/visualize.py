@@ -58,6 +58,13 @@ def save_grid(images, path, nrow=None, scale=2):
     return fileio.write_bytes(path, fileio.encoded(lambda f: img.save(f, format=_image_format(path))), "image")
 
 
+def save_image(pixels, path):
+    """Write one uint8 [H, W, C] image (C = 1 or 3) at its own size, atomically."""
+    array = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+    img = _pil_image(np.ascontiguousarray(array), 1)
+    return fileio.write_bytes(path, fileio.encoded(lambda f: img.save(f, format=_image_format(path))), "image")
+
+
 PANEL_GAP = 4  # white columns between the panels of a two-panel frame (before scaling)
 
 
