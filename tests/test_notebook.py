@@ -84,3 +84,4 @@ def test_notebook_executes(tmp_path, monkeypatch):
     for label in ("DDPM, 100 steps", "DDIM, 20 steps", "DPM-Solver++, 10 steps"):
         assert label in printed, printed[-2000:]
     assert "trained 30 steps" in printed, printed[-2000:]  # the shortened training ran, to its end
+    assert "inpainting (3 masks) and image-to-image (3 strengths)" in printed, printed[-2000:]

@@ -5,6 +5,7 @@ class-conditional and exported models, and one-line errors that write nothing.""
 
 import ddpm_ms  # noqa: F401  (before mindspore: it sets ONEDNN_MAX_CPU_ISA)
 
+import importlib.util
 import os
 
 import mindspore as ms
@@ -60,14 +61,20 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported_cond(runs, tmp_path_factory):
-    """The class-conditional run exported to MindIR for a batch of 4."""
+    """The class-conditional run exported for a batch of 4: {"mindir": path, "onnx": path or None (no onnxruntime)}."""
     from ddpm_ms.export import export
 
     ms.set_context(mode=ms.GRAPH_MODE)
+    folder = tmp_path_factory.mktemp("exported")
     try:
-        path = str(tmp_path_factory.mktemp("exported") / "cond.mindir")
-        export(runs["cond"], "mindir", 4, path)
-        return path
+        paths = {}
+        for fmt in ("mindir", "onnx"):
+            if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+                paths[fmt] = None
+                continue
+            paths[fmt] = str(folder / f"cond.{fmt}")
+            export(runs["cond"], fmt, 4, paths[fmt])
+        return paths
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
 
@@ -124,7 +131,7 @@ def test_class_conditional_pipeline_with_guidance(runs, tmp_path):
 
 
 def test_pipeline_from_an_exported_model(runs, exported_cond, tmp_path):
-    out = exported_cond
+    out = exported_cond["mindir"]
     want, _ = command_samples(tmp_path, ["--exported", out], "--num", "4", "--sampler", "ddim", "--steps", "3",
                               "--guidance", "1.5")
     pipe = DDPMPipeline.from_exported(out, device="CPU")
@@ -230,19 +237,21 @@ def test_ddpm_img2img_matches_the_pipeline(runs, photos, tmp_path):
     assert np.array_equal(pipe.img2img(source, 0.0005, sampler="ddim", steps=3, seed=4), source)
 
 
-def test_a_class_conditional_model_and_its_exported_graph_edit_alike(runs, exported_cond, photos, tmp_path):
-    exported = exported_cond
+def test_a_class_conditional_model_and_its_exported_graphs_edit_alike(runs, exported_cond, photos, tmp_path):
     images = expected_inputs(photos)[:2]
     np.save(tmp_path / "two.npy", images)
     kinds = {"inpaint": ["--mask", "random:0.4"], "img2img": ["--strength", "0.7"]}
+    sources = {"ckpt": ["--checkpoint", runs["cond"]]}
+    sources.update({fmt: ["--exported", path] for fmt, path in exported_cond.items() if path is not None})
     for kind, command in (("inpaint", inpaint), ("img2img", img2img)):
         got = {}
-        for name, source in (("ckpt", ["--checkpoint", runs["cond"]]), ("mindir", ["--exported", exported])):
+        for name, source in sources.items():
             out = tmp_path / f"{kind}_{name}"
             command.main(source + ["--images", str(tmp_path / "two.npy"), "--num-per-image", "2", "--classes", "2,1",
                                    "--guidance", "1.5", "--out", str(out)] + kinds[kind] + COMMON)
             got[name] = np.load(out / f"{kind}.npy")
-        np.testing.assert_allclose(got["mindir"], got["ckpt"], atol=1e-4)
+        for name in sources:
+            np.testing.assert_allclose(got[name], got["ckpt"], atol=1e-4, err_msg=f"{kind} {name}")
     pipe = DDPMPipeline.from_checkpoint(runs["cond"], device="CPU")
     guided = pipe.inpaint(images.transpose(0, 2, 3, 1), "half-left", classes=[2, 1], guidance=1.5, sampler="ddim",
                           steps=3, output="float")
