@@ -21,11 +21,13 @@ has per-type totals). The profiler's analysis also leaves a Chrome/Perfetto trac
 
 Custom aot ops (ddpm_ms/models/kernels) all have the op type "Custom" and the profiler does not
 record their kernel (func) name, so each is identified from its input shapes, which differ per
-kernel (see ``_ops.py``): e.g. 3 inputs [N, G, C/G, HW], [C], [C] is group_norm_fwd. The scope names
-of backward ops are not reliable (MindSpore attributes many of them to the first conv), so scopes
-are used only for built-in ops (an ``*Attention*`` cell, the optimizer's ``Update`` cell, a
-``GroupNorm``/``SiLU``/``GELU`` cell). The attention blocks' projections count as convolutions
+kernel (see ``_ops.py``): e.g. 3 inputs [N, G, C/G, HW], [C], [C] is group_norm_fwd; a "Gradients/"
+scope tells backward from forward. The layer named in a backward op's scope is not reliable (the
+conv gradients of every layer appear under the first conv's scope), so scopes are used only for
+built-in ops, and only the cell class (an ``*Attention*`` cell, the ``Update``/``Adam``/``EMA`` cells,
+a ``GroupNorm``/``SiLU``/``GELU`` cell). The attention blocks' projections count as convolutions
 (1x1 conv kernels) or dense (MatMul) ops, the time-embedding add (plane_add) as elementwise.
+Op durations are the profiler's host timestamps around each kernel launch.
 
 Reported per step: op time by category (sum of op durations), share, ops executed; the wall
 time with and without the profiler; the time covered by ops (union of their intervals); and the

@@ -294,3 +294,56 @@ def test_img2img_strength_one_is_plain_sampling_and_a_tiny_strength_the_input():
         np.testing.assert_array_equal(edited.asnumpy(), plain.asnumpy())
     same = img2img(predictor, sched, x_in, 0.0009, "ddim", 10, seed=2, prediction_type="x0", progress=False)
     np.testing.assert_array_equal(same.asnumpy(), x_in)  # the grid's last index is t = 0: it needs s T >= 1
+
+
+# ----- inputs: masks, images, channels -----
+
+def test_named_and_drawn_masks(tmp_path):
+    from PIL import Image
+
+    from ddpm_ms.data.user_images import read_mask
+
+    box = read_mask("box:1,2,4,3", 1, 6)[0, 0]  # columns 1..3 of row 2
+    assert box.sum() == 3 and box[2, 1:4].all()
+    left = read_mask("half-left", 1, 6)[0, 0]
+    assert left[:, :3].all() and not left[:, 3:].any()
+    assert read_mask("half-bottom", 1, 6)[0, 0][3:].all() and read_mask("half-bottom", 1, 6).sum() == 18
+    center = read_mask("center", 1, 8)[0, 0]
+    assert center[2:6, 2:6].all() and center.sum() == 16
+    rand = read_mask("random:0.5", 3, 28, seed=1)
+    assert rand.shape == (3, 1, 28, 28) and 0.4 < rand.mean() < 0.6 and not np.array_equal(rand[0], rand[1])
+    assert np.array_equal(rand, read_mask("random:0.5", 3, 28, seed=1))
+    drawn = np.zeros((6, 6), np.uint8)
+    drawn[1:3, 4:] = 255
+    Image.fromarray(drawn).save(tmp_path / "m.png")
+    assert np.array_equal(read_mask(str(tmp_path / "m.png"), 2, 6)[0, 0], drawn == 255)  # white = fill
+
+
+def test_images_are_read_in_the_models_channels_and_size(tmp_path):
+    from PIL import Image
+
+    from ddpm_ms.data.user_images import read_images
+    from ddpm_ms.utils.errors import UserError
+
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "wide.png")
+    three, names = read_images(str(tmp_path / "wide.png"), 3, 8)
+    one, _ = read_images(str(tmp_path / "wide.png"), 1, 8)
+    assert three.shape == (1, 3, 8, 8) and one.shape == (1, 1, 8, 8) and names == ["wide.png"]
+    floats = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 1, 8, 8)
+    np.save(tmp_path / "f.npy", floats)
+    pixels, _ = read_images(str(tmp_path / "f.npy"), 1, 8)
+    np.testing.assert_allclose(pixels / 127.5 - 1.0, floats, atol=0.5 / 127.5)
+    with pytest.raises(UserError, match="the model takes 3"):
+        read_images(str(tmp_path / "f.npy"), 3, 8)
+
+
+def test_rgb_inpainting_keeps_every_channel_of_the_known_pixels():
+    sched = data().sched
+    rng = np.random.default_rng(3)
+    x_in = rng.uniform(-1, 1, (2, 3, 4, 4)).astype(np.float32)
+    known = rng.random((2, 1, 4, 4)) < 0.5  # one mask for the three channels of a pixel
+    out = inpaint(lambda x, t: x * 0.5, sched, x_in, known, "dpm-solver++", 5, clip_denoised=False,
+                  progress=False).asnumpy()
+    keep = np.broadcast_to(known, x_in.shape)
+    assert np.array_equal(out[keep], x_in[keep]) and not np.allclose(out[~keep], x_in[~keep])
