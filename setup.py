@@ -35,7 +35,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "ruff", "nbclient", "nbformat", "ipykernel", "diffusers", "safetensors",
-                 "onnx<1.19", "onnxruntime<1.23"],  # newer ones need NumPy 2 (ml_dtypes), which breaks MindSpore 2.10
+                 "onnx<1.19", "onnxruntime<1.23",  # newer ones need NumPy 2 (ml_dtypes), which breaks MindSpore 2.10
+                 "tensorboardX", "tensorboard"],
+        # log_tensorboard: the event-file writer, and the viewer (whose event reader the tests use)
+        "tensorboard": ["tensorboardX", "tensorboard"],
         "onnx": ["onnxruntime<1.23"],  # ddpm-sample --exported FILE.onnx
         # ddpm-convert: diffusers folders <-> checkpoints (safetensors via NumPy; .bin files also need torch)
         "convert": ["safetensors"],

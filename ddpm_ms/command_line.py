@@ -89,6 +89,9 @@ def add_sampling_args(parser):
     add_checkpoint_arg(source)
     source.add_argument("--exported", metavar="FILE",
                         help="a .mindir or .onnx file written by ddpm-export (instead of --checkpoint)")
+    parser.add_argument("--best", action="store_true",
+                        help="with --checkpoint RUN: the run's best checkpoint (lowest FD during training) instead "
+                             "of its newest")
     add_sampler_args(parser)
     parser.add_argument("--num", type=int, default=64, help="number of images")
     parser.add_argument("--classes", default=None,
@@ -172,7 +175,13 @@ def load_for_args(args, min_num=1):
     """The model of --checkpoint or --exported (``ddpm_ms.pipeline.load``), checked against the options -> Loaded."""
     from ddpm_ms.pipeline import load
 
+    from ddpm_ms.utils import checkpoint as ckpt
+
     exported = getattr(args, "exported", None)
+    if getattr(args, "best", False):
+        if exported:
+            raise UserError("--best picks a run's best checkpoint: use it with --checkpoint RUN, not --exported")
+        args.checkpoint = ckpt.best_checkpoint(args.checkpoint)
     return load(exported or args.checkpoint, use_ema=not args.no_ema, device=args.device or "auto",
                 mode=args.mode or "graph", dtype=args.dtype, exported=bool(exported),
                 check=lambda cfg: check_sampling_args(args, cfg["timesteps"], min_num))

@@ -98,6 +98,11 @@ DEFAULTS = {
     "keep_checkpoints": 3,
     "sample_every": 1,
     "num_samples": 64,
+    # --- watching a run (docs/training.md, "Watching a run") ---
+    "log_tensorboard": "auto",  # event files in output_dir/tensorboard: auto = when tensorboardX is installed
+    "eval_every_steps": 0,  # > 0: FD etc. of eval_num EMA samples every that many steps (quality.csv)
+    "eval_num": 500,
+    "keep_best": True,  # with eval_every_steps: keep the lowest-FD checkpoint as checkpoints/best.ckpt
     # --- sampling (epoch grids and the final samples / GIF) ---
     "sampler": "ddpm",
     "sample_steps": None,
@@ -129,6 +134,7 @@ CHOICES = {
     "mode": MODES,
     "dtype": DTYPES,
     "jit_level": JIT_LEVELS,
+    "log_tensorboard": ("auto", True, False),
 }
 
 # numeric keys (every one is checked to be finite and of a sane magnitude)
@@ -146,8 +152,8 @@ POSITIVE = ("image_size", "channels", "num_workers", "dim", "convnext_mult", "re
             "batch_size", "epochs", "lr", "loss_scale", "loss_scale_window", "save_every", "keep_checkpoints",
             "num_samples", "gif_frames", "save_every_steps", "init_dim", "max_steps", "sample_steps", "num_classes",
             "beta_start", "beta_end", "loss_scale_factor", "gif_images", "layers_per_block", "norm_eps",
-            "attn_head_dim", "grad_clip", "min_snr_gamma", "grad_accum_steps", "log_every")
-NON_NEGATIVE = ("min_lr", "warmup_steps", "sample_every", "seed", "freq_shift")
+            "attn_head_dim", "grad_clip", "min_snr_gamma", "grad_accum_steps", "log_every", "eval_num")
+NON_NEGATIVE = ("min_lr", "warmup_steps", "sample_every", "seed", "freq_shift", "eval_every_steps")
 
 # keys that define the network's architecture (stored in checkpoints, checked on load)
 ARCH_KEYS = ("image_size", "channels", "dim", "init_dim", "dim_mults", "block_type", "convnext_mult",
@@ -239,10 +245,19 @@ def parse_overrides(items):
     return out
 
 
+def _yaml_text(value):
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _coerce(key, value):
     default = DEFAULTS[key]
     if value is None:
         return None
+    if key in CHOICES and any(isinstance(c, bool) for c in CHOICES[key]):  # log_tensorboard: auto, true or false
+        if value in CHOICES[key] and (isinstance(value, bool) or isinstance(value, str)):
+            return value
+        raise UserError(f"config key {key!r} must be one of: {', '.join(map(_yaml_text, CHOICES[key]))}, "
+                        f"got {value!r}")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise UserError(f"config key {key!r} must be true or false, got {value!r}")
@@ -283,7 +298,8 @@ def _coerce(key, value):
 def validate(cfg):
     for key in DEFAULTS:
         if key in CHOICES and cfg[key] not in CHOICES[key]:
-            raise UserError(f"config key {key!r} = {cfg[key]!r} is not one of: {', '.join(CHOICES[key])}")
+            choices = ", ".join(map(_yaml_text, CHOICES[key]))
+            raise UserError(f"config key {key!r} = {cfg[key]!r} is not one of: {choices}")
     for key in POSITIVE:
         if cfg[key] is not None and cfg[key] <= 0:
             raise UserError(f"config key {key!r} must be > 0, got {cfg[key]!r}")

@@ -117,18 +117,6 @@ def load_samples(path, spec=None):
 
 # --------------------------------------------------------------------------- shared set-up
 
-def prepare_reference(data_dir=None, cache_dir=None, progress=True, dataset="fashion_mnist"):
-    """The cached (or freshly trained) classifier of ``dataset`` and its real reference -> (net, info, reference)."""
-    from ddpm_ms import data
-    from ddpm_ms.evaluation.classifier import load_or_train_classifier, require_feature_network
-    from ddpm_ms.evaluation.metrics import RealReference
-
-    require_feature_network(dataset)
-    data_dir = data.locate(dataset, data_dir)
-    net, info = load_or_train_classifier(cache_dir=cache_dir, data_dir=data_dir, progress=progress, dataset=dataset)
-    return net, info, RealReference.build(net, data_dir, dataset)
-
-
 def classifier_record(info):
     return {k: info.get(k) for k in ("version", "key", "test_accuracy")}
 
@@ -206,7 +194,7 @@ def generate_samples(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from ddpm_ms.utils.device import setup_device
-    from ddpm_ms.evaluation.metrics import evaluate_images, summary_line
+    from ddpm_ms.evaluation.metrics import evaluate_images, prepare_reference, summary_line
 
     _check_out(args.out)
     if args.k < 1:

@@ -1,8 +1,8 @@
 """Sample images from a checkpoint.
 
-    python -m ddpm_ms.sample --checkpoint runs/quick [--sampler ddim --steps 50] [--num 64] [--out DIR]
+    python -m ddpm_ms.sample --checkpoint runs/quick [--best] [--sampler ddim --steps 50] [--num 64] [--out DIR]
 
-Writes ``samples_<sampler>_<steps>_seed<S>[_w<W>][_classgrid].png`` (a grid) and the ``.npy`` of the same
+Writes ``samples[_best]_<sampler>_<steps>_seed<S>[_w<W>][_classgrid].png`` (a grid) and the ``.npy`` of the same
 name ([N, C, H, W] float32 in [-1, 1]) into ``--out`` (default: the run directory).
 """
 
@@ -22,15 +22,16 @@ def main(argv=None):
     from ddpm_ms.utils.fileio import npy_bytes, write_bytes
     from ddpm_ms.utils.visualize import save_grid
 
+    source = args.checkpoint or args.exported  # before --best turns a run directory into its best checkpoint
     pipe = DDPMPipeline(load_for_args(args))
     cfg = pipe.cfg
-    source = args.checkpoint or args.exported
     out = args.out or (source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)))
     os.makedirs(out, exist_ok=True)
     classes, num, nrow = class_request(args, cfg)
     images, _ = pipe.sample(num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                             classes=classes, guidance=args.guidance, progress=not args.no_progress)
-    name = f"samples_{args.sampler or cfg['sampler']}_{args.steps or cfg['sample_steps'] or 'full'}_seed{args.seed}"
+    name = "samples_best" if args.best else "samples"
+    name += f"_{args.sampler or cfg['sampler']}_{args.steps or cfg['sample_steps'] or 'full'}_seed{args.seed}"
     if cfg["num_classes"] is not None:
         w = cfg["guidance"] if args.guidance is None else args.guidance
         name += f"_w{w:g}" + ("_classgrid" if args.class_grid else "")

@@ -19,12 +19,14 @@ import numpy as np
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms import data
 from ddpm_ms.command_line import add_device_args, run_cli
-from ddpm_ms.config import load_config, save_config
+from ddpm_ms.config import load_config, parse_overrides, save_config
 from ddpm_ms.utils.device import setup_device
 from ddpm_ms.training.distributed import check_same_resume_step, device_batch_size, init_distributed, run_on_main
 from ddpm_ms.utils.errors import WriteError
 from ddpm_ms.utils.fileio import npy_bytes, write_bytes
-from ddpm_ms.training.rundir import LossLog, RunDir, resume_point
+from ddpm_ms.training import quality
+from ddpm_ms.training.monitor import Board, check_tensorboard, peak_rss_bytes, speed_line
+from ddpm_ms.training.rundir import QUALITY_FIELDS, CsvLog, RunDir, resume_point
 from ddpm_ms.training.trainer import Trainer, read_stats
 from ddpm_ms.utils.visualize import plot_loss, save_gif, save_grid
 
@@ -50,39 +52,46 @@ def _epoch_batches(dataset, skip):
             yield row[0], (row[1] if len(row) > 1 else None)
 
 
-def write_final_outputs(trainer, run, cfg, progress):
+def write_final_outputs(trainer, run, cfg, progress, board, speed):
     plot_loss(run.loss_csv, run.loss_png)
     images, frames = trainer.generate(cfg["num_samples"], seed=cfg["seed"], gif_frames=cfg["gif_frames"],
                                       progress=progress)
     save_grid(images, run.samples_png, nrow=cfg["num_classes"])  # conditional: one column per class
+    board.grid("samples", images, trainer.step, nrow=cfg["num_classes"])
     write_bytes(run.samples_npy, npy_bytes(images), "samples")
     save_gif([f[:cfg["gif_images"]] for f in frames], run.gif)
-    print(f"done: {trainer.step} steps; wrote {run.samples_png}, {run.gif}, {run.loss_png}", file=sys.stderr)
+    best = f", best checkpoint {run.best_checkpoint}" if os.path.exists(run.best_checkpoint) else ""
+    print(f"done: {trainer.step} steps ({speed}); wrote {run.samples_png}, {run.gif}, {run.loss_png}{best}",
+          file=sys.stderr)
 
 
-def train(cfg, resume=False, overwrite=False, progress=True):
+def train(cfg, resume=False, overwrite=False, progress=True, eval_explicit=True):
     """Train as configured; returns the RunDir with checkpoint, CSV, curve, grids and GIF.
 
     Under msrun every process trains on its shard and gradients are averaged; only rank 0
     writes files (checkpoints, logs, images) and holds the output directory's lock; all ranks
-    sample the per-epoch grids (to stay in step).
+    sample the per-epoch grids and the evaluation samples (to stay in step).
+    ``eval_explicit``: a dataset without a feature classifier with eval_every_steps > 0 is an error
+    (True) or one notice (False: the setting came from a config file).
     A file that cannot be written (a full disk) stops the run with a WriteError that names the
     newest complete checkpoint to continue from with ``resume=True``.
     """
     run = RunDir(cfg["output_dir"])
     try:
-        return _train(cfg, run, resume, overwrite, progress)
+        return _train(cfg, run, resume, overwrite, progress, eval_explicit)
     except WriteError as e:
         raise WriteError(f"{e}; {run.resume_hint(e)}", e.errno, e.filename, e.needed) from None
     finally:
         run.release()
 
 
-def _train(cfg, run, resume, overwrite, progress):
+def _train(cfg, run, resume, overwrite, progress, eval_explicit):
     from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
     data_dir = data.locate(cfg["dataset"], cfg["data_dir"])
     data.check_config(data.dataset_spec(cfg["dataset"], data_dir, cfg["image_size"], cfg["channels"]), cfg)
+    evaluating = quality.wanted(cfg, eval_explicit)
+    tensorboard = check_tensorboard(cfg)
     backend = setup_device(cfg["device"], cfg["mode"], seed=cfg["seed"])
     rank, world_size = init_distributed()
     main_process = rank == 0
@@ -99,10 +108,22 @@ def _train(cfg, run, resume, overwrite, progress):
     if latest:
         epoch, skip = trainer.restore(*latest)
         print(f"resumed from {latest[0]} at step {trainer.step}", file=sys.stderr)
-    log = None
+    log = qlog = monitor = None
+    board = Board(run.tensorboard, False)
+    skipped = 0  # steps whose update an overflow skipped (TensorBoard's train/skipped_steps)
+    best_fd = float("inf")
     if main_process:
         save_config(cfg, run.config)
-        log = LossLog(run.loss_csv, resume_step=trainer.step if latest else None)
+        resume_step = trainer.step if latest else None
+        log = CsvLog(run.loss_csv, resume_step=resume_step)
+        skipped = sum(r.get("finite") == "0" for r in log.rows)
+        if evaluating:  # the classifier before the first step: a first-time training of it shows up now
+            monitor = quality.QualityMonitor(cfg, data_dir, progress)
+            qlog = CsvLog(run.quality_csv, resume_step, QUALITY_FIELDS, "quality log")
+            best_fd = min([float(r["fd"]) for r in qlog.rows if r.get("fd")], default=best_fd)
+        board = Board(run.tensorboard, tensorboard, purge_step=trainer.step + 1 if latest else None)
+        with open(run.config) as f:
+            board.text("config", f.read())
         print(f"training on {backend} ({trainer.dtype}) x {world_size}, {trainer.steps_per_epoch} steps/epoch, "
               f"{trainer.total_steps} steps, output in {run.root}", file=sys.stderr)
 
@@ -110,12 +131,17 @@ def _train(cfg, run, resume, overwrite, progress):
     # a save and at the end of an epoch): a host read per step would stall the device's launch queue
     pending = []  # (step, epoch, lr, STATS tensor)
     nonfinite = 0
+    clock = {"last": time.perf_counter(), "train": 0.0, "images": 0}  # training time, without sampling
 
     def flush():
         """Read the pending steps, log them (rank 0) and stop on a diverged loss; returns the last loss or None."""
-        nonlocal nonfinite
+        nonlocal nonfinite, skipped
         rows = [(step, ep, lr, read_stats(stats)) for step, ep, lr, stats in pending]
         pending.clear()
+        now = time.perf_counter()
+        seconds, clock["last"] = now - clock["last"], now
+        clock["train"] += seconds
+        clock["images"] += len(rows) * cfg["batch_size"]
         stop = None
         for i, (step, _, _, stats) in enumerate(rows):  # the same averaged losses on every rank
             nonfinite = 0 if np.isfinite(stats["loss"]) else nonfinite + 1
@@ -124,6 +150,14 @@ def _train(cfg, run, resume, overwrite, progress):
                 break
         run_on_main(lambda: [log.write(step, ep, f"{st['loss']:.6g}", f"{lr:.6g}", f"{st['loss_scale']:g}",
                                        int(st["applied"])) for step, ep, lr, st in rows], rank, world_size)
+        for step, _, lr, st in rows:
+            skipped += not st["applied"]
+            board.scalars(step, {"loss": st["loss"], "lr": lr, "loss_scale": st["loss_scale"],
+                                 "skipped_steps": skipped}, "train/")
+        if rows:
+            board.scalars(rows[-1][0], {"img_per_s": len(rows) * cfg["batch_size"] / max(seconds, 1e-9),
+                                        "step_seconds": seconds / len(rows),
+                                        "peak_rss_gib": peak_rss_bytes() / 2**30}, "speed/")
         if stop is not None:
             raise FloatingPointError(
                 f"the loss was NaN/inf for {nonfinite} steps in a row (step {stop}); training stopped, the last "
@@ -132,7 +166,35 @@ def _train(cfg, run, resume, overwrite, progress):
 
     def save(epoch, step_in_epoch):
         flush()
+        board.flush()  # nothing logged up to a checkpoint is lost with the process
         run_on_main(lambda: trainer.save(manager, epoch, step_in_epoch), rank, world_size)
+
+    def paused():
+        """Sampling between steps: not training time."""
+        clock["last"] = time.perf_counter()
+
+    def evaluate(epoch, step_in_epoch):
+        """Score eval_num EMA samples (rank 0; the other ranks sample too, to stay in step); keep the best."""
+        nonlocal best_fd
+        flush()
+        if not main_process:
+            trainer.generate(cfg["eval_num"], seed=cfg["seed"], progress=False)
+            return paused()
+        row, images = monitor.evaluate(trainer, trainer.step, epoch, progress)
+        qlog.write(*("" if row[k] is None else f"{row[k]:.9g}" if isinstance(row[k], float) else row[k]
+                     for k in QUALITY_FIELDS))
+        board.scalars(trainer.step, {k: row[k] for k in QUALITY_FIELDS if k not in ("step", "epoch")}, "quality/")
+        board.grid("eval_samples", images[:64], trainer.step, nrow=cfg["num_classes"])
+        board.flush()
+        note = ""
+        if cfg["keep_best"] and row["fd"] < best_fd:
+            best_fd = row["fd"]
+            trainer.save_best(run.best_checkpoint, epoch, step_in_epoch, row)
+            note = f"; best so far: {run.best_checkpoint}"
+        tqdm.write(f"step {trainer.step}: FD {row['fd']:.3f} (floor {row['fd_floor']:.3f}), precision "
+                   f"{row['precision']:.3f}, recall {row['recall']:.3f} on {row['num_samples']} samples "
+                   f"({row['seconds']:.0f} s){note}", file=sys.stderr)
+        paused()
 
     try:
         while trainer.step < trainer.total_steps:
@@ -149,6 +211,11 @@ def _train(cfg, run, resume, overwrite, progress):
                     loss = flush()
                     bar.set_postfix(loss=f"{loss:.4f}",
                                     img_s=f"{done * cfg['batch_size'] / (time.perf_counter() - t0):.1f}")
+                # evaluation before the checkpoint of the same step: a run killed in between resumes from
+                # the previous checkpoint and evaluates this step again, so quality.csv has no gap
+                if evaluating and (trainer.step % cfg["eval_every_steps"] == 0
+                                   or trainer.step == trainer.total_steps):
+                    evaluate(epoch, skip + done)
                 if cfg["save_every_steps"] and trainer.step % cfg["save_every_steps"] == 0:
                     save(epoch, skip + done)
                 bar.update(1)
@@ -156,6 +223,10 @@ def _train(cfg, run, resume, overwrite, progress):
                     break
             flush()
             bar.close()
+            if main_process:
+                print(f"epoch {epoch + 1}/{trainer.epochs}: step {trainer.step}, "
+                      f"{speed_line(clock['images'], clock['train'], clock['images'] // cfg['batch_size'], backend)}",
+                      file=sys.stderr, flush=True)
             epoch_done = trainer.step % trainer.steps_per_epoch == 0
             epoch, skip = (epoch + 1, 0) if epoch_done else (epoch, skip + done)
             finished = trainer.step >= trainer.total_steps
@@ -167,11 +238,16 @@ def _train(cfg, run, resume, overwrite, progress):
                 images, _ = trainer.generate(cfg["num_samples"], seed=cfg["seed"], progress=progress and main_process)
                 grid = os.path.join(run.samples_dir, f"epoch_{epoch:03d}.png")
                 run_on_main(functools.partial(save_grid, images, grid, nrow=cfg["num_classes"]), rank, world_size)
+                board.grid("samples", images, trainer.step, nrow=cfg["num_classes"])
+                paused()
+        if main_process:
+            speed = speed_line(clock["images"], clock["train"], clock["images"] // cfg["batch_size"], backend)
+            write_final_outputs(trainer, run, cfg, progress, board, speed)
     finally:
-        if log:
-            log.close()
-    if main_process:
-        write_final_outputs(trainer, run, cfg, progress)
+        for csv_log in (log, qlog):
+            if csv_log:
+                csv_log.close()
+        board.close()
     return run
 
 
@@ -198,7 +274,8 @@ def main(argv=None):
         if getattr(args, key) is not None:
             overrides.append(f"{key}={getattr(args, key)}")
     cfg = load_config(args.config, overrides)
-    train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+          eval_explicit="eval_every_steps" in parse_overrides(args.overrides))
 
 
 def console_main():

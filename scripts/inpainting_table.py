@@ -43,8 +43,11 @@ def gaussian_kernel(sigma):
 def blur(images, sigma):
     """Separable Gaussian blur of [N, C, H, W] (zero padding)."""
     k = gaussian_kernel(sigma)
-    out = np.apply_along_axis(lambda r: np.convolve(r, k, mode="same"), 3, images)
-    return np.apply_along_axis(lambda c: np.convolve(c, k, mode="same"), 2, out)
+    radius = len(k) // 2
+
+    def conv(row):  # "same" size even when the kernel is longer than the row
+        return np.convolve(row, k, mode="full")[radius:radius + len(row)]
+    return np.apply_along_axis(conv, 2, np.apply_along_axis(conv, 3, images))
 
 
 def blur_fill(x, known):
@@ -55,7 +58,7 @@ def blur_fill(x, known):
     while todo.any():
         weight = blur(known, sigma)
         value = blur(known * x, sigma) / np.maximum(weight, 1e-12)
-        ready = todo & (weight > 1e-3)
+        ready = todo & (weight > 1e-9)  # the kernel is cut at 3 sigma: zero means out of reach
         out[ready] = value[ready]
         todo &= ~ready
         sigma *= 2

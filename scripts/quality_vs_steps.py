@@ -133,7 +133,8 @@ def main(argv=None):
     if args.num < 2:
         raise UserError(f"--num must be >= 2, got {args.num}")
 
-    from ddpm_ms.evaluate import classifier_record, prepare_reference, write_json, write_text
+    from ddpm_ms.evaluate import classifier_record, write_json, write_text
+    from ddpm_ms.evaluation.metrics import prepare_reference
     from ddpm_ms.evaluation.metrics import evaluate_images, summary_line
     from ddpm_ms.pipeline import load
     from ddpm_ms.diffusion.generation import generate

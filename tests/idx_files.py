@@ -42,3 +42,19 @@ def write_blob_dataset(directory, n_train=64, n_test=16, seed=0):
     for name, arr in zip(FILE_NAMES, arrays):
         write_idx(os.path.join(directory, name), arr)
     return str(directory)
+
+
+def write_fixed_classifier(cache_root, seed=123):
+    """An untrained Fashion-MNIST classifier with fixed-seed weights (a fixed random feature map), cached under
+    ``cache_root/classifier`` with the default key, so evaluation finds it (DDPM_MS_CACHE=cache_root) and trains
+    nothing; returns ``str(cache_root)``."""
+    import mindspore as ms
+
+    from ddpm_ms.evaluation import classifier as C
+
+    ms.set_seed(seed)
+    net = C.FashionCNN()
+    net.set_train(False)
+    C.save_classifier(net, os.path.join(str(cache_root), "classifier", C.cache_key() + ".ckpt"),
+                      {"version": C.CLASSIFIER_VERSION, "key": C.cache_key(), "test_accuracy": 0.0})
+    return str(cache_root)

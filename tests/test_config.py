@@ -78,7 +78,7 @@ def test_numeric_keys_are_every_key_that_takes_a_number():
     numbers = {k for k, v in DEFAULTS.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert numbers <= set(NUMERIC_KEYS) and len(set(NUMERIC_KEYS)) == len(NUMERIC_KEYS)
     for key in set(DEFAULTS) - set(NUMERIC_KEYS):  # the rest take strings or booleans, never numbers
-        with pytest.raises(UserError, match=f"{key!r} must be (a string|true or false)"):
+        with pytest.raises(UserError, match=f"{key!r} must be (a string|true or false|one of: auto, true, false)"):
             resolve({key: 5})
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from idx_files import write_blob_dataset
+from idx_files import write_blob_dataset, write_fixed_classifier
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "dist_worker.py")
@@ -115,16 +115,32 @@ def test_dropout_masks_differ_between_ranks(two_workers):
 
 
 def test_only_rank_zero_writes_files(tmp_path):
-    """A real run with 2 micro-batches per rank and a loss read every step (log_every=1)."""
+    """A real run with 2 micro-batches per rank, a loss read every step (log_every=1), TensorBoard and an
+    evaluation every step (both ranks sample, rank 0 scores and keeps the best)."""
     data_dir = write_blob_dataset(tmp_path / "data")
     out = tmp_path / "run"
-    msrun(["train", str(out), data_dir, "grad_accum_steps=2", "log_every=1"], str(tmp_path / "logs"))
-    assert sorted(os.listdir(out)) == ["checkpoints", "config.yaml", "denoising.gif", "loss.csv", "loss_curve.png",
-                                       "samples.npy", "samples.png"]
-    assert os.listdir(out / "checkpoints") == ["ckpt_step00000002.ckpt"]
+    watch = ["eval_every_steps=1", "eval_num=257", "log_tensorboard=true"] if tensorboard_installed() else []
+    msrun(["train", str(out), data_dir, "grad_accum_steps=2", "log_every=1", *watch], str(tmp_path / "logs"),
+          env={"DDPM_MS_CACHE": write_fixed_classifier(tmp_path / "cache")})
+    expected = ["checkpoints", "config.yaml", "denoising.gif", "loss.csv", "loss_curve.png", "samples.npy",
+                "samples.png"]
+    assert sorted(os.listdir(out)) == sorted(expected + (["quality.csv", "tensorboard"] if watch else []))
+    assert sorted(os.listdir(out / "checkpoints")) == (["best.ckpt"] if watch else []) + ["ckpt_step00000002.ckpt"]
     with open(out / "loss.csv") as f:
         rows = f.read().strip().splitlines()
     assert rows[0].startswith("step,") and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    if watch:
+        assert len(os.listdir(out / "tensorboard")) == 1  # one event file: rank 0's
+        with open(out / "quality.csv") as f:
+            assert [r.split(",")[0] for r in f.read().strip().splitlines()[1:]] == ["1", "2"]
+
+
+def tensorboard_installed():
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def test_an_overflow_seen_by_one_rank_skips_the_step_on_both(two_workers):

@@ -9,7 +9,7 @@ import pytest
 
 from ddpm_ms.utils import fileio
 from ddpm_ms.utils.errors import WriteError
-from ddpm_ms.training.rundir import CSV_FIELDS, LossLog
+from ddpm_ms.training.rundir import CSV_FIELDS, CsvLog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +85,7 @@ def test_loss_log_never_holds_half_a_row(tmp_path, monkeypatch):
     path = str(tmp_path / "loss.csv")
     monkeypatch.setenv(fileio.FAIL_ENV, "loss.csv:4")  # write 1 is the header; rows 1, 2 pass, row 3 fails
     monkeypatch.setattr(fileio, "_writes", {})
-    log = LossLog(path)
+    log = CsvLog(path)
     log.write(1, 0, "0.5", "0.001", "1", 1)
     log.write(2, 0, "0.4", "0.001", "1", 1)
     row = "3,0,0.3,0.001,1,1\r\n"
@@ -100,7 +100,7 @@ def test_loss_log_never_holds_half_a_row(tmp_path, monkeypatch):
         assert f.read() == ",".join(CSV_FIELDS) + "\r\n" + "".join(
             f"{s},0,0.{6 - s},0.001,1,1\r\n" for s in (1, 2, 3))
     # on resume the rows after the checkpoint's step are dropped, atomically
-    LossLog(path, resume_step=2).close()
+    CsvLog(path, resume_step=2).close()
     with open(path, newline="") as f:
         assert [line.split(",")[0] for line in f.read().splitlines()] == ["step", "1", "2"]
     assert names(tmp_path) == ["loss.csv"]

@@ -178,6 +178,17 @@ class RealReference:
         return cls(feats, probs, train_images)
 
 
+def prepare_reference(data_dir=None, cache_dir=None, progress=True, dataset="fashion_mnist"):
+    """The cached (or freshly trained) classifier of ``dataset`` and its real reference -> (net, info, reference)."""
+    from ddpm_ms import data
+    from ddpm_ms.evaluation.classifier import load_or_train_classifier, require_feature_network
+
+    require_feature_network(dataset)
+    data_dir = data.locate(dataset, data_dir)
+    net, info = load_or_train_classifier(cache_dir=cache_dir, data_dir=data_dir, progress=progress, dataset=dataset)
+    return net, info, RealReference.build(net, data_dir, dataset)
+
+
 def class_shares(probs):
     """Share of the images that the classifier assigns (argmax) to each class: [C] floats summing to 1."""
     probs = np.asarray(probs)

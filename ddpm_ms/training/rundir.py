@@ -28,6 +28,8 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are n
     fcntl = None
 
 CSV_FIELDS = ("step", "epoch", "loss", "lr", "loss_scale", "finite")
+QUALITY_FIELDS = ("step", "epoch", "fd", "fd_floor", "precision", "recall", "is", "min_class_share", "num_samples",
+                  "seconds")
 LOCK_NAME = ".lock"
 
 
@@ -136,7 +138,16 @@ class RunDir:
         self.samples_png = os.path.join(root, "samples.png")
         self.samples_npy = os.path.join(root, "samples.npy")
         self.gif = os.path.join(root, "denoising.gif")
+        self.quality_csv = os.path.join(root, "quality.csv")  # in-training evaluations (eval_every_steps)
+        self.tensorboard = os.path.join(root, "tensorboard")  # event files (log_tensorboard)
         self.lock = RunLock(root)
+
+    @property
+    def best_checkpoint(self):
+        """The checkpoint of the lowest in-training FD so far (keep_best); never rotated away."""
+        from ddpm_ms.utils.checkpoint import BEST_NAME  # at call time: the lock needs no MindSpore
+
+        return os.path.join(self.checkpoints, BEST_NAME)
 
     def holds_run(self):
         return os.path.exists(self.config) or os.path.isdir(self.checkpoints)
@@ -155,10 +166,11 @@ class RunDir:
         except OSError as e:
             raise _not_writable(self.root, e) from None
         if overwrite and not resume:
-            for path in (self.checkpoints, self.samples_dir):
+            for path in (self.checkpoints, self.samples_dir, self.tensorboard):
                 shutil.rmtree(path, ignore_errors=True)
             try:
-                for path in (self.loss_csv, self.loss_png, self.samples_png, self.samples_npy, self.gif):
+                for path in (self.loss_csv, self.loss_png, self.samples_png, self.samples_npy, self.gif,
+                             self.quality_csv):
                     if os.path.exists(path):
                         os.remove(path)
             except OSError as e:
@@ -211,21 +223,21 @@ def _csv_text(rows, header=None):
     return buf.getvalue()
 
 
-class LossLog:
-    """loss.csv, one row per step; on resume rows after the checkpoint's step are dropped.
+class CsvLog:
+    """A CSV of one row per step (loss.csv, quality.csv); on resume rows after the checkpoint's step are dropped.
 
     The file is rewritten atomically when the log opens; each row is then appended with one
     ``write`` (readable at once while training). A row that cannot be written (a full disk) is
     cut off again, so the file only ever holds whole rows, and raises WriteError.
     """
 
-    def __init__(self, path, resume_step=None):
-        self.path = path
-        rows = []
+    def __init__(self, path, resume_step=None, fields=CSV_FIELDS, what="loss log"):
+        self.path, self.what = path, what
+        self.rows = []  # the kept rows, as {field: text}
         if resume_step is not None and os.path.exists(path):
             with open(path, newline="") as f:
-                rows = [[r.get(k, "") for k in CSV_FIELDS] for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        fileio.write_text(path, _csv_text(rows, CSV_FIELDS), "loss log")
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        fileio.write_text(path, _csv_text([[r.get(k, "") for k in fields] for r in self.rows], fields), what)
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         self.size = os.fstat(self.fd).st_size
 
@@ -243,7 +255,7 @@ class LossLog:
                 os.ftruncate(self.fd, self.size)  # no half row
             except OSError:
                 pass
-            raise fileio.write_error("loss log", self.path, e, len(data)) from None
+            raise fileio.write_error(self.what, self.path, e, len(data)) from None
         self.size += len(data)
 
     def close(self):

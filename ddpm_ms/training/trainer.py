@@ -169,10 +169,16 @@ class Trainer:
         return {"model": self._param_names(), "ema": self._ema_state(), "opt": self._opt_state(),
                 "state": self._misc_state()}
 
-    def save(self, manager, epoch, step_in_epoch):
-        meta = {"config": self.cfg, "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+    def _meta(self, epoch, step_in_epoch):
+        return {"config": self.cfg, "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "world_size": self.world_size, "backend": self.backend, "time": time.time()}
-        return manager.save(self.step, self.state_groups(), meta)
+
+    def save(self, manager, epoch, step_in_epoch):
+        return manager.save(self.step, self.state_groups(), self._meta(epoch, step_in_epoch))
+
+    def save_best(self, path, epoch, step_in_epoch, quality):
+        """The state of this step as the run's best checkpoint (``quality``: its quality.csv row), atomically."""
+        return ckpt.save(path, self.state_groups(), dict(self._meta(epoch, step_in_epoch), quality=quality))
 
     def restore(self, path, groups, meta):
         saved = {"config": saved_config(meta)}

@@ -213,6 +213,20 @@ class CheckpointManager:
         return None
 
 
+BEST_NAME = "best.ckpt"  # a run's lowest-FD checkpoint (keep_best), beside the rotated ckpt_step*.ckpt
+
+
+def best_checkpoint(run_dir):
+    """The best checkpoint of a run directory (written during training with eval_every_steps and keep_best)."""
+    if not os.path.isdir(run_dir):
+        raise UserError(f"--best takes a run directory as --checkpoint, got {run_dir}")
+    for path in (os.path.join(run_dir, "checkpoints", BEST_NAME), os.path.join(run_dir, BEST_NAME)):
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"{run_dir} has no best checkpoint ({run_dir}/checkpoints/{BEST_NAME}); runs write it when they "
+                    "evaluate during training (eval_every_steps > 0, keep_best: true)")
+
+
 def resolve_checkpoint(path):
     """A checkpoint file, or a run directory (its newest checkpoint)."""
     if os.path.isdir(path):
