@@ -71,7 +71,8 @@ def hidden_files(out):
 
 
 def one_error_line(stderr):
-    lines = [line for line in stderr.strip().splitlines() if not line.startswith(("resumed from", "training on"))]
+    info = ("resumed from", "training on", "epoch ")  # the progress lines before the error
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith(info)]
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     return lines[0]
 
