@@ -27,7 +27,7 @@ def pytest_configure(config):
 # order, by number of tests, puts the 2-test notebook file last: the README's command passes
 # --no-loadscope-reorder so that this order is used.)
 LONGEST_FIRST = ("test_notebook.py", "test_distributed.py", "test_crash_resume.py", "test_train.py",
-                 "test_kernels.py", "test_ir_guard.py", "test_float16.py", "test_msrun_failures.py",
+                 "test_watch.py", "test_kernels.py", "test_ir_guard.py", "test_float16.py", "test_msrun_failures.py",
                  "test_conditional.py", "test_export.py", "test_samplers.py", "test_cli.py", "test_pipeline.py")
 
 
