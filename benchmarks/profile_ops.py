@@ -110,10 +110,14 @@ def custom_kernel(name, shapes, act):
         return "group_norm bwd", NORM
     if n in (3, 4) and ranks[:2] == [4, 1]:
         return "group_norm fwd", NORM
-    if n == 1:  # one 4-d input in the backward pass: the time shift's bias gradient
-        return ("plane_sum", OTHER) if ranks[0] == 4 and name.startswith("Gradients/") else (f"{act} fwd", NORM)
+    if n == 1 and name.startswith("Gradients/"):  # one 4-d input in the backward pass (scopes unreliable there)
+        return "plane_sum / bias_grad / upsample2x bwd", OTHER
+    if n == 1:  # forward scopes name the cell
+        return ("upsample2x fwd", OTHER) if "NearestUpsample2x" in name else (f"{act} fwd", NORM)
     if ranks == [4, 2]:  # x [N, C, H, W] + b [N, C]: the time embedding added per channel
         return "plane_add", OTHER
+    if ranks == [4, 1]:  # x [N, C, H, W] + b [C]: a convolution's bias
+        return "bias_add", OTHER
     if n == 2 and shapes[0] == shapes[1]:
         return f"{act} bwd", NORM
     w, pass_ = shapes[-1], "bwd_input" if name.startswith("Gradients/") else "fwd"

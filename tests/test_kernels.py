@@ -372,6 +372,40 @@ def test_depthwise_conv_cell_matches_builtin_conv():
     np.testing.assert_allclose(cell(x).asnumpy(), ref(x).asnumpy(), rtol=1e-5, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- nearest x2 up-sampling
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(2, 3, 7, 6), (1, 2, 1, 1), (64, 4, 14, 14)])
+def test_nearest_upsample_forward_and_gradient(shape):
+    """Every output pixel is its source pixel (bit for bit); the gradient sums each 2x2 block; the kernels
+    are used, and the built-in path (fast_kernels=False, as exported) gives the same."""
+    x = _rng(7).standard_normal(shape).astype(np.float32)
+    n, c, h, w = shape
+    dy = _rng(8).standard_normal((n, c, 2 * h, 2 * w)).astype(np.float32)
+    ref = x.repeat(2, axis=2).repeat(2, axis=3)
+    dref = dy.astype(np.float64).reshape(n, c, h, 2, w, 2).sum(axis=(3, 5))
+    for fast in (None, False):
+        cell = layers.NearestUpsample2x(fast_kernels=fast)
+        assert (cell._fast is not None) == (fast is None)
+        np.testing.assert_array_equal(cell(Tensor(x)).asnumpy(), ref)
+        _close(_grads(cell, [x], dy, 0)[0], dref)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (3, 7, 1, 1), (16, 8, 14, 14)])
+def test_bias_add_forward_and_gradients(shape):
+    """y = x + b per channel, exactly as MindSpore's BiasAdd; db sums dy over N, H, W."""
+    x = _rng(9).standard_normal(shape).astype(np.float32)
+    b = _rng(10).standard_normal(shape[1]).astype(np.float32)
+    dy = _rng(11).standard_normal(shape).astype(np.float32)
+    fast = kernels.ops()
+    np.testing.assert_array_equal(fast.bias_add(Tensor(x), Tensor(b)).asnumpy(),
+                                  ops.bias_add(Tensor(x), Tensor(b)).asnumpy())
+    dx, db = _grads(_Call(fast.bias_add), [x, b], dy, (0, 1))
+    np.testing.assert_array_equal(dx, dy)
+    _close(db, dy.astype(np.float64).sum(axis=(0, 2, 3)))
+
+
 # ----------------------------------------------------------------------------- dense conv
 
 needs_conv = pytest.mark.skipif(not kernels.conv_enabled(), reason=f"conv kernels unavailable: {kernels.status()}")

@@ -34,6 +34,7 @@ from ddpm_ms.models.embeddings import SinusoidalTimestepEmbedding
 from ddpm_ms.models.layers import (
     Conv2d,
     GroupNorm,
+    NearestUpsample2x,
     SiLU,
     TimeShift,
     full_attention,
@@ -152,12 +153,11 @@ class Upsample2D(nn.Cell):
 
     def __init__(self, channels, fast_kernels=None):
         super().__init__()
+        self.up = NearestUpsample2x(fast_kernels)
         self.conv = Conv2d(channels, channels, 3, padding=1, has_bias=True, fast_kernels=fast_kernels)
 
     def construct(self, x):
-        b, c, h, w = x.shape
-        x = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2)).reshape(b, c, 2 * h, 2 * w)
-        return self.conv(x)
+        return self.conv(self.up(x))
 
 
 class DownBlock2D(nn.Cell):

@@ -122,7 +122,7 @@ class Conv2d(nn.Conv2d):
     def construct(self, x):
         if use_kernels(self._fast, x, self.weight) and (self._same or (x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)):
             y = self._fast.conv_same(x, self.weight) if self._same else self._fast.conv_down(x, self.weight)
-            return ops.bias_add(y, self.bias) if self.has_bias else y
+            return self._fast.bias_add(y, self.bias) if self.has_bias else y
         return super().construct(x)
 
 
@@ -184,6 +184,21 @@ class GroupNorm(nn.GroupNorm):
         return out.astype(x.dtype if self.out_dtype is None else self.out_dtype)
 
 
+class NearestUpsample2x(nn.Cell):
+    """Nearest-neighbour x2 up-sampling of [N, C, H, W] (each pixel becomes a 2x2 block); a compiled
+    kernel on CPU for float32 (MindSpore's CPU BroadcastTo and its ReduceSum gradient are slow)."""
+
+    def __init__(self, fast_kernels=None):
+        super().__init__()
+        self._fast = kernel_ops(fast_kernels)
+
+    def construct(self, x):
+        if use_kernels(self._fast, x):
+            return self._fast.upsample2x(x)
+        b, c, h, w = x.shape
+        return ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2)).reshape(b, c, 2 * h, 2 * w)
+
+
 class TimeShift(nn.Cell):
     """``h + emb[:, :, None, None]``: a per-sample, per-channel shift (the blocks' time and
     class conditioning); a compiled kernel on CPU for float32."""
@@ -204,7 +219,7 @@ def pointwise(x, weight, bias, fast):
     ``fast``: ``kernel_ops(..., conv=True)`` (a 1x1 ``conv_same``) or None."""
     w = weight.astype(x.dtype)
     if use_kernels(fast, x):
-        return ops.bias_add(fast.conv_same(x, w.reshape(w.shape[0], w.shape[1], 1, 1)), bias)
+        return fast.bias_add(fast.conv_same(x, w.reshape(w.shape[0], w.shape[1], 1, 1)), bias)
     n, c, h, wd = x.shape
     y = ops.matmul(w, x.reshape(n, c, h * wd)) + bias.astype(x.dtype).reshape(1, -1, 1)
     return y.reshape(n, w.shape[0], h, wd)

@@ -84,7 +84,8 @@ def _attention_op(custom, kind, saved_tail):
 
 
 def make_ops(lib, conv=False):
-    """Custom ops for the library at ``lib``: gelu, silu, group_norm, dwconv, plane_add, the fused
+    """Custom ops for the library at ``lib``: gelu, silu, group_norm, dwconv, plane_add, bias_add,
+    upsample2x, the fused
     attentions ``linear_attention`` and ``full_attention`` (see :func:`_attention_op`), all
     differentiable, all_finite, and with ``conv`` the dense convolutions of :func:`_conv_ops`."""
 
@@ -139,6 +140,22 @@ def make_ops(lib, conv=False):
     # x [N, C, H, W] + b [N, C] broadcast over H, W
     plane_add = custom("plane_add_fwd", lambda x, b: x, lambda x, b: x, plane_add_bprop)
 
+    bias_grad = custom("bias_grad", lambda dy: [dy[1]], _same)
+
+    def bias_add_bprop(x, b, out, dout):
+        return dout, bias_grad(dout)
+
+    # x [N, C, H, W] + b [C] broadcast over N, H, W (a convolution's bias)
+    bias_add = custom("bias_add_fwd", lambda x, b: x, lambda x, b: x, bias_add_bprop)
+
+    upsample2x_bwd = custom("upsample2x_bwd", lambda dy: [dy[0], dy[1], dy[2] // 2, dy[3] // 2], _same)
+
+    def upsample2x_bprop(x, out, dout):
+        return (upsample2x_bwd(dout),)
+
+    # nearest-neighbour x2: x [N, C, H, W] -> [N, C, 2H, 2W]
+    upsample2x = custom("upsample2x_fwd", lambda x: [x[0], x[1], 2 * x[2], 2 * x[3]], _same, upsample2x_bprop)
+
     # all_finite(*tensors) -> float32 [1]: 1.0 if every element of every tensor is finite
     all_finite = custom("all_finite", lambda *shapes: [1], lambda *dtypes: dtypes[0])
 
@@ -146,7 +163,8 @@ def make_ops(lib, conv=False):
     ema_update = custom("ema_update", _first_half, _first_half)
 
     return SimpleNamespace(gelu=gelu, silu=silu, group_norm=group_norm, group_norm_eps=group_norm_eps,
-                           dwconv=dwconv, plane_add=plane_add,
+                           dwconv=dwconv, plane_add=plane_add, upsample2x=upsample2x,
+                           upsample2x_bwd=upsample2x_bwd, bias_add=bias_add, bias_grad=bias_grad,
                            all_finite=all_finite, ema_update=ema_update,
                            linear_attention=_attention_op(custom, "linear", lambda d, n: [d, d]),
                            full_attention=_attention_op(custom, "full", lambda d, n: [n, n]),

@@ -27,6 +27,10 @@
 //   dwconv_bwd_filter(dy, x, w) -> dw[C,1,K,K]  (w only gives the kernel shape)
 //   plane_add_fwd(x[N,C,H,W], b[N,C]) -> y   y = x + b[:, :, None, None] (the U-Net's time shift)
 //   plane_sum_fwd(dy[N,C,H,W]) -> db[N,C]    its b-gradient: sum over H, W
+//   bias_add_fwd(x[N,C,H,W], b[C]) -> y      y = x + b[None, :, None, None] (a convolution's bias)
+//   bias_grad(dy[N,C,H,W]) -> db[C]          its b-gradient: sum over N, H, W
+//   upsample2x_fwd(x[N,C,H,W]) -> y[N,C,2H,2W]   nearest-neighbour x2: y[.., i, j] = x[.., i/2, j/2]
+//   upsample2x_bwd(dy[N,C,2H,2W]) -> dx[N,C,H,W] its adjoint: the sum of each 2x2 block
 //   all_finite(t_1, ..., t_k) -> ok[1]      1.0 if every element of every tensor is finite, else 0.0
 //                                          (one op for all gradients, instead of two per tensor)
 // The group norm epsilon is 1e-5 (nn.GroupNorm's default), or the value of an extra eps input.
@@ -118,6 +122,30 @@ int binary(int nparam, void **params, int *ndims, int64_t **shapes, const char *
   return 0;
 }
 
+// the sum of one H*W plane, accumulated in double
+inline double plane_total(const float *xp, int64_t HW) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < HW; ++i) s += xp[i];
+  return s;
+}
+
+// y = x + v(p) on every H*W plane p of x (params: x, _, y), for the time shift and the conv bias
+template <class V>
+void add_per_plane(void **params, int64_t planes, int64_t HW, V v_of) {
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[2]);
+  parallel_for(planes, std::max<int64_t>(1, 16384 / HW), planes * HW, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      const float v = v_of(p);
+      const float *xp = x + p * HW;
+      float *yp = y + p * HW;
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) yp[i] = xp[i] + v;
+    }
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -149,18 +177,8 @@ int plane_add_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const
   if (nparam != 3 || ndims[0] != 4 || ndims[1] != 2 || !all_float32(nparam, dtypes)) return 1;
   const int64_t planes = shapes[0][0] * shapes[0][1], HW = shapes[0][2] * shapes[0][3];
   if (shapes[1][0] * shapes[1][1] != planes) return 1;
-  const float *x = static_cast<const float *>(params[0]);
   const float *b = static_cast<const float *>(params[1]);
-  float *y = static_cast<float *>(params[2]);
-  parallel_for(planes, std::max<int64_t>(1, 16384 / HW), planes * HW, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      const float v = b[p];
-      const float *xp = x + p * HW;
-      float *yp = y + p * HW;
-#pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) yp[i] = xp[i] + v;
-    }
-  });
+  add_per_plane(params, planes, HW, [&](int64_t p) { return b[p]; });
   return 0;
 }
 
@@ -172,11 +190,78 @@ int plane_sum_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const
   float *out = static_cast<float *>(params[1]);
   parallel_for(planes, std::max<int64_t>(1, 16384 / HW), planes * HW, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) {
-      const float *xp = x + p * HW;
+      out[p] = static_cast<float>(plane_total(x + p * HW, HW));
+    }
+  });
+  return 0;
+}
+
+int bias_add_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                 void *, void *) {
+  if (nparam != 3 || ndims[0] != 4 || ndims[1] != 1 || !all_float32(nparam, dtypes)) return 1;
+  const int64_t C = shapes[0][1], planes = shapes[0][0] * C, HW = shapes[0][2] * shapes[0][3];
+  if (shapes[1][0] != C) return 1;
+  const float *b = static_cast<const float *>(params[1]);
+  add_per_plane(params, planes, HW, [&](int64_t p) { return b[p % C]; });
+  return 0;
+}
+
+int bias_grad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+              void *) {
+  if (nparam != 2 || ndims[0] != 4 || ndims[1] != 1 || !all_float32(nparam, dtypes)) return 1;
+  const int64_t N = shapes[0][0], C = shapes[0][1], HW = shapes[0][2] * shapes[0][3];
+  if (shapes[1][0] != C) return 1;
+  const float *dy = static_cast<const float *>(params[0]);
+  float *db = static_cast<float *>(params[1]);
+  parallel_for(C, std::max<int64_t>(1, 16384 / (N * HW)), N * C * HW, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
       double s = 0.0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < HW; ++i) s += xp[i];
-      out[p] = static_cast<float>(s);
+      for (int64_t n = 0; n < N; ++n) s += plane_total(dy + (n * C + c) * HW, HW);
+      db[c] = static_cast<float>(s);
+    }
+  });
+  return 0;
+}
+
+int upsample2x_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                   void *, void *) {
+  if (nparam != 2 || ndims[0] != 4 || ndims[1] != 4 || !all_float32(nparam, dtypes)) return 1;
+  const int64_t planes = shapes[0][0] * shapes[0][1], H = shapes[0][2], W = shapes[0][3];
+  if (shapes[1][0] * shapes[1][1] != planes || shapes[1][2] != 2 * H || shapes[1][3] != 2 * W) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  parallel_for(planes, std::max<int64_t>(1, 16384 / (4 * H * W)), 4 * planes * H * W, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      const float *xp = x + p * H * W;
+      float *yp = y + p * 4 * H * W;
+      for (int64_t i = 0; i < H; ++i) {
+        float *row = yp + 2 * i * 2 * W;
+#pragma omp simd
+        for (int64_t j = 0; j < 2 * W; ++j) row[j] = xp[i * W + j / 2];
+        std::memcpy(row + 2 * W, row, 2 * W * sizeof(float));
+      }
+    }
+  });
+  return 0;
+}
+
+int upsample2x_bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                   void *, void *) {
+  if (nparam != 2 || ndims[0] != 4 || ndims[1] != 4 || !all_float32(nparam, dtypes)) return 1;
+  const int64_t planes = shapes[1][0] * shapes[1][1], H = shapes[1][2], W = shapes[1][3];
+  if (shapes[0][0] * shapes[0][1] != planes || shapes[0][2] != 2 * H || shapes[0][3] != 2 * W) return 1;
+  const float *dy = static_cast<const float *>(params[0]);
+  float *dx = static_cast<float *>(params[1]);
+  parallel_for(planes, std::max<int64_t>(1, 16384 / (4 * H * W)), 4 * planes * H * W, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      const float *dp = dy + p * 4 * H * W;
+      float *xp = dx + p * H * W;
+      for (int64_t i = 0; i < H; ++i) {
+        const float *r0 = dp + 2 * i * 2 * W, *r1 = r0 + 2 * W;
+#pragma omp simd
+        for (int64_t j = 0; j < W; ++j)
+          xp[i * W + j] = (r0[2 * j] + r0[2 * j + 1]) + (r1[2 * j] + r1[2 * j + 1]);
+      }
     }
   });
   return 0;
