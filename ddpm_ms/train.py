@@ -131,7 +131,11 @@ def _train(cfg, run, resume, overwrite, progress, eval_explicit):
     # a save and at the end of an epoch): a host read per step would stall the device's launch queue
     pending = []  # (step, epoch, lr, STATS tensor)
     nonfinite = 0
-    clock = {"last": time.perf_counter(), "train": 0.0, "images": 0}  # training time, without sampling
+    clock = {"last": time.perf_counter(), "train": 0.0, "steps": 0}  # training time, without sampling
+
+    def speed():
+        """The run's speed and memory so far (training time only), for the log lines."""
+        return speed_line(clock["steps"] * cfg["batch_size"], clock["train"], clock["steps"], backend)
 
     def flush():
         """Read the pending steps, log them (rank 0) and stop on a diverged loss; returns the last loss or None."""
@@ -141,7 +145,7 @@ def _train(cfg, run, resume, overwrite, progress, eval_explicit):
         now = time.perf_counter()
         seconds, clock["last"] = now - clock["last"], now
         clock["train"] += seconds
-        clock["images"] += len(rows) * cfg["batch_size"]
+        clock["steps"] += len(rows)
         stop = None
         for i, (step, _, _, stats) in enumerate(rows):  # the same averaged losses on every rank
             nonfinite = 0 if np.isfinite(stats["loss"]) else nonfinite + 1
@@ -224,9 +228,8 @@ def _train(cfg, run, resume, overwrite, progress, eval_explicit):
             flush()
             bar.close()
             if main_process:
-                print(f"epoch {epoch + 1}/{trainer.epochs}: step {trainer.step}, "
-                      f"{speed_line(clock['images'], clock['train'], clock['images'] // cfg['batch_size'], backend)}",
-                      file=sys.stderr, flush=True)
+                print(f"epoch {epoch + 1}/{trainer.epochs}: step {trainer.step}, {speed()}", file=sys.stderr,
+                      flush=True)
             epoch_done = trainer.step % trainer.steps_per_epoch == 0
             epoch, skip = (epoch + 1, 0) if epoch_done else (epoch, skip + done)
             finished = trainer.step >= trainer.total_steps
@@ -241,8 +244,7 @@ def _train(cfg, run, resume, overwrite, progress, eval_explicit):
                 board.grid("samples", images, trainer.step, nrow=cfg["num_classes"])
                 paused()
         if main_process:
-            speed = speed_line(clock["images"], clock["train"], clock["images"] // cfg["batch_size"], backend)
-            write_final_outputs(trainer, run, cfg, progress, board, speed)
+            write_final_outputs(trainer, run, cfg, progress, board, speed())
     finally:
         for csv_log in (log, qlog):
             if csv_log:

@@ -6,7 +6,7 @@ The numbers equal those of ``ddpm-evaluate --checkpoint <that step's checkpoint>
 --seed <seed>``: the same images (same weights, sampler and noise) through the same classifier and
 :func:`ddpm_ms.evaluation.metrics.evaluate_images`. They go to ``quality.csv`` and TensorBoard, and
 with ``keep_best`` the checkpoint of the lowest FD so far is kept as ``checkpoints/best.ckpt``.
-A 256-dimensional feature covariance needs more than 256 samples: ``eval_num`` >= 256 (500 gives a
+A 256-dimensional feature covariance needs more than 256 samples: ``eval_num`` > 256 (500 gives a
 usable trend; the README's reference numbers use 10,000).
 """
 
