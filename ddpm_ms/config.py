@@ -23,6 +23,7 @@ from ddpm_ms.diffusion import (
     PREDICTION_TYPES,
     SAMPLERS,
     SCHEDULES,
+    TIMESTEP_SAMPLINGS,
     VARIANCE_TYPES,
 )
 from ddpm_ms.models import ACTIVATIONS, ARCHS, BLOCK_TYPES, level_problem
@@ -71,6 +72,11 @@ DEFAULTS = {
     "loss_weighting": "none",
     "min_snr_gamma": 5.0,
     "zero_terminal_snr": False,
+    # --- which noise levels a step trains on (docs/recipes.md): the density of t, and one t per stratum ---
+    "timestep_sampling": "uniform",  # logit_normal (Esser et al. 2024) or log_normal (Karras et al. 2022): normal in log-SNR
+    "timestep_mean": None,  # its location in its own units: logit_normal: of logit(t) (default 0); log_normal: of ln sigma (-1.2)
+    "timestep_std": None,  # its spread in the same units (default 1; 1.2)
+    "stratified_timesteps": False,  # the batch's t: one in each of batch_size equal-probability strata (Kingma et al. 2021)
     # --- class conditioning (num_classes above; null class = num_classes) ---
     "label_dropout": 0.1,
     "guidance": 0.0,
@@ -79,10 +85,13 @@ DEFAULTS = {
     "grad_accum_steps": 1,  # N micro-batches of batch_size / N per optimizer step (same update, less memory)
     "epochs": 10,
     "max_steps": None,
+    "train_minutes": None,  # a time budget: the run's steps fixed from the measured step time (max_steps wins if set)
     "lr": 0.0002,
     "min_lr": 1.0e-7,
     "lr_schedule": "cosine",
     "warmup_steps": 0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
     "grad_clip": None,
     "loss_scale": 65536.0,
     "loss_scale_factor": 2,
@@ -108,6 +117,10 @@ DEFAULTS = {
     "sample_steps": None,
     "eta": 0.0,
     "variance": "posterior",
+    "s_churn": 0.0,  # sampler heun: Karras et al. 2022's S_churn (0: the deterministic Algorithm 1; > 0: Algorithm 2)
+    "s_tmin": 0.0,  # churn only where S_tmin <= sigma <= S_tmax (sigma = sqrt((1 - abar) / abar))
+    "s_tmax": None,  # (None: no upper bound)
+    "s_noise": 1.0,  # S_noise: the std factor of the noise added by churn
     "clip_denoised": True,
     "gif_frames": 40,
     "gif_images": 16,  # the final GIF shows the first gif_images of the num_samples images
@@ -135,11 +148,13 @@ CHOICES = {
     "dtype": DTYPES,
     "jit_level": JIT_LEVELS,
     "log_tensorboard": ("auto", True, False),
+    "timestep_sampling": TIMESTEP_SAMPLINGS,
 }
 
 # numeric keys (every one is checked to be finite and of a sane magnitude)
 INT_LIST_KEYS = ("dim_mults", "attn_levels")
-FLOAT_KEYS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, float)) + ("grad_clip",)  # optional
+FLOAT_KEYS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, float)) + (
+    "grad_clip", "timestep_mean", "timestep_std", "train_minutes", "s_tmax")  # optional
 INT_KEYS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, int) and not isinstance(v, bool)) + (
     "init_dim", "max_steps", "sample_steps", "num_classes", "save_every_steps", "attn_head_dim")  # optional
 NUMERIC_KEYS = INT_KEYS + FLOAT_KEYS + INT_LIST_KEYS
@@ -152,8 +167,10 @@ POSITIVE = ("image_size", "channels", "num_workers", "dim", "convnext_mult", "re
             "batch_size", "epochs", "lr", "loss_scale", "loss_scale_window", "save_every", "keep_checkpoints",
             "num_samples", "gif_frames", "save_every_steps", "init_dim", "max_steps", "sample_steps", "num_classes",
             "beta_start", "beta_end", "loss_scale_factor", "gif_images", "layers_per_block", "norm_eps",
-            "attn_head_dim", "grad_clip", "min_snr_gamma", "grad_accum_steps", "log_every", "eval_num")
-NON_NEGATIVE = ("min_lr", "warmup_steps", "sample_every", "seed", "freq_shift", "eval_every_steps")
+            "attn_head_dim", "grad_clip", "min_snr_gamma", "grad_accum_steps", "log_every", "eval_num",
+            "timestep_std", "train_minutes", "s_tmax", "s_noise")
+NON_NEGATIVE = ("min_lr", "warmup_steps", "sample_every", "seed", "freq_shift", "eval_every_steps", "s_churn",
+                "s_tmin")
 
 # keys that define the network's architecture (stored in checkpoints, checked on load)
 ARCH_KEYS = ("image_size", "channels", "dim", "init_dim", "dim_mults", "block_type", "convnext_mult",
@@ -322,6 +339,14 @@ def validate(cfg):
         raise UserError(f"config key 'seed' = {cfg['seed']} is too large for {cfg['epochs']} epochs: each epoch's data "
                         f"order is seeded with seed * 1000 + epoch, which must stay below 2**32 (seed <= "
                         f"{max(0, (MAX_SEED + 1 - cfg['epochs']) // 1000)})")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= cfg[key] < 1.0:
+            raise UserError(f"config key {key!r} must be in [0, 1), got {cfg[key]}")
+    if cfg["s_tmax"] is not None and cfg["s_tmax"] < cfg["s_tmin"]:
+        raise UserError(f"config key 's_tmax' ({cfg['s_tmax']}) must be >= s_tmin ({cfg['s_tmin']})")
+    if cfg["timestep_sampling"] == "uniform" and (cfg["timestep_mean"] is not None or cfg["timestep_std"] is not None):
+        raise UserError("timestep_mean / timestep_std set the density of timestep_sampling logit_normal or "
+                        "log_normal; with timestep_sampling uniform they do nothing: drop them or pick a density")
     if not 0.0 <= cfg["ema_decay"] < 1.0:
         raise UserError(f"config key 'ema_decay' must be in [0, 1), got {cfg['ema_decay']}")
     if cfg["beta_schedule"] != "cosine" and not 0 < cfg["beta_start"] <= cfg["beta_end"] < 1:

@@ -98,7 +98,8 @@ def sampler_options(cfg, sampler=None, steps=None, eta=None):
     """The sampler, its steps and eta (default: the config's) and the model's own options, as keyword arguments."""
     return dict(sampler=sampler or cfg["sampler"], steps=steps if steps is not None else cfg["sample_steps"],
                 eta=cfg["eta"] if eta is None else eta, clip_denoised=cfg["clip_denoised"],
-                variance=cfg["variance"], prediction_type=cfg["prediction_type"])
+                variance=cfg["variance"], prediction_type=cfg["prediction_type"],
+                churn=(cfg["s_churn"], cfg["s_tmin"], cfg["s_tmax"], cfg["s_noise"]))
 
 
 def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0, dtype=ms.float32,
