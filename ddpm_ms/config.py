@@ -178,7 +178,8 @@ ARCH_KEYS = ("image_size", "channels", "dim", "init_dim", "dim_mults", "block_ty
              "norm_eps", "attn_head_dim", "flip_sin_to_cos", "freq_shift", "downsample_padding")
 SCHEDULE_KEYS = ("timesteps", "beta_schedule", "beta_start", "beta_end", "zero_terminal_snr")
 # keys of the training objective (a resumed run must keep them)
-OBJECTIVE_KEYS = ("loss_type", "prediction_type", "loss_weighting", "min_snr_gamma")
+OBJECTIVE_KEYS = ("loss_type", "prediction_type", "loss_weighting", "min_snr_gamma", "timestep_sampling",
+                  "timestep_mean", "timestep_std")
 
 
 def _unknown_key(key, where):

@@ -21,7 +21,14 @@ from ddpm_ms import data
 from ddpm_ms.command_line import add_device_args, run_cli
 from ddpm_ms.config import load_config, parse_overrides, save_config
 from ddpm_ms.utils.device import setup_device
-from ddpm_ms.training.distributed import check_same_resume_step, device_batch_size, init_distributed, run_on_main
+from ddpm_ms.training.budget import TimeBudget, left_text
+from ddpm_ms.training.distributed import (
+    check_same_resume_step,
+    device_batch_size,
+    init_distributed,
+    rank_zero_value,
+    run_on_main,
+)
 from ddpm_ms.utils.errors import WriteError
 from ddpm_ms.utils.fileio import npy_bytes, write_bytes
 from ddpm_ms.training import quality
@@ -88,6 +95,7 @@ def train(cfg, resume=False, overwrite=False, progress=True, eval_explicit=True)
 def _train(cfg, run, resume, overwrite, progress, eval_explicit):
     from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
+    cfg = dict(cfg)  # a time budget records its steps in it (max_steps)
     data_dir = data.locate(cfg["dataset"], cfg["data_dir"])
     data.check_config(data.dataset_spec(cfg["dataset"], data_dir, cfg["image_size"], cfg["channels"]), cfg)
     evaluating = quality.wanted(cfg, eval_explicit)
@@ -98,13 +106,16 @@ def _train(cfg, run, resume, overwrite, progress, eval_explicit):
     # before anything is written: a batch larger than the data set is a user error
     steps_per_epoch = make_dataset(cfg, data_dir, rank, world_size, random_flip=False).get_dataset_size()
     run_on_main(lambda: run.prepare(resume, overwrite), rank, world_size)
-    trainer = Trainer(cfg, backend, steps_per_epoch, rank, world_size)
     manager = ckpt.CheckpointManager(run.checkpoints, cfg["keep_checkpoints"])
-
-    epoch, skip = 0, 0
     latest = resume_point(manager, resume, verbose=main_process)
     if resume:
         check_same_resume_step(latest[2]["step"] if latest else -1, rank, world_size, run.checkpoints)
+    budget_steps = budgeted_steps(cfg, latest, main_process)
+    if budget_steps:  # a time-budget run resumed after its steps were fixed: the same schedule, not a new measure
+        cfg["max_steps"] = budget_steps
+    trainer = Trainer(cfg, backend, steps_per_epoch, rank, world_size)
+
+    epoch, skip = 0, 0
     if latest:
         epoch, skip = trainer.restore(*latest)
         print(f"resumed from {latest[0]} at step {trainer.step}", file=sys.stderr)
@@ -125,7 +136,9 @@ def _train(cfg, run, resume, overwrite, progress, eval_explicit):
         with open(run.config) as f:
             board.text("config", f.read())
         print(f"training on {backend} ({trainer.dtype}) x {world_size}, {trainer.steps_per_epoch} steps/epoch, "
-              f"{trainer.total_steps} steps, output in {run.root}", file=sys.stderr)
+              + (f"a time budget of {cfg['train_minutes']:g} min (at most {trainer.total_steps} steps)"
+                 if cfg["train_minutes"] and not cfg["max_steps"] else f"{trainer.total_steps} steps")
+              + f", output in {run.root}", file=sys.stderr)
 
     # each step's statistics stay on the device until the next flush (every log_every steps, before
     # a save and at the end of an epoch): a host read per step would stall the device's launch queue
@@ -200,7 +213,26 @@ def _train(cfg, run, resume, overwrite, progress, eval_explicit):
                    f"({row['seconds']:.0f} s){note}", file=sys.stderr)
         paused()
 
+    budget = None
+    if cfg["train_minutes"] and not cfg["max_steps"]:
+        budget = TimeBudget(cfg["train_minutes"], trainer.step, trainer.total_steps)
+    elif cfg["train_minutes"] and not budget_steps and main_process:
+        print(f"note: max_steps={cfg['max_steps']} is set, so train_minutes={cfg['train_minutes']:g} is not used "
+              "(max_steps wins)", file=sys.stderr)
+
+    def decide_budget(total, bar):
+        """The budget's probe is over: fix the run's steps (every rank takes rank 0's), record them."""
+        total = budget.total = rank_zero_value(total, rank, world_size)
+        trainer.set_total_steps(total)
+        run_on_main(lambda: save_config(trainer.cfg, run.config), rank, world_size)
+        bar.total = min(trainer.steps_per_epoch, bar.n + 1 + total - trainer.step)  # this step is not counted yet
+        bar.set_description(f"epoch {epoch + 1}/{trainer.epochs}")
+        if main_process:
+            tqdm.write(budget.describe(), file=sys.stderr)
+
     try:
+        if budget:
+            budget.started()
         while trainer.step < trainer.total_steps:
             bar = tqdm(total=min(trainer.steps_per_epoch, trainer.total_steps - trainer.step + skip),
                        initial=skip, desc=f"epoch {epoch + 1}/{trainer.epochs}",
@@ -211,10 +243,17 @@ def _train(cfg, run, resume, overwrite, progress, eval_explicit):
                 pending.append((trainer.step + 1, epoch, lr, trainer.step_stats(images, labels)))
                 ckpt.fault_point("step", trainer.step)
                 done += 1
+                if budget and budget.wants_sync(trainer.step):
+                    flush()  # waits for the device: the probe times finished steps
+                    total = budget.observe(trainer.step)
+                    if total is not None:
+                        decide_budget(total, bar)
                 if len(pending) >= cfg["log_every"]:
                     loss = flush()
+                    left = budget.seconds_left(trainer.step) if budget else None
                     bar.set_postfix(loss=f"{loss:.4f}",
-                                    img_s=f"{done * cfg['batch_size'] / (time.perf_counter() - t0):.1f}")
+                                    img_s=f"{done * cfg['batch_size'] / (time.perf_counter() - t0):.1f}",
+                                    **({"left": left_text(left)} if left is not None else {}))
                 # evaluation before the checkpoint of the same step: a run killed in between resumes from
                 # the previous checkpoint and evaluates this step again, so quality.csv has no gap
                 if evaluating and (trainer.step % cfg["eval_every_steps"] == 0
@@ -251,6 +290,18 @@ def _train(cfg, run, resume, overwrite, progress, eval_explicit):
                 csv_log.close()
         board.close()
     return run
+
+
+def budgeted_steps(cfg, latest, verbose):
+    """The total steps a resumed time-budget run fixed (saved in its checkpoint's config), or None."""
+    if not (cfg["train_minutes"] and not cfg["max_steps"] and latest):
+        return None
+    saved = latest[2]["config"]
+    if not (saved.get("train_minutes") and saved.get("max_steps")):
+        return None  # stopped before its steps were fixed: measured again
+    if verbose:
+        print(f"time budget: {saved['max_steps']} steps, as fixed by this run before it stopped", file=sys.stderr)
+    return saved["max_steps"]
 
 
 def build_parser():

@@ -110,6 +110,16 @@ def check_same_resume_step(step, rank, world_size, checkpoints):
                         "filesystem, or a copy of it on each node)")
 
 
+def rank_zero_value(value, rank, world_size):
+    """Rank 0's ``value`` (an int below 2^24) on every rank: one AllReduce of one-hot rows. A time budget's
+    total steps (:mod:`ddpm_ms.training.budget`) is measured on each rank; all must take the same one."""
+    if world_size == 1:
+        return value
+    rows = np.zeros(world_size, np.float32)
+    rows[rank] = value
+    return int(_all_reduce_sum(rows)[0])
+
+
 def device_batch_size(cfg, world_size):
     """batch_size is the global batch; each of world_size devices takes an equal share.
 

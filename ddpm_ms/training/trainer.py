@@ -16,6 +16,7 @@ from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms.config import ARCH_KEYS, OBJECTIVE_KEYS, SCHEDULE_KEYS, saved_config
 from ddpm_ms.utils.device import compute_dtype, set_jit_level
 from ddpm_ms.diffusion.gaussian import loss_weights
+from ddpm_ms.diffusion.timesteps import TimestepSampler
 from ddpm_ms.training.ema import EMA
 from ddpm_ms.training.lr_schedule import learning_rates, steps_and_epochs
 from ddpm_ms.factory import cast_model, create_model, create_schedule
@@ -64,6 +65,7 @@ class Trainer:
         self.backend = backend
         self.dtype = compute_dtype(backend, cfg["dtype"])
         self.sched = create_schedule(cfg)
+        self.timesteps = TimestepSampler.from_config(self.sched, cfg)  # the density of t (docs/recipes.md)
         self.steps_per_epoch = steps_per_epoch
         self.epochs, self.total_steps = steps_and_epochs(cfg["epochs"], cfg["max_steps"], steps_per_epoch,
                                                          notify=rank == 0)
@@ -71,7 +73,8 @@ class Trainer:
         self.model = create_model(cfg)
         self.lrs = learning_rates(cfg["lr"], cfg["min_lr"], self.total_steps, cfg["warmup_steps"],
                                   cfg["lr_schedule"])
-        self.optimizer = nn.Adam(self.model.trainable_params(), learning_rate=self.lrs)
+        self.optimizer = nn.Adam(self.model.trainable_params(), learning_rate=self.lrs, beta1=cfg["adam_beta1"],
+                                 beta2=cfg["adam_beta2"])
         self.scaler = ms.amp.DynamicLossScaler(cfg["loss_scale"], cfg["loss_scale_factor"],
                                                cfg["loss_scale_window"])
         # scaling guards float16 gradients against underflow; in float32 multiplying by a power
@@ -102,6 +105,25 @@ class Trainer:
         seed_dropout(self.model, cfg["seed"], rank, self.step)
         self._sample_model = None
 
+    def set_total_steps(self, total):
+        """Fix the run's length at ``total`` steps (a time budget decided, :mod:`ddpm_ms.training.budget`).
+
+        The LR table keeps its length (the provisional cap; a compiled graph keeps its buffers, so
+        it is overwritten in place): entries up to ``total`` become the schedule of a ``total``-step
+        run, the rest (never used) its last rate. ``max_steps`` in the config (saved in every
+        checkpoint) records the number.
+        """
+        cap = len(self.lrs)
+        if not self.step <= total <= cap:
+            raise ValueError(f"total steps {total} must be in [{self.step}, {cap}]")
+        rates = learning_rates(self.cfg["lr"], self.cfg["min_lr"], total, self.cfg["warmup_steps"],
+                               self.cfg["lr_schedule"])
+        table = rates + [rates[-1]] * (cap - total)
+        ops.assign(self.optimizer.learning_rate.learning_rate, Tensor(np.array(table, np.float32)))
+        self.lrs, self.total_steps = table, total
+        self.epochs = -(-total // self.steps_per_epoch)
+        self.cfg["max_steps"] = total
+
     # ----- one step -----
     def step_stats(self, x_start, labels=None):
         """One optimisation step on this device's batch -> the STATS tensor, left on the device.
@@ -112,7 +134,7 @@ class Trainer:
         """
         batch = x_start.shape[0]
         rng = np.random.default_rng([self.cfg["seed"], self.step, self.rank])
-        t = rng.integers(0, self.sched.num_timesteps, size=(batch,)).astype(np.int32)
+        t = self.timesteps.draw(rng, batch)
         noise = rng.standard_normal(x_start.shape, dtype=np.float32)
         inputs = [x_start, t, noise]
         if self.cfg["num_classes"] is not None:
