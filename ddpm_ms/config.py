@@ -73,10 +73,10 @@ DEFAULTS = {
     "min_snr_gamma": 5.0,
     "zero_terminal_snr": False,
     # --- which noise levels a step trains on (docs/recipes.md): the density of t, and one t per stratum ---
-    "timestep_sampling": "uniform",  # logit_normal (Esser et al. 2024) or log_normal (Karras et al. 2022): normal in log-SNR
-    "timestep_mean": None,  # its location in its own units: logit_normal: of logit(t) (default 0); log_normal: of ln sigma (-1.2)
+    "timestep_sampling": "uniform",  # logit_normal (Esser et al. 2024), log_normal (Karras et al. 2022)
+    "timestep_mean": None,  # in the density's own units: logit(t) for logit_normal (default 0), ln sigma (-1.2)
     "timestep_std": None,  # its spread in the same units (default 1; 1.2)
-    "stratified_timesteps": False,  # the batch's t: one in each of batch_size equal-probability strata (Kingma et al. 2021)
+    "stratified_timesteps": False,  # one t in each of batch_size equal-probability strata (Kingma et al. 2021)
     # --- class conditioning (num_classes above; null class = num_classes) ---
     "label_dropout": 0.1,
     "guidance": 0.0,

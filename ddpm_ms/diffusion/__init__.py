@@ -8,4 +8,4 @@ VARIANCE_TYPES = ("posterior", "beta")  # gaussian.reverse_variance (config key 
 PREDICTION_TYPES = ("eps", "x0", "v")  # what the network predicts (see gaussian.model_output_to_eps_x0)
 LOSS_WEIGHTINGS = ("none", "min_snr")  # gaussian.loss_weights (config key loss_weighting)
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "heun")  # samplers.sample (heun: Karras et al. 2022, Alg. 1 / 2)
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "log_normal")  # timesteps.TimestepSampler (config key timestep_sampling)
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "log_normal")  # timesteps.TimestepSampler (timestep_sampling)
