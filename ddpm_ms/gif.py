@@ -5,6 +5,8 @@
 
 The frames are taken at an even pace of visible change, from the start noise to the sample
 (ddpm_ms.diffusion.frames), and the last one is held for --hold seconds before the loop restarts.
+By default (--source auto) a short chain (fewer than 3 states per frame, e.g. 20 DPM-Solver++ steps)
+shows the model's predictions of x_0 after the start noise, a long one the states x_t.
 """
 
 import argparse
@@ -23,8 +25,10 @@ def main(argv=None):
     parser.add_argument("--duration", type=float, default=4.0, help="seconds for the whole animation")
     parser.add_argument("--hold", type=float, default=1.0,
                         help="seconds the final frame stays before the loop restarts")
-    parser.add_argument("--source", choices=SOURCES, default="x",
-                        help="show x_t (x), the model's prediction of x_0 (x0) or both side by side in each frame")
+    parser.add_argument("--source", choices=SOURCES, default="auto",
+                        help="show x_t (x), the start noise then the model's prediction of x_0 (x0), both side by "
+                             "side, or auto (default): x when the chain has at least 3 states per frame, else x0 "
+                             "(x_t is noise for half of a short chain)")
     parser.add_argument("--label", action="store_true", help="print t and the noise level under each frame")
     parser.add_argument("--out", default="denoising.gif", help="output path: .gif, or .webp for a lossless WebP")
     args = parser.parse_args(argv)

@@ -103,15 +103,20 @@ def sampler_options(cfg, sampler=None, steps=None, eta=None):
 
 
 def generate(model, sched, cfg, num, sampler=None, steps=None, eta=None, seed=0, dtype=ms.float32,
-             gif_frames=0, gif_source="x", progress=True, x_T=None, classes=None, guidance=None):
+             gif_frames=0, gif_source="auto", progress=True, x_T=None, classes=None, guidance=None):
     """Sample ``num`` images -> (images [N, C, H, W] float32 numpy in [-1, 1], GIF frames).
 
     Sampler options default to the config's sampler / sample_steps / eta. With gif_frames > 0,
-    that many frames of x_t (gif_source="x"), of the predicted x_0 ("x0") or of both side by side
-    ("both") are kept, from the start noise to the sample at an even pace (ddpm_ms.diffusion.frames). x_T (a float32
-    array of [num, C, H, W]) replaces the seed's starting noise. For a class-conditional model,
-    ``classes`` (default 0, 1, 2, ... cycling) and ``guidance`` (default: the config's) apply.
-    ``model`` may also be an exported graph (``ddpm_ms.interop.exported.ExportedDenoiser``).
+    that many frames are kept, from the start noise to the sample at an even pace of visible
+    change (a :class:`ddpm_ms.diffusion.frames.DenoisingFrames`, with a label per frame): of x_t
+    (gif_source="x"), of the start noise and then the predicted x_0 ("x0"), of x_t and the predicted
+    x_0 side by side ("both"), or "auto": x_t when the chain has at least 3 states per frame (a
+    1000-step DDPM chain), else x0, whose frames show the picture forming even when x_t is still
+    noise for half of a short chain (ddpm_ms.diffusion.frames explains the rule and its
+    measurements). x_T (a float32 array of [num, C, H, W]) replaces the seed's starting noise.
+    For a class-conditional model, ``classes`` (default 0, 1, 2, ... cycling) and ``guidance``
+    (default: the config's) apply. ``model`` may also be an exported graph
+    (``ddpm_ms.interop.exported.ExportedDenoiser``).
     """
     eps_fn = model_eps_fn(model, cfg, num, classes, guidance, dtype)
     shape = (num, cfg["channels"], cfg["image_size"], cfg["image_size"])
