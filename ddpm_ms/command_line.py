@@ -9,7 +9,9 @@ run continues with --resume); 130 interrupted.
 The sampling commands (ddpm-sample, ddpm-gif, ddpm-figures, ddpm-evaluate) take one set of
 options, defined and checked here, and load their model with :func:`load_for_args`; the editing
 commands (ddpm-inpaint, ddpm-img2img) add theirs (:func:`add_editing_args`) and write their
-outputs with :func:`write_edits`.
+outputs with :func:`write_edits`. The heun sampler's churn flags (:func:`add_churn_args`: ddpm-sample,
+ddpm-gif, ddpm-figures and the editing commands) replace the loaded config's keys, which the
+sampling functions read.
 """
 
 import os
@@ -53,6 +55,20 @@ def add_sampler_args(parser, steps_help="sampling steps (default: config)", seed
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
 
 
+CHURN_FLAGS = (("churn", "s_churn"), ("s_tmin", "s_tmin"), ("s_tmax", "s_tmax"), ("s_noise", "s_noise"))
+
+
+def add_churn_args(parser):
+    """--churn, --s-tmin, --s-tmax, --s-noise: the heun sampler's churn (Karras et al. 2022, Algorithm 2); each
+    given one replaces the config key (s_churn, s_tmin, s_tmax, s_noise) of the loaded model."""
+    parser.add_argument("--churn", type=float, default=None, metavar="S_CHURN",
+                        help="sampler heun: EDM's S_churn >= 0 (0: deterministic Heun; default: the run's config)")
+    parser.add_argument("--s-tmin", type=float, default=None, help="heun churn only where sigma >= S_TMIN")
+    parser.add_argument("--s-tmax", type=float, default=None,
+                        help="heun churn only where sigma <= S_TMAX (inf: no bound)")
+    parser.add_argument("--s-noise", type=float, default=None, help="heun churn: EDM's S_noise > 0 (std factor)")
+
+
 def add_guidance_arg(parser, help="classifier-free guidance weight w >= 0 (default: the run's config)"):
     parser.add_argument("--guidance", type=float, default=None, help=help)
 
@@ -93,6 +109,7 @@ def add_sampling_args(parser):
                         help="with --checkpoint RUN: the run's best checkpoint (lowest FD during training) instead "
                              "of its newest")
     add_sampler_args(parser)
+    add_churn_args(parser)
     parser.add_argument("--num", type=int, default=64, help="number of images")
     parser.add_argument("--classes", default=None,
                         help="class-conditional models: comma-separated labels, one per image, e.g. 7,7,9")
@@ -116,6 +133,7 @@ def add_editing_args(parser):
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (its outputs must not exist)")
     add_sampler_args(parser, steps_help="the sampler's steps (default: the run's config)",
                      seed_help="seed of the noise (and of random masks)")
+    add_churn_args(parser)
     parser.add_argument("--num-per-image", type=int, default=1, metavar="K", help="results per image (default 1)")
     parser.add_argument("--classes", default=None,
                         help="class-conditional models: one label for all images or one per image, e.g. 7 or 7,7,9 "
@@ -137,6 +155,30 @@ def check_sampling_args(args, timesteps, min_num=1):
         raise UserError(f"--steps must be in 1..{timesteps} (the model's timesteps), got {args.steps}")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+
+
+def check_churn_args(args):
+    """--churn / --s-tmin / --s-tmax / --s-noise on their own (UserError naming the flag); before any loading."""
+    value = {flag: getattr(args, flag, None) for flag, _ in CHURN_FLAGS}
+    if value["churn"] is not None and not 0 <= value["churn"] < float("inf"):
+        raise UserError(f"--churn must be a finite number >= 0 (0: deterministic Heun), got {value['churn']}")
+    if value["s_tmin"] is not None and not 0 <= value["s_tmin"] < float("inf"):
+        raise UserError(f"--s-tmin must be a finite number >= 0, got {value['s_tmin']}")
+    if value["s_tmax"] is not None and not value["s_tmax"] >= 0:
+        raise UserError(f"--s-tmax must be >= 0 (inf: no bound), got {value['s_tmax']}")
+    if value["s_noise"] is not None and not 0 < value["s_noise"] < float("inf"):
+        raise UserError(f"--s-noise must be a finite number > 0, got {value['s_noise']}")
+
+
+def apply_churn_args(args, cfg):
+    """Put the churn flags given into ``cfg`` (the loaded model's config, which the sampling functions read:
+    ``generation.sampler_options``); UserError if S_tmax ends up below S_tmin."""
+    for flag, key in CHURN_FLAGS:
+        if getattr(args, flag, None) is not None:
+            cfg[key] = getattr(args, flag)
+    if cfg.get("s_tmax") is not None and cfg["s_tmax"] < cfg.get("s_tmin", 0.0):
+        raise UserError(f"S_tmax ({cfg['s_tmax']}) must be >= S_tmin ({cfg['s_tmin']}): check --s-tmin / --s-tmax "
+                        "and the run's config")
 
 
 def parse_classes(text):
@@ -177,6 +219,7 @@ def load_for_args(args, min_num=1):
 
     from ddpm_ms.utils import checkpoint as ckpt
 
+    check_churn_args(args)
     exported = getattr(args, "exported", None)
     if getattr(args, "best", False):
         if exported:
@@ -184,7 +227,12 @@ def load_for_args(args, min_num=1):
         args.checkpoint = ckpt.best_checkpoint(args.checkpoint)
     return load(exported or args.checkpoint, use_ema=not args.no_ema, device=args.device or "auto",
                 mode=args.mode or "graph", dtype=args.dtype, exported=bool(exported),
-                check=lambda cfg: check_sampling_args(args, cfg["timesteps"], min_num))
+                check=lambda cfg: _check_and_apply(args, cfg, min_num))
+
+
+def _check_and_apply(args, cfg, min_num=1):
+    check_sampling_args(args, cfg["timesteps"], min_num)
+    apply_churn_args(args, cfg)
 
 
 def load_for_editing(args):
@@ -193,11 +241,12 @@ def load_for_editing(args):
     from ddpm_ms.pipeline import load
 
     check_editing_args(args)
+    check_churn_args(args)
     outputs_free(args.out, args.kind)
     exported = getattr(args, "exported", None)
     loaded = load(exported or args.checkpoint, use_ema=not args.no_ema, device=args.device or "auto",
                   mode=args.mode or "graph", dtype=args.dtype, exported=bool(exported),
-                  check=lambda cfg: check_sampling_args(args, cfg["timesteps"]))
+                  check=lambda cfg: _check_and_apply(args, cfg))
     images, names = read_images(args.images, loaded.cfg["channels"], loaded.cfg["image_size"])
     return loaded, images, names
 

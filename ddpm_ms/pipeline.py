@@ -78,6 +78,24 @@ def load(source, use_ema=True, device=None, mode="graph", dtype=None, fast_kerne
     return Loaded(cast_model(model, dtype), create_schedule(cfg), cfg, dtype, path, backend)
 
 
+def with_churn(cfg, churn):
+    """``cfg`` with the heun sampler's churn replaced -> a new dict (``cfg`` itself if churn is None).
+
+    churn: EDM's S_churn (a number; the config's s_tmin, s_tmax, s_noise kept) or the tuple
+    (s_churn, s_tmin, s_tmax, s_noise) (s_tmax None: no bound). Bad values: UserError.
+    """
+    if churn is None:
+        return cfg
+    from ddpm_ms.diffusion.samplers import check_churn
+
+    values = tuple(churn) if isinstance(churn, (tuple, list)) else (churn, cfg["s_tmin"], cfg["s_tmax"], cfg["s_noise"])
+    try:
+        check_churn(values)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return dict(cfg, s_churn=values[0], s_tmin=values[1], s_tmax=values[2], s_noise=values[3])
+
+
 class DDPMPipeline:
     """A trained denoiser and its schedule: ``pipe(num=...)`` -> images.
 
@@ -104,24 +122,26 @@ class DDPMPipeline:
         return self.cfg["num_classes"]
 
     def sample(self, num=16, sampler=None, steps=None, eta=None, seed=0, classes=None, guidance=None,
-               gif_frames=0, gif_source="x", progress=False, x_T=None):
+               gif_frames=0, gif_source="auto", progress=False, x_T=None, churn=None):
         """-> (images [N, C, H, W] float32 in [-1, 1], GIF frames): the raw form the commands save.
 
-        Defaults come from the run's config (its sampler, sample_steps, eta, guidance); for a
-        class-conditional model ``classes`` defaults to 0, 1, 2, ... cycling.
+        Defaults come from the run's config (its sampler, sample_steps, eta, guidance, churn); for a
+        class-conditional model ``classes`` defaults to 0, 1, 2, ... cycling. churn: the heun sampler's
+        S_churn, or (s_churn, s_tmin, s_tmax, s_noise) (:func:`with_churn`), e.g.
+        ``pipe(sampler="heun", steps=20, churn=30)``.
         """
-        return generate(self.model, self.sched, self.cfg, num, sampler=sampler, steps=steps, eta=eta, seed=seed,
-                        dtype=self.dtype, gif_frames=gif_frames, gif_source=gif_source, progress=progress,
-                        x_T=x_T, classes=classes, guidance=guidance)
+        return generate(self.model, self.sched, with_churn(self.cfg, churn), num, sampler=sampler, steps=steps,
+                        eta=eta, seed=seed, dtype=self.dtype, gif_frames=gif_frames, gif_source=gif_source,
+                        progress=progress, x_T=x_T, classes=classes, guidance=guidance)
 
     def __call__(self, num=16, sampler=None, steps=None, eta=None, seed=0, classes=None, guidance=None,
-                 output="uint8", progress=False):
+                 output="uint8", progress=False, churn=None):
         """``num`` images -> uint8 [N, H, W, C] (``output="float"``: float32 [N, H, W, C] in [-1, 1])."""
         if output not in ("uint8", "float"):
             raise UserError(f"output must be 'uint8' or 'float', got {output!r}")
         from ddpm_ms.utils.visualize import to_uint8
 
-        images, _ = self.sample(num, sampler, steps, eta, seed, classes, guidance, progress=progress)
+        images, _ = self.sample(num, sampler, steps, eta, seed, classes, guidance, progress=progress, churn=churn)
         return to_uint8(images) if output == "uint8" else images.transpose(0, 2, 3, 1)
 
     def save_grid(self, images, path, nrow=None):
@@ -135,17 +155,19 @@ class DDPMPipeline:
         save_grid(images.transpose(0, 3, 1, 2), path, nrow=nrow)
         return path
 
-    def gif(self, path, num=16, seed=0, frames=40, source="x", sampler=None, steps=None, eta=None, classes=None,
-            guidance=None, nrow=None, duration=4.0, hold=1.0, label=False, progress=False):
+    def gif(self, path, num=16, seed=0, frames=40, source="auto", sampler=None, steps=None, eta=None, classes=None,
+            guidance=None, nrow=None, duration=4.0, hold=1.0, label=False, progress=False, churn=None):
         """Sample ``num`` images and write the denoising of their grid as a GIF (or .webp); returns path.
 
         ``frames`` states from the start noise to the samples at an even pace of visible change
-        (``source``: x_t "x", the predicted x_0 "x0", or "both"); the last is held ``hold`` seconds.
+        (``source``: "auto", x_t when the chain is long enough for an even pace, else x_T then the
+        predicted x_0 of each step; x_t "x", the predicted x_0 "x0", or "both"; see
+        ``ddpm_ms.diffusion.frames``); the last is held ``hold`` seconds.
         """
         from ddpm_ms.utils.visualize import save_gif
 
         _, chain = self.sample(num, sampler, steps, eta, seed, classes, guidance, gif_frames=frames,
-                               gif_source=source, progress=progress)
+                               gif_source=source, progress=progress, churn=churn)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         save_gif(chain, path, nrow=nrow, duration=duration, hold_last=hold, labels=chain.labels if label else None)
         return path
@@ -168,7 +190,8 @@ class DDPMPipeline:
         return to_uint8(results) if output == "uint8" else results.transpose(0, 2, 3, 1)
 
     def inpaint(self, images, mask, num_per_image=1, sampler=None, steps=None, eta=None, seed=0, jump_length=10,
-                jump_n_sample=1, keep_known=True, classes=None, guidance=None, output="uint8", progress=False):
+                jump_n_sample=1, keep_known=True, classes=None, guidance=None, output="uint8", progress=False,
+                churn=None):
         """Fill the masked pixels of ``images`` (RePaint) -> [N * K, H, W, C] like ``pipe(...)`` returns.
 
         images: uint8, or floats in [-1, 1], [N, H, W, C] (gray may be [N, H, W]). mask: True/1 = a pixel
@@ -184,13 +207,13 @@ class DDPMPipeline:
         else:
             fill = np.asarray(mask).astype(bool)
             fill = fill[:, None] if fill.ndim == 3 else fill
-        results = inpaint(self.model, self.sched, self.cfg, x, ~fill, num_per_image, sampler, steps, eta, seed,
-                          self.dtype, jump_length, jump_n_sample, keep_known, classes, guidance, progress)
+        results = inpaint(self.model, self.sched, with_churn(self.cfg, churn), x, ~fill, num_per_image, sampler, steps,
+                          eta, seed, self.dtype, jump_length, jump_n_sample, keep_known, classes, guidance, progress)
         return self._output(results, output)
 
     def img2img(self, images, strength, num_per_image=1, sampler=None, steps=None, eta=None, seed=0, classes=None,
-                guidance=None, output="uint8", progress=False):
+                guidance=None, output="uint8", progress=False, churn=None):
         """SDEdit: ``images`` noised to ``strength`` in (0, 1] and denoised -> [N * K, H, W, C]."""
-        results = img2img(self.model, self.sched, self.cfg, self._pixels(images), strength, num_per_image, sampler,
-                          steps, eta, seed, self.dtype, classes, guidance, progress)
+        results = img2img(self.model, self.sched, with_churn(self.cfg, churn), self._pixels(images), strength,
+                          num_per_image, sampler, steps, eta, seed, self.dtype, classes, guidance, progress)
         return self._output(results, output)

@@ -1,9 +1,10 @@
 """Sample images from a checkpoint.
 
     python -m ddpm_ms.sample --checkpoint runs/quick [--best] [--sampler ddim --steps 50] [--num 64] [--out DIR]
+    python -m ddpm_ms.sample --checkpoint runs/quick --sampler heun --steps 20 [--churn 30]   # EDM (Karras et al.)
 
-Writes ``samples[_best]_<sampler>_<steps>_seed<S>[_w<W>][_classgrid].png`` (a grid) and the ``.npy`` of the same
-name ([N, C, H, W] float32 in [-1, 1]) into ``--out`` (default: the run directory).
+Writes ``samples[_best]_<sampler>_<steps>_seed<S>[_churn<C>][_w<W>][_classgrid].png`` (a grid) and the ``.npy`` of
+the same name ([N, C, H, W] float32 in [-1, 1]) into ``--out`` (default: the run directory).
 """
 
 import argparse
@@ -31,7 +32,10 @@ def main(argv=None):
     images, _ = pipe.sample(num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                             classes=classes, guidance=args.guidance, progress=not args.no_progress)
     name = "samples_best" if args.best else "samples"
-    name += f"_{args.sampler or cfg['sampler']}_{args.steps or cfg['sample_steps'] or 'full'}_seed{args.seed}"
+    sampler = args.sampler or cfg["sampler"]
+    name += f"_{sampler}_{args.steps or cfg['sample_steps'] or 'full'}_seed{args.seed}"
+    if sampler == "heun" and cfg["s_churn"] > 0:  # --churn or the config's (applied to cfg by load_for_args)
+        name += f"_churn{cfg['s_churn']:g}"
     if cfg["num_classes"] is not None:
         w = cfg["guidance"] if args.guidance is None else args.guidance
         name += f"_w{w:g}" + ("_classgrid" if args.class_grid else "")

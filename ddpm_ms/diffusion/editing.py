@@ -27,8 +27,14 @@ t_0 = sT - 1, for a respaced one the matching step), draws x_t0 ~ q(x_t0 | x_in)
 sampler from there. s = 1 is plain sampling (exactly, on a zero-terminal-SNR schedule); for s small
 enough that no step is left the input is returned.
 
+The heun sampler (Karras et al. 2022) works in both; its churn (EDM Algorithm 2) is a move up
+before a step, forward noise like RePaint's jump (:func:`ddpm_ms.diffusion.samplers.forward_jump`,
+the one home of q(x_t' | x_t), with EDM's S_noise), and for img2img its gamma = S_churn / N counts
+the N steps of the sampler's whole sequence, so a churned step is the same as in plain sampling.
+
 Randomness comes only from the one NumPy Generator, in the order: the start noise, then per step
-the sampler's noise (DDPM, DDIM with eta > 0) before the replacement noise; a jump draws its own.
+the sampler's noise (DDPM, DDIM with eta > 0) before the replacement noise; a jump (RePaint's, or
+heun's churn before its step) draws its own.
 """
 
 import numpy as np
@@ -36,14 +42,18 @@ from mindspore import Tensor, ops
 
 from ddpm_ms.diffusion.gaussian import alpha_bar
 from ddpm_ms.diffusion.samplers import (
+    NO_CHURN,
     _CheckedEps,
     _run,
     check_options,
     check_start,
+    churn_moves,
+    forward_jump,
     initial_noise,
+    predictor,
+    sampler_moves,
     sampler_step,
     sampler_timesteps,
-    steps_of,
 )
 
 __all__ = ["check_arguments", "repaint_moves", "model_calls", "forward_jump", "strength_timesteps", "inpaint",
@@ -76,9 +86,9 @@ def repaint_moves(ts, jump_length=10, jump_n_sample=1):
 
 
 def check_arguments(num_timesteps, sampler="ddpm", steps=None, eta=0.0, variance="posterior", prediction_type="eps",
-                    jump_length=10, jump_n_sample=1, strength=None):
+                    jump_length=10, jump_n_sample=1, strength=None, churn=NO_CHURN):
     """ValueError naming the first bad option of :func:`inpaint` / :func:`img2img` (strength: img2img's)."""
-    check_options(sampler, eta, variance, prediction_type)
+    check_options(sampler, eta, variance, prediction_type, churn)
     sampler_timesteps(num_timesteps, steps, sampler)  # steps in 1..T
     repaint_moves([0], jump_length, jump_n_sample)  # integers >= 1
     if jump_n_sample != 1 and sampler != "ddpm":
@@ -88,15 +98,9 @@ def check_arguments(num_timesteps, sampler="ddpm", steps=None, eta=0.0, variance
 
 
 def model_calls(moves):
-    """Network evaluations of a walk: its moves down."""
+    """Network evaluations of a walk: its moves down (for the heun sampler, plus one correction per move
+    down that does not end at t = -1 or start at alpha_bar = 0)."""
     return sum(1 for t, t_next in moves if t_next < t)
-
-
-def forward_jump(sched, x, t, t_up, rng):
-    """x_t_up ~ q(x_t_up | x_t) = N(sqrt(abar_up / abar_t) x_t, (1 - abar_up / abar_t) I), one draw from rng."""
-    ratio = alpha_bar(sched, t_up) / alpha_bar(sched, t)
-    z = Tensor(rng.standard_normal(tuple(x.shape), dtype=np.float32))
-    return float(np.sqrt(ratio)) * x + float(np.sqrt(1.0 - ratio)) * z
 
 
 def _noised(sched, x_in, t, noise):
@@ -114,19 +118,23 @@ def _as_images(x_in):
 
 def inpaint(eps_fn, sched, x_in, known, sampler="ddpm", steps=None, eta=0.0, seed=0, rng=None, clip_denoised=True,
             variance="posterior", spacing="uniform", prediction_type="eps", jump_length=10, jump_n_sample=1,
-            keep_known=True, callback=None, progress=True):
+            keep_known=True, callback=None, progress=True, churn=NO_CHURN):
     """Fill the pixels of ``x_in`` where ``known`` is False (module docstring) -> float32 Tensor [N, C, H, W].
 
     known: bool, broadcastable to x_in's shape (e.g. [N, 1, H, W]); eps_fn and the sampler options as
     in :func:`ddpm_ms.diffusion.samplers.sample`. jump_length / jump_n_sample: RePaint's resampling
     (DDPM only; jump_n_sample = 1: none). Network evaluations: ``model_calls(repaint_moves(...))``.
     """
-    check_arguments(sched.num_timesteps, sampler, steps, eta, variance, prediction_type, jump_length, jump_n_sample)
+    check_arguments(sched.num_timesteps, sampler, steps, eta, variance, prediction_type, jump_length, jump_n_sample,
+                    churn=churn)
     x_in = _as_images(x_in)
     known = np.broadcast_to(np.asarray(known, dtype=bool), x_in.shape)
     ts = sampler_timesteps(sched.num_timesteps, steps, sampler, spacing)
     check_start(sched, ts, prediction_type)
-    moves = repaint_moves(ts, jump_length, jump_n_sample)
+    if sampler == "heun":  # its churn (no resampling: jump_n_sample = 1 is checked)
+        moves, jump_noise = churn_moves(sched, ts, churn), churn[3]
+    else:
+        moves, jump_noise = repaint_moves(ts, jump_length, jump_n_sample), 1.0
     rng = np.random.default_rng(seed) if rng is None else rng
 
     noise = initial_noise(x_in.shape, rng)
@@ -138,10 +146,11 @@ def inpaint(eps_fn, sched, x_in, known, sampler="ddpm", steps=None, eta=0.0, see
             return ops.select(keep, target, x) if keep_known else x
         return ops.select(keep, Tensor(_noised(sched, x_in, t, initial_noise(x_in.shape, rng))), x)
 
-    name, step = sampler_step(sampler, sched, rng, eta, variance)
     eps_fn = _CheckedEps(eps_fn, sampler)
-    x = _run(f"{name} inpainting", eps_fn, sched, x, moves, step, callback, progress, prediction_type, clip_denoised,
-             after_step=replace, jump=lambda x, t, t_up: forward_jump(sched, x, t, t_up, rng))
+    predict = predictor(eps_fn, sched, prediction_type, clip_denoised)
+    name, step = sampler_step(sampler, sched, rng, eta, variance, predict, churn)
+    x = _run(f"{name} inpainting", predict, x, moves, step, callback, progress, after_step=replace,
+             jump=lambda x, t, t_up: forward_jump(sched, x, t, t_up, rng, jump_noise))
     eps_fn.check()
     return x
 
@@ -155,25 +164,27 @@ def strength_timesteps(ts, strength, num_timesteps):
 
 def img2img(eps_fn, sched, x_in, strength, sampler="ddpm", steps=None, eta=0.0, seed=0, rng=None,
             clip_denoised=True, variance="posterior", spacing="uniform", prediction_type="eps", callback=None,
-            progress=True):
+            progress=True, churn=NO_CHURN):
     """SDEdit (module docstring): noise ``x_in`` to the strength's timestep, then denoise -> float32 Tensor.
 
     ``steps`` is the sampler's full sequence, of which about strength * steps are run
     (:func:`strength_timesteps`); the other options as in :func:`ddpm_ms.diffusion.samplers.sample`.
     """
-    check_arguments(sched.num_timesteps, sampler, steps, eta, variance, prediction_type, strength=strength)
+    check_arguments(sched.num_timesteps, sampler, steps, eta, variance, prediction_type, strength=strength, churn=churn)
     x_in = _as_images(x_in)
-    ts = strength_timesteps(sampler_timesteps(sched.num_timesteps, steps, sampler, spacing), strength,
-                            sched.num_timesteps)
+    full = sampler_timesteps(sched.num_timesteps, steps, sampler, spacing)
+    ts = strength_timesteps(full, strength, sched.num_timesteps)
     rng = np.random.default_rng(seed) if rng is None else rng
     noise = initial_noise(x_in.shape, rng)
     if len(ts) == 0:  # the strength lies below the sampler's last step: nothing to denoise
         return Tensor(x_in)
     check_start(sched, ts, prediction_type)
     x = Tensor(_noised(sched, x_in, int(ts[0]), noise))
-    name, step = sampler_step(sampler, sched, rng, eta, variance)
     eps_fn = _CheckedEps(eps_fn, sampler)
-    x = _run(f"{name} image-to-image", eps_fn, sched, x, steps_of(ts), step, callback, progress, prediction_type,
-             clip_denoised)
+    predict = predictor(eps_fn, sched, prediction_type, clip_denoised)
+    name, step = sampler_step(sampler, sched, rng, eta, variance, predict, churn)
+    moves = sampler_moves(sched, ts, sampler, churn, num_steps=len(full))  # heun's churn: gamma of the whole sequence
+    x = _run(f"{name} image-to-image", predict, x, moves, step, callback, progress,
+             jump=lambda x, t, t_up: forward_jump(sched, x, t, t_up, rng, churn[3]))
     eps_fn.check()
     return x
