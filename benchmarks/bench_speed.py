@@ -15,6 +15,8 @@ with other work slows them alike and the ratios stay meaningful:
 * ``ms-builtin`` (``--compare-builtin``): the same network on MindSpore's built-in ops;
 * ``ms-noconv`` (``--compare-noconv``): the fast kernels without the OpenBLAS convolutions
   (``DDPM_MS_FAST_CONV=0``, MindSpore's own conv ops);
+* ``ms[KEY=VALUE]`` (``--compare KEY=VALUE``, repeatable): the config with that override, e.g.
+  ``self_condition=true`` (its GFLOP/s column counts the base config's FLOPs);
 * ``torch`` (``--torch``): the PyTorch eager reference (benchmarks/torch_unet.py; for
   ``arch: ddpm`` configs diffusers' ``UNet2DModel``, which needs diffusers) with the same
   weights, loss, Adam and EMA update, in a child process that runs only while
@@ -343,6 +345,8 @@ def main():
     parser.add_argument("--compare-noconv", action="store_true",
                         help="also time the fast kernels with MindSpore's conv ops (DDPM_MS_FAST_CONV=0)")
     parser.add_argument("--no-fast", action="store_true", help="time only the built-in ops")
+    parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                        help="also time the config with this override (repeatable), e.g. self_condition=true")
     parser.add_argument("--torch", action="store_true", help="also time the PyTorch eager reference")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads for the PyTorch reference (default: PyTorch's own)")
@@ -371,6 +375,9 @@ def main():
                                    {kernels.ENV_SWITCH: "1", kernels.ENV_CONV: "0"}))
     if args.compare_builtin or args.no_fast:
         variants.append(ms_variant("ms-builtin", cfg, backend, batch, args.sample_batch, {kernels.ENV_SWITCH: "0"}))
+    for override in args.compare:
+        variants.append(ms_variant(f"ms[{override}]", load_config(args.config, args.overrides + [override]), backend,
+                                   batch, args.sample_batch, {kernels.ENV_SWITCH: "0" if args.no_fast else "1"}))
     tmpdir = tempfile.mkdtemp(prefix="ddpm_ms_bench_")
     tv = None
     try:

@@ -52,6 +52,7 @@ DEFAULTS = {
     "attn_levels": None,
     "mid_attn": True,
     "num_classes": None,
+    "self_condition": False,  # the x_0 estimate as a 2nd input (Chen et al. 2022, Analog Bits): 2C input channels
     # --- model, arch: ddpm only (the paper's U-Net = diffusers UNet2DModel; widths dim * dim_mults,
     # GroupNorm groups resnet_groups, act in the residual blocks, attention at attn_levels) ---
     "layers_per_block": 2,
@@ -175,7 +176,8 @@ NON_NEGATIVE = ("min_lr", "warmup_steps", "sample_every", "seed", "freq_shift", 
 # keys that define the network's architecture (stored in checkpoints, checked on load)
 ARCH_KEYS = ("image_size", "channels", "dim", "init_dim", "dim_mults", "block_type", "convnext_mult",
              "resnet_groups", "act", "attn_levels", "mid_attn", "num_classes", "arch", "layers_per_block",
-             "norm_eps", "attn_head_dim", "flip_sin_to_cos", "freq_shift", "downsample_padding")
+             "norm_eps", "attn_head_dim", "flip_sin_to_cos", "freq_shift", "downsample_padding",
+             "self_condition")
 SCHEDULE_KEYS = ("timesteps", "beta_schedule", "beta_start", "beta_end", "zero_terminal_snr")
 # keys of the training objective (a resumed run must keep them)
 OBJECTIVE_KEYS = ("loss_type", "prediction_type", "loss_weighting", "min_snr_gamma", "timestep_sampling",

@@ -14,7 +14,9 @@ config keys of the checkpoint (``sampler=ddim``, ``sample_steps=100``, ...).
 
 ``--to-diffusers`` writes ``config.json``, ``diffusion_pytorch_model.safetensors`` and
 ``scheduler_config.json`` (a ``DDPMScheduler``) for an ``arch: ddpm`` checkpoint (the EMA weights
-when it has them, else the raw ones), loadable with ``UNet2DModel.from_pretrained(DIR)``.
+when it has them, else the raw ones), loadable with ``UNet2DModel.from_pretrained(DIR)``. A
+self-conditioned model (``self_condition: true``) has no diffusers counterpart: converting one either
+way is a UserError.
 
 Parameter names map one to one (``ddpm_ms.models.ddpm_unet.diffusers_key``); values are copied
 unchanged (Dense/Linear and Conv weights have the same layouts in both frameworks).
@@ -295,6 +297,9 @@ def from_diffusers(src, out, overrides=None):
                         "overrides may set image_size and the non-architecture keys only")
     values.update(overrides)
     cfg = resolve(values, where=f"the config converted from {src}")
+    if cfg["self_condition"]:
+        raise UserError("self_condition: true does not fit a diffusers UNet2DModel (it has no self-conditioning "
+                        "input); drop the override")
     state = read_state_dict(model_dir)
     weights = to_ddpm_ms_weights(create_model(cfg), state)
     out_dir = os.path.dirname(os.path.abspath(out))
@@ -314,6 +319,9 @@ def to_diffusers(src, out_dir):
     if cfg["arch"] != "ddpm":
         raise UserError(f"{path} holds an arch {cfg['arch']!r} model; only arch: ddpm (the paper's U-Net) has a "
                         "diffusers counterpart")
+    if cfg.get("self_condition"):
+        raise UserError(f"{path} is a self-conditioned model (self_condition: true, 2 x {cfg['channels']} input "
+                        "channels); diffusers' UNet2DModel has no self-conditioning input")
     try:
         from safetensors.numpy import save_file
     except ImportError:

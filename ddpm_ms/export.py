@@ -7,7 +7,9 @@ The file holds one graph, the noise predictor, for a fixed batch size and image 
 * unconditional models: ``model_output = net(x [N, C, H, W] float32, t [N] int32)``;
 * class-conditional models: ``net(x, t, y [N] int32, guidance [] float32)`` makes both
   predictions in one call of batch 2N (labels y and the null class) and returns the
-  classifier-free guided one, (1 + w) eps(x, y) - w eps(x, null) (as ``ddpm_ms.diffusion.generation.guided_eps_fn``).
+  classifier-free guided one, (1 + w) eps(x, y) - w eps(x, null) (as ``ddpm_ms.diffusion.generation.guided_eps_fn``);
+* self-conditioned models (``self_condition``) take one more input, last: ``x_self_cond [N, C, H, W]
+  float32``, the previous x_0 prediction (zeros at the first call; both halves of a guided batch get it).
 
 It is built on MindSpore's built-in ops (the C++ CPU kernels are custom ops that neither MindIR
 consumers nor ONNX can run); for ONNX, GroupNorm and the exact GELU are written in the export
@@ -47,6 +49,8 @@ def input_spec(cfg, batch):
     if cfg["num_classes"] is not None:
         spec += [{"name": "y", "shape": [batch], "dtype": "int32"},
                  {"name": "guidance", "shape": [], "dtype": "float32"}]
+    if cfg.get("self_condition"):
+        spec.append({"name": "x_self_cond", "shape": shape, "dtype": "float32"})
     return spec
 
 
@@ -62,14 +66,26 @@ class GuidedDenoiser(nn.Cell):
         self.model = model
         self.null = Tensor(np.full(batch, num_classes, np.int32))
 
-    def construct(self, x, t, y, guidance):
-        return guided_output(self.model, x, t, ops.concat((y, self.null)), guidance)
+    def construct(self, x, t, y, guidance, x_self_cond=None):
+        return guided_output(self.model, x, t, ops.concat((y, self.null)), guidance, x_self_cond)
+
+
+class SelfConditionedDenoiser(nn.Cell):
+    """(x, t, x_self_cond) -> the prediction of an unconditional self-conditioned model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def construct(self, x, t, x_self_cond):
+        return self.model(x, t, None, x_self_cond)
 
 
 def denoiser(model, cfg, batch):
-    """The Cell to export: ``model`` itself, or the guided wrapper for class-conditional models."""
+    """The Cell to export: ``model`` itself, or the guided wrapper for class-conditional models
+    (or the wrapper that takes x_self_cond third, for unconditional self-conditioned ones)."""
     if cfg["num_classes"] is None:
-        return model
+        return SelfConditionedDenoiser(model) if cfg.get("self_condition") else model
     return GuidedDenoiser(model, batch, cfg["num_classes"])
 
 
@@ -93,6 +109,7 @@ def metadata(cfg, sched, fmt, file_name, batch, spec, weights, checkpoint, step)
         "prediction_type": cfg.get("prediction_type", "eps"),
         "num_classes": cfg["num_classes"],
         "null_class": cfg["num_classes"],
+        "self_condition": bool(cfg.get("self_condition", False)),
         "timesteps": sched.num_timesteps,
         "betas": sched.betas.tolist(),
         "weights": weights,

@@ -34,6 +34,7 @@ def create_model(cfg, fast_kernels=None):
         mid_attn=cfg["mid_attn"],
         num_classes=cfg["num_classes"],
         fast_kernels=fast_kernels,
+        self_condition=cfg.get("self_condition", False),
     )
 
 
@@ -55,6 +56,7 @@ def create_ddpm_unet(cfg, fast_kernels=None):
         downsample_padding=cfg["downsample_padding"],
         num_classes=cfg["num_classes"],
         fast_kernels=fast_kernels,
+        self_condition=cfg.get("self_condition", False),
     )
 
 

@@ -59,7 +59,8 @@ class Schedule:
 
         self.tensors = {
             name: Tensor(getattr(self, name), ms.float32)
-            for name in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+            for name in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                         "sqrt_recipm1_alphas_cumprod")
         }
 
     @classmethod
@@ -176,18 +177,39 @@ def loss_weights(sched, prediction_type="eps", weighting="none", gamma=5.0):
     raise ValueError(f"unknown loss_weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
 
 
-def p_losses(model, sched, x_start, t, noise, loss_type="huber", y=None, prediction_type="eps", weights=None):
+def self_condition_estimate(model, sched, x_noisy, t, y, mask, prediction_type="eps"):
+    """The self-conditioning input of a training step (Chen, Zhang & Hinton 2022, "Analog Bits", Sec. 3).
+
+    The network's own x_0 estimate from (x_t, zeros), without gradient, clipped to [-1, 1] as the
+    samplers clip theirs, times ``mask`` ([N] of 0/1: 1 where the sample is self-conditioned, 0
+    where it gets zeros, as at the first sampling step).
+    """
+    first = model(x_noisy, t, y, ops.zeros_like(x_noisy))
+    _, x0 = model_output_to_eps_x0(sched, x_noisy, t, first.astype(ms.float32), prediction_type)
+    x0 = ops.stop_gradient(ops.clamp(x0, -1.0, 1.0))
+    return x0 * mask.astype(x0.dtype).reshape((x0.shape[0],) + (1,) * (x0.ndim - 1))
+
+
+def p_losses(model, sched, x_start, t, noise, loss_type="huber", y=None, prediction_type="eps", weights=None,
+             self_cond_mask=None):
     """Algorithm 1, one step: the loss between the network's output and its target.
 
     The target is eps (Ho et al.), x_0 or v (see :func:`training_target`); ``weights`` (a [T]
     Tensor from :func:`loss_weights`, e.g. min-SNR) weights each sample's loss by its timestep.
     As in :func:`q_sample`, x_start / t / noise (and class labels y) may be NumPy arrays:
     they are converted to float32 / int32 / float32 (int32) Tensors before the model sees them.
+    ``self_cond_mask`` ([N] of 0/1, for a model with self-conditioning): the network is called a
+    second time, with :func:`self_condition_estimate` as its second input (zeros where the mask is 0).
     """
     x_start, t, noise = as_inputs(x_start, t, noise)
     y = as_tensor(y, ms.int32)
     x_noisy = q_sample(sched, x_start, t, noise)
-    predicted = model(x_noisy, t) if y is None else model(x_noisy, t, y)
+    if self_cond_mask is not None:
+        self_cond_mask = as_tensor(self_cond_mask, ms.float32)
+        x_self_cond = self_condition_estimate(model, sched, x_noisy, t, y, self_cond_mask, prediction_type)
+        predicted = model(x_noisy, t, y, x_self_cond)
+    else:
+        predicted = model(x_noisy, t) if y is None else model(x_noisy, t, y)
     target = training_target(sched, x_start, t, noise, prediction_type)
     if weights is None:
         return noise_loss(predicted.astype(ms.float32), target, loss_type)
@@ -219,14 +241,34 @@ def model_output_to_eps_x0(sched, x_t, t, out, prediction_type="eps"):
     x_0 = sqrt(abar) x_t - sqrt(1 - abar) v, eps = sqrt(1 - abar) x_t + sqrt(abar) v.
     Each is affine in ``out`` with an x_t-coefficient that does not depend on it, so a
     classifier-free-guidance combination of outputs (weights summing to 1) is the same
-    combination of the eps (and x_0) it converts to.
+    combination of the eps (and x_0) it converts to. ``t`` is an int (the samplers: float64
+    coefficients rounded once) or a [N] int Tensor, one index per sample (training's
+    self-conditioning, inside the compiled step: the float32 coefficients of ``sched.tensors``).
     """
+    if isinstance(t, Tensor):
+        return _batch_eps_x0(sched, x_t, t, out, prediction_type)
     if prediction_type == "eps":
         return out, predict_start_from_noise(sched, x_t, t, out)
     if prediction_type == "x0":
         return predict_noise_from_start(sched, x_t, t, out), out
     if prediction_type == "v":
         a, s = float(sched.sqrt_alphas_cumprod[t]), float(sched.sqrt_one_minus_alphas_cumprod[t])
+        return s * x_t + a * out, a * x_t - s * out
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+
+
+def _batch_eps_x0(sched, x_t, t, out, prediction_type):
+    """:func:`model_output_to_eps_x0` for a [N] Tensor of timestep indices t (graph-safe)."""
+
+    def coef(name):
+        return extract(sched.tensors[name], t, x_t.shape)
+
+    if prediction_type == "eps":
+        return out, coef("sqrt_recip_alphas_cumprod") * x_t - coef("sqrt_recipm1_alphas_cumprod") * out
+    if prediction_type == "x0":
+        return (x_t - coef("sqrt_alphas_cumprod") * out) / coef("sqrt_one_minus_alphas_cumprod"), out
+    if prediction_type == "v":
+        a, s = coef("sqrt_alphas_cumprod"), coef("sqrt_one_minus_alphas_cumprod")
         return s * x_t + a * out, a * x_t - s * out
     raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
 

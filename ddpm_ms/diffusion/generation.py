@@ -14,6 +14,12 @@ from ddpm_ms.diffusion.samplers import initial_noise, sample
 from ddpm_ms.utils.errors import UserError
 
 
+def _self_conditioned(fn):
+    """``fn`` marked as taking ``x_self_cond`` (``ddpm_ms.diffusion.samplers.self_conditioned``)."""
+    fn.self_condition = True
+    return fn
+
+
 def guided_eps_fn(eps_fn, classes, guidance, null_class):
     """eps(x, t) for fixed class labels, with classifier-free guidance weight ``guidance``.
 
@@ -21,20 +27,30 @@ def guided_eps_fn(eps_fn, classes, guidance, null_class):
     batch of twice the size (Ho & Salimans 2022, Eq. 6); for w = 0 only the conditional one is made.
     The raw outputs are combined (eps, x_0 or v): the conversion to (eps, x_0) is affine with the
     same x_t term for both, so this is exactly guidance in eps space (model_output_to_eps_x0).
+    A self-conditioned ``eps_fn`` gives a self-conditioned one (``x_self_cond``, the same for both halves).
     """
     y = Tensor(np.asarray(classes, np.int32))
+    self_cond = getattr(eps_fn, "self_condition", False)
     if guidance == 0:
+        if self_cond:
+            return _self_conditioned(lambda x, t, x_self_cond=None: eps_fn(x, t, y, x_self_cond))
         return lambda x, t: eps_fn(x, t, y)
     y_both = Tensor(np.concatenate([np.asarray(classes, np.int32), np.full(len(classes), null_class, np.int32)]))
-
+    if self_cond:
+        return _self_conditioned(
+            lambda x, t, x_self_cond=None: guided_output(eps_fn, x, t, y_both, guidance, x_self_cond))
     return lambda x, t: guided_output(eps_fn, x, t, y_both, guidance)
 
 
-def guided_output(net, x, t, y_both, guidance):
+def guided_output(net, x, t, y_both, guidance, x_self_cond=None):
     """Ho & Salimans 2022, Eq. 6 from one call of ``net`` on a batch of 2N (``y_both``: the N labels,
     then N null labels): (1 + w) out(x, y) - w out(x, null). Graph-safe: the exported guided graph
-    (``ddpm_ms.export.GuidedDenoiser``) is built from it too."""
-    both = net(ops.concat((x, x)), ops.concat((t, t)), y_both)
+    (``ddpm_ms.export.GuidedDenoiser``) is built from it too. ``x_self_cond`` (self-conditioning)
+    goes to both halves."""
+    if x_self_cond is None:
+        both = net(ops.concat((x, x)), ops.concat((t, t)), y_both)
+    else:
+        both = net(ops.concat((x, x)), ops.concat((t, t)), y_both, ops.concat((x_self_cond, x_self_cond)))
     out_cond, out_uncond = ops.split(both, x.shape[0])
     return classifier_free_guidance(out_cond, out_uncond, guidance)
 
@@ -58,13 +74,20 @@ def class_labels(cfg, num, classes=None):
 
 def make_eps_fn(model, dtype=ms.float32):
     """The network output (eps, x_0 or v: cfg["prediction_type"]) for (x, t[, y]) as a float32 tensor;
-    the model call runs as a compiled graph in GRAPH_MODE."""
+    the model call runs as a compiled graph in GRAPH_MODE. For a self-conditioned model (its
+    ``self_condition``) also ``x_self_cond`` (None: zeros), and the function says so (``self_condition``)."""
+    if not getattr(model, "self_condition", False):
+        def eps_fn(x, t, y=None):
+            out = model(x.astype(dtype), t) if y is None else model(x.astype(dtype), t, y)
+            return out.astype(ms.float32)
 
-    def eps_fn(x, t, y=None):
-        out = model(x.astype(dtype), t) if y is None else model(x.astype(dtype), t, y)
-        return out.astype(ms.float32)
+        return eps_fn
 
-    return eps_fn
+    def self_conditioned_eps_fn(x, t, y=None, x_self_cond=None):
+        x_self_cond = ops.zeros_like(x) if x_self_cond is None else x_self_cond
+        return model(x.astype(dtype), t, y, x_self_cond.astype(dtype)).astype(ms.float32)
+
+    return _self_conditioned(self_conditioned_eps_fn)
 
 
 def model_eps_fn(model, cfg, num, classes=None, guidance=None, dtype=ms.float32, unconditional_default=False):

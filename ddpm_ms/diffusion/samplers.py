@@ -301,14 +301,38 @@ def denoised(sched, x_t, t, out, prediction_type="eps", clip_denoised=True):
     return eps, x0
 
 
+def self_conditioned(eps_fn):
+    """Whether ``eps_fn`` takes a self-conditioning input: ``eps_fn(x, t, x_self_cond=...)`` (an estimate of x_0,
+    Chen, Zhang & Hinton 2022, Sec. 3). Such an eps_fn says so with an attribute ``self_condition = True``."""
+    return bool(getattr(eps_fn, "self_condition", False))
+
+
 def predictor(eps_fn, sched, prediction_type="eps", clip_denoised=True):
     """predict(x, t) -> (eps, x0): the network ``eps_fn`` at x and timestep index t (an int), as
-    :func:`denoised` gives it. The one way the loop and the steps evaluate the network."""
+    :func:`denoised` gives it. The one way the loop and the steps evaluate the network.
 
-    def predict(x, t):
-        return denoised(sched, x, t, eps_fn(x, timestep_tensor(t, x.shape[0])), prediction_type, clip_denoised)
+    A self-conditioned eps_fn (:func:`self_conditioned`) gets, at every call, the x_0 prediction of the
+    previous call (clipped to [-1, 1], as in training; the x0 :func:`denoised` returns when clip_denoised),
+    and zeros at the first: every sampler, Heun's correction call and the editing loops included, since
+    all of them evaluate the network through this one predict of their run.
+    """
+    if not self_conditioned(eps_fn):
+        def predict(x, t):
+            return denoised(sched, x, t, eps_fn(x, timestep_tensor(t, x.shape[0])), prediction_type, clip_denoised)
 
-    return predict
+        return predict
+    last = {}
+
+    def predict_self_conditioned(x, t):
+        x_self_cond = last.get("x0")
+        if x_self_cond is None:
+            x_self_cond = ops.zeros_like(x)
+        out = eps_fn(x, timestep_tensor(t, x.shape[0]), x_self_cond=x_self_cond)
+        eps, x0 = denoised(sched, x, t, out, prediction_type, clip_denoised)
+        last["x0"] = x0 if clip_denoised else ops.clamp(x0, -1.0, 1.0)
+        return eps, x0
+
+    return predict_self_conditioned
 
 
 def timestep_tensor(t, batch):
@@ -335,9 +359,10 @@ class _CheckedEps:
 
     def __init__(self, eps_fn, name):
         self.eps_fn, self.name, self.ok, self.calls, self.t = eps_fn, name, None, 0, None
+        self.self_condition = self_conditioned(eps_fn)  # passed on to predictor()
 
-    def __call__(self, x, t):
-        eps = self.eps_fn(x, t)
+    def __call__(self, x, t, **self_cond):
+        eps = self.eps_fn(x, t, **self_cond)
         ok = ops.isfinite(eps).all()
         self.ok = ok if self.ok is None else ops.logical_and(self.ok, ok)
         self.calls, self.t = self.calls + 1, t
@@ -520,7 +545,9 @@ def sample(eps_fn, sched, shape, sampler="ddpm", steps=None, eta=0.0, seed=0, rn
     """Draw samples of ``shape`` from the reverse process with the chosen sampler.
 
     eps_fn(x [N, ...] float32 Tensor, t [N] int32 Tensor) -> the network output: the predicted
-    noise, or with prediction_type "x0" / "v" the predicted x_0 / v (module docstring).
+    noise, or with prediction_type "x0" / "v" the predicted x_0 / v (module docstring). With an
+    attribute ``self_condition = True`` it is called as eps_fn(x, t, x_self_cond=...) with the
+    previous call's x_0 prediction (zeros at the first; :func:`predictor`).
     steps: number of timesteps, 1..T (None: all T); the timesteps used are
     sampler_timesteps(T, steps, sampler, spacing), spacing "uniform" or "quadratic". One network
     evaluation per step, except heun: 2 steps - 1 (its correction; none into t = -1).

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor
+from mindspore import Tensor, ops
 
 from ddpm_ms.config import saved_config
 from ddpm_ms.diffusion.gaussian import Schedule
@@ -97,6 +97,7 @@ class ExportedDenoiser:
         self.x_shape = tuple(meta["inputs"][0]["shape"])
         self.conditional = meta["num_classes"] is not None
         names = [s["name"] for s in meta["inputs"]]
+        self.self_condition = "x_self_cond" in names  # the last input (ddpm_ms.export.input_spec)
         self._run = _mindir_runner(path) if meta["file_format"] == "mindir" else _onnx_runner(path, names)
 
     def check_shape(self, shape):
@@ -104,22 +105,33 @@ class ExportedDenoiser:
             raise UserError(f"{self.path} was exported for x of shape {list(self.x_shape)} (batch {self.batch}), "
                             f"got {list(shape)}; use --num {self.batch} or export again with --batch N")
 
-    def __call__(self, x, t, y=None, guidance=0.0):
-        """The graph's output for Tensors x [N, C, H, W], t [N] (and labels y, weight w if conditional)."""
+    def __call__(self, x, t, y=None, guidance=0.0, x_self_cond=None):
+        """The graph's output for Tensors x [N, C, H, W], t [N] (and labels y, weight w if conditional;
+        the self-conditioning input, None: zeros, if self-conditioned)."""
         self.check_shape(x.shape)
         inputs = [x.astype(ms.float32), t.astype(ms.int32)]
         if self.conditional:
             if y is None:
                 raise UserError(f"{self.path} is class-conditional: it needs class labels")
             inputs += [Tensor(np.asarray(y, np.int32)), Tensor(np.float32(guidance))]
+        if self.self_condition:
+            inputs.append(ops.zeros_like(inputs[0]) if x_self_cond is None else x_self_cond.astype(ms.float32))
         return self._run(*inputs)
 
     def make_eps_fn(self, num, labels=None, guidance=0.0):
         """eps(x, t) for the samplers, for ``num`` images; labels [num] and the guidance weight w
-        for conditional models. Raises UserError at once if num is not the exported batch size."""
+        for conditional models; eps(x, t, x_self_cond=...) for self-conditioned ones (marked
+        ``self_condition``, as ``ddpm_ms.diffusion.samplers.predictor`` expects). Raises UserError at
+        once if num is not the exported batch size."""
         self.check_shape((num,) + self.x_shape[1:])
+        y = np.asarray(labels, np.int32) if self.conditional else None
+        if self.self_condition:
+            def eps_fn(x, t, x_self_cond=None):
+                return self(x, t, y, guidance, x_self_cond)
+
+            eps_fn.self_condition = True
+            return eps_fn
         if self.conditional:
-            y = np.asarray(labels, np.int32)
             return lambda x, t: self(x, t, y, guidance)
         return lambda x, t: self(x, t)
 

@@ -19,7 +19,9 @@ time embedding (``flip_sin_to_cos``, ``freq_shift``), ``resnet_time_scale_shift=
 conv down/up-sampling, an optional class embedding (``num_class_embeds``).
 
 Class conditioning works as in ``ddpm_ms.models.tutorial_unet.Unet``: ``num_classes`` classes plus a learned null
-class (index ``num_classes``) for classifier-free guidance, added to the time embedding.
+class (index ``num_classes``) for classifier-free guidance, added to the time embedding. So does self-conditioning
+(``self_condition``: an x_0 estimate concatenated to x, ``conv_in`` with 2 * channels inputs), which diffusers'
+``UNet2DModel`` does not have.
 
 On CPU the convolutions (stride 1), SiLU, GroupNorm (any epsilon, passed to the kernel), the
 time shift and the attention between the qkv projection and the output projection run as the
@@ -231,7 +233,7 @@ class MidBlock2D(nn.Cell):
 
 
 class DDPMUnet(nn.Cell):
-    """The DDPM paper's U-Net: ``construct(x [N,C,H,W], t [N] int, y [N] int | None)`` -> eps [N,out,H,W].
+    """The DDPM paper's U-Net: ``construct(x [N,C,H,W], t [N] int, y [N] int | None, x_self_cond | None)`` -> eps.
 
     Args (diffusers ``UNet2DModel`` names in brackets):
         block_out_channels: width per level [block_out_channels].
@@ -250,12 +252,14 @@ class DDPMUnet(nn.Cell):
             [num_class_embeds = num_classes + 1].
         fast_kernels: compiled CPU kernels (True), built-in ops only (False) or None, the user's
             default (``kernels.requested``; ddpm_ms.models.layers).
+        self_condition: a second input ``x_self_cond`` [N,C,H,W] (an x_0 estimate; None: zeros)
+            concatenated to x, ``conv_in`` with 2 * channels inputs (no diffusers counterpart).
     """
 
     def __init__(self, block_out_channels=(128, 256, 256, 256), channels=3, out_channels=None, layers_per_block=2,
                  attn_levels=(1,), mid_attn=True, groups=32, eps=1e-6, dropout=0.0, act="silu",
                  attn_head_dim=None, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, num_classes=None,
-                 fast_kernels=None):
+                 fast_kernels=None, self_condition=False):
         super().__init__()
         widths = [int(c) for c in block_out_channels]
         levels = len(widths)
@@ -269,6 +273,7 @@ class DDPMUnet(nn.Cell):
         self.out_dim = channels if out_channels is None else int(out_channels)
         self.num_classes = None if num_classes is None else int(num_classes)
         self.downsample_factor = 2 ** (levels - 1)
+        self.self_condition = bool(self_condition)
         temb = widths[0] * 4
         fk = kernels.requested(fast_kernels)  # decided once for every layer
 
@@ -278,7 +283,8 @@ class DDPMUnet(nn.Cell):
         def attention(c):
             return AttentionBlock(c, attn_head_dim, groups, eps, fk)
 
-        self.conv_in = Conv2d(channels, widths[0], 3, padding=1, has_bias=True, fast_kernels=fk)
+        self.conv_in = Conv2d(channels * 2 if self.self_condition else channels, widths[0], 3, padding=1,
+                              has_bias=True, fast_kernels=fk)
         self.time_proj = SinusoidalTimestepEmbedding(widths[0], flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(widths[0], temb, fk)
         if self.num_classes is not None:
@@ -317,7 +323,7 @@ class DDPMUnet(nn.Cell):
         self.conv_act = SiLU(fk)
         self.conv_out = Conv2d(widths[0], self.out_dim, 3, padding=1, has_bias=True, fast_kernels=fk)
 
-    def construct(self, x, t, y=None):
+    def construct(self, x, t, y=None, x_self_cond=None):
         temb = self.time_embedding(self.time_proj(t))
         if self.num_classes is not None:
             if y is None:
@@ -326,6 +332,10 @@ class DDPMUnet(nn.Cell):
             temb = temb + self.class_embedding(y).astype(temb.dtype)
         temb = temb.astype(x.dtype)
 
+        if self.self_condition:  # a Python constant: without self-conditioning the graph is unchanged
+            if x_self_cond is None:
+                x_self_cond = ops.zeros_like(x)
+            x = ops.concat((x, x_self_cond.astype(x.dtype)), 1)
         x = self.conv_in(x)
         skips = (x,)
         for block in self.down_blocks:

@@ -35,7 +35,10 @@ Differences from the tutorial code, all deliberate:
 * GELU is the exact (erf) form, like PyTorch's ``nn.GELU()``; MindSpore's
   ``nn.GELU()`` default is the tanh approximation;
 * optional class conditioning (``num_classes``) with a learned null class for
-  classifier-free guidance, optional ResNet blocks, selectable attention levels.
+  classifier-free guidance, optional ResNet blocks, selectable attention levels;
+* optional self-conditioning (``self_condition``, Chen, Zhang & Hinton 2022, "Analog Bits",
+  Sec. 3): an estimate of x_0 (zeros when there is none) concatenated to x on the channel axis
+  before ``init_conv``, which then takes 2 * channels inputs.
 
 Group norms and softmaxes compute in float32 even when the network is cast to
 float16 with ``Cell.to_float``; results are cast back to the input dtype.
@@ -274,7 +277,7 @@ class UpLevel(nn.Cell):
 
 
 class Unet(nn.Cell):
-    """DDPM noise-prediction U-Net: ``construct(x [N,C,H,W], t [N] int, y [N] int | None)``.
+    """DDPM noise-prediction U-Net: ``construct(x [N,C,H,W], t [N] int, y [N] int | None, x_self_cond | None)``.
 
     Args:
         dim: base width; also the sinusoidal embedding size (time MLP width 4*dim).
@@ -299,11 +302,15 @@ class Unet(nn.Cell):
             ``num_classes`` is the null (unconditional) class.
         fast_kernels: the compiled CPU kernels where usable (True), MindSpore's built-in ops
             only (False), or None: the user's default (``kernels.requested``; ddpm_ms.models.layers).
+        self_condition: take a second input ``x_self_cond`` [N,C,H,W] (an estimate of x_0; None:
+            zeros), concatenated to x: ``init_conv`` has 2 * channels inputs. False: the network
+            (parameters, graph) of a model without it.
     """
 
     def __init__(self, dim, init_dim=None, out_dim=None, dim_mults=(1, 2, 4), channels=1,
                  with_time_emb=True, block_type="convnext", convnext_mult=2, resnet_groups=8,
-                 act="gelu", attn_levels=None, mid_attn=True, num_classes=None, fast_kernels=None):
+                 act="gelu", attn_levels=None, mid_attn=True, num_classes=None, fast_kernels=None,
+                 self_condition=False):
         super().__init__()
         dim_mults = tuple(int(m) for m in dim_mults)
         problem = level_problem(dim_mults, None if attn_levels is None else [int(i) for i in attn_levels])
@@ -335,6 +342,7 @@ class Unet(nn.Cell):
         self.block_type = block_type
         self.attn_levels = attn_levels
         self.downsample_factor = 2 ** (num_levels - 1)
+        self.self_condition = bool(self_condition)
 
         fk = kernels.requested(fast_kernels)  # decided once for every layer
         dims = [init_dim] + [dim * m for m in dim_mults]
@@ -349,7 +357,8 @@ class Unet(nn.Cell):
         def lin_attn(d):
             return Residual(PreNorm(d, LinearAttention(d, fast_kernels=fk), fast_kernels=fk))
 
-        self.init_conv = conv(channels, init_dim, 7, padding=3, has_bias=True, fast_kernels=fk)
+        in_channels = channels * 2 if self.self_condition else channels
+        self.init_conv = conv(in_channels, init_dim, 7, padding=3, has_bias=True, fast_kernels=fk)
 
         if self.with_time_emb:
             self.time_mlp = nn.SequentialCell(
@@ -398,7 +407,11 @@ class Unet(nn.Cell):
         self.final_block = block(dims[1], dim, temb=None)
         self.final_conv = conv(dim, out_dim, 1, fast_kernels=fk)
 
-    def construct(self, x, t, y=None):
+    def construct(self, x, t, y=None, x_self_cond=None):
+        if self.self_condition:  # a Python constant: without self-conditioning the graph is unchanged
+            if x_self_cond is None:
+                x_self_cond = ops.zeros_like(x)
+            x = ops.concat((x, x_self_cond.astype(x.dtype)), 1)
         x = self.init_conv(x)
         temb = None
         if self.with_time_emb:

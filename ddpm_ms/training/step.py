@@ -5,7 +5,8 @@ feeds them batches. ``TrainStep`` is one whole step; with gradient accumulation
 (``grad_accum_steps`` N > 1) ``AccumulateGrads`` runs the forward and backward of each of N
 micro-batches and ``ApplyAccumulated`` makes the one update. Every step returns its statistics
 as one small device tensor (``STATS``), read by the host only when it logs.
-``drop_labels`` prepares the class labels of a classifier-free-guidance step.
+``drop_labels`` prepares the class labels of a classifier-free-guidance step, ``self_condition_mask``
+the per-sample choice of a self-conditioning step (the network's x_0 estimate as its second input, or zeros).
 """
 
 import numpy as np
@@ -39,15 +40,15 @@ class LossAndGrads(nn.Cell):
         self.scale_loss = scale_loss  # a Python constant: the graph has no scaling ops without it
         self.grad_fn = ms.value_and_grad(self.forward, None, params, has_aux=True)
 
-    def forward(self, x_start, t, noise, y=None):
+    def forward(self, x_start, t, noise, y=None, self_cond_mask=None):
         loss = p_losses(self.net, self.sched, x_start, t, noise, self.loss_type, y, self.prediction_type,
-                        self.loss_weights)
+                        self.loss_weights, self_cond_mask)
         if self.scale_loss:
             return self.scaler.scale(loss), loss
         return loss, loss
 
-    def construct(self, x_start, t, noise, y=None):
-        (_, loss), grads = self.grad_fn(x_start, t, noise, y)
+    def construct(self, x_start, t, noise, y=None, self_cond_mask=None):
+        (_, loss), grads = self.grad_fn(x_start, t, noise, y, self_cond_mask)
         return loss.astype(ms.float32), grads
 
 
@@ -126,8 +127,8 @@ class TrainStep(nn.Cell):
         self.loss_and_grads = loss_and_grads
         self.update = update
 
-    def construct(self, x_start, t, noise, y=None):
-        loss, grads = self.loss_and_grads(x_start, t, noise, y)
+    def construct(self, x_start, t, noise, y=None, self_cond_mask=None):
+        loss, grads = self.loss_and_grads(x_start, t, noise, y, self_cond_mask)
         return self.update(grads, loss)
 
 
@@ -155,8 +156,8 @@ class AccumulateGrads(nn.Cell):
         self.inv_n = 1.0 / num_micro  # the batch loss is the mean of N equal micro-batch losses
         self.hyper_map = ops.HyperMap()
 
-    def construct(self, x_start, t, noise, y=None):
-        loss, grads = self.loss_and_grads(x_start, t, noise, y)
+    def construct(self, x_start, t, noise, y=None, self_cond_mask=None):
+        loss, grads = self.loss_and_grads(x_start, t, noise, y, self_cond_mask)
         self.hyper_map(ops.partial(_add_scaled, self.inv_n), self.buffers, grads)
         return loss
 
@@ -185,3 +186,9 @@ def drop_labels(labels, p, null_class, rng):
     """Classifier-free guidance training (Ho & Salimans 2022): each label becomes the null class with prob. p."""
     drop = rng.random(labels.shape[0]) < p
     return np.where(drop, null_class, labels).astype(np.int32)
+
+
+def self_condition_mask(batch, rng, p=0.5):
+    """Self-conditioning training (Chen, Zhang & Hinton 2022, Sec. 3): 1.0 for the samples whose second input
+    is the model's own x_0 estimate (each with prob. p), 0.0 for those that get zeros -> float32 [batch]."""
+    return (rng.random(batch) < p).astype(np.float32)

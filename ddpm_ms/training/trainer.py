@@ -31,6 +31,7 @@ from ddpm_ms.training.step import (
     Update,
     drop_labels,
     grad_buffers,
+    self_condition_mask,
 )
 
 
@@ -128,7 +129,8 @@ class Trainer:
     def step_stats(self, x_start, labels=None):
         """One optimisation step on this device's batch -> the STATS tensor, left on the device.
 
-        The timesteps, noise and dropped labels depend only on (seed, step, rank): nothing to save
+        The timesteps, noise, dropped labels and self-conditioning mask depend only on (seed, step,
+        rank), drawn in that order (the mask last, and only with self_condition): nothing to save
         for an exact resume. With grad_accum_steps N the batch is cut into N equal micro-batches
         (the same timesteps and noise as one batch), whose gradients are averaged before the update.
         """
@@ -136,21 +138,27 @@ class Trainer:
         rng = np.random.default_rng([self.cfg["seed"], self.step, self.rank])
         t = self.timesteps.draw(rng, batch)
         noise = rng.standard_normal(x_start.shape, dtype=np.float32)
-        inputs = [x_start, t, noise]
+        y = mask = None
         if self.cfg["num_classes"] is not None:
-            inputs.append(drop_labels(np.asarray(labels.asnumpy() if isinstance(labels, Tensor) else labels),
-                                      self.cfg["label_dropout"], self.cfg["num_classes"], rng))
-        return self.run_step(*inputs)
+            y = drop_labels(np.asarray(labels.asnumpy() if isinstance(labels, Tensor) else labels),
+                            self.cfg["label_dropout"], self.cfg["num_classes"], rng)
+        if self.cfg.get("self_condition"):
+            mask = self_condition_mask(batch, rng)
+        return self.run_step(x_start, t, noise, y, mask)
 
-    def run_step(self, x_start, t, noise, y=None):
-        """One optimisation step on given inputs (images, timesteps, noise, labels or None) -> STATS tensor."""
-        inputs = [x_start, t, noise] + ([] if y is None else [y])
+    def run_step(self, x_start, t, noise, y=None, self_cond_mask=None):
+        """One optimisation step on given inputs (images, timesteps, noise, labels or None, the
+        self-conditioning mask or None) -> STATS tensor."""
+        inputs = [x_start, t, noise, y, self_cond_mask]
+        while inputs[-1] is None:  # trailing Nones: the compiled cell's defaults (the graph of a model without them)
+            inputs.pop()
         if self.accum_steps == 1:
-            stats = self.step_cell(*(v if isinstance(v, Tensor) else Tensor(v) for v in inputs))
+            stats = self.step_cell(*(v if v is None or isinstance(v, Tensor) else Tensor(v) for v in inputs))
         else:
-            inputs = [v.asnumpy() if isinstance(v, Tensor) else np.asarray(v) for v in inputs]
+            inputs = [v if v is None else v.asnumpy() if isinstance(v, Tensor) else np.asarray(v) for v in inputs]
             micro = inputs[0].shape[0] // self.accum_steps
-            losses = [self.micro_cell(*(Tensor(v[i * micro:(i + 1) * micro]) for v in inputs))
+            losses = [self.micro_cell(*(None if v is None else Tensor(v[i * micro:(i + 1) * micro])
+                                        for v in inputs))
                       for i in range(self.accum_steps)]
             stats = self.apply_cell(ops.stack(losses).mean())
         self.step += 1
