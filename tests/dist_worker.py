@@ -1,9 +1,7 @@
 """Run under msrun by tests/test_distributed.py (or directly, as the single-process reference).
 
-    python tests/dist_worker.py cases OUT_DIR        # msrun: every step case (see msrun_cases)
+    python tests/dist_worker.py all OUT_DIR DATA_DIR [ARGS...]   # msrun: every scenario (see all_scenarios)
     python tests/dist_worker.py references OUT_DIR   # one process: the same global batches, whole
-    python tests/dist_worker.py train OUT_DIR DATA_DIR [ARGS...]   # a real ddpm-train run
-    python tests/dist_worker.py resume OUT_DIR DATA_DIR   # --resume with rank r reading OUT_DIR/node{r}
 """
 
 import functools
@@ -94,15 +92,18 @@ def dropout_step(out):
 
 
 def msrun_cases(out):
-    """Every case of one msrun launch: fixed steps in float32, in float16 with accumulation, the
-    overflow case (DDPM_MS_FAULT_OVERFLOW_RANK applied to it only) and the dropout masks."""
+    """Every step case: fixed steps in float32, in float16 with accumulation, the dropout masks and
+    the overflow case (DDPM_MS_FAULT_OVERFLOW_RANK applied to it only, and unset again after it)."""
     fault = os.environ.pop(FAULT_OVERFLOW_RANK, None)
     fixed_steps(out)
     fixed_steps(out, FLOAT16_ACCUM, tag="f16")
     dropout_step(out)
     if fault is not None:
         os.environ[FAULT_OVERFLOW_RANK] = fault
-    overflow_steps(out)
+    try:
+        overflow_steps(out)
+    finally:
+        os.environ.pop(FAULT_OVERFLOW_RANK, None)
 
 
 def single_process_references(out):
@@ -123,15 +124,36 @@ def resume_run(out, data_dir):
                 "gif_frames=2"])
 
 
-if __name__ == "__main__":
+def mark_done(out, scenario):
+    """OUT/<scenario>.rank<r>.done: the scenario ended without an exception on this rank."""
+    with open(os.path.join(out, f"{scenario}.rank{os.environ.get('RANK_ID', '0')}.done"), "w") as f:
+        f.write("ok\n")
+
+
+def all_scenarios(out, data_dir, train_args):
+    """Every scenario of tests/test_distributed.py in one msrun launch (one cluster start-up, one import of
+    MindSpore per process), in this order: a real ddpm-train run into OUT/run (the process's first
+    init(), as a user's run), the step cases (msrun_cases, npz files in OUT), then the --resume of
+    OUT/resume where rank 1 lacks rank 0's checkpoint: it must end every rank with exit 2 and one
+    `error:` line, so it comes last. Each scenario that ends normally leaves its .done file."""
     from ddpm_ms.command_line import run_cli
 
+    fault = os.environ.pop(FAULT_OVERFLOW_RANK, None)  # for the overflow case only
+    real_run(os.path.join(out, "run"), data_dir, train_args)
+    mark_done(out, "train")
+    if fault is not None:
+        os.environ[FAULT_OVERFLOW_RANK] = fault
+    msrun_cases(out)
+    mark_done(out, "cases")
+    run_cli(lambda argv: resume_run(os.path.join(out, "resume"), data_dir))
+    mark_done(out, "resume")  # not reached when the resume fails as it must
+
+
+if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
-    if mode == "cases":
-        msrun_cases(args[0])
+    if mode == "all":
+        all_scenarios(args[0], args[1], args[2:])
     elif mode == "references":
         single_process_references(args[0])
-    elif mode == "resume":
-        run_cli(lambda argv: resume_run(*args))
-    else:  # train OUT DATA [ddpm-train arguments...]
-        run_cli(lambda argv: real_run(args[0], args[1], args[2:]))
+    else:
+        sys.exit(f"unknown mode {mode!r}: all or references")

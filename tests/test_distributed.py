@@ -1,10 +1,12 @@
 """Data-parallel training with 2 CPU workers launched by msrun."""
 
+import functools
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -25,7 +27,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def msrun(args, log_dir, env=None, timeout=600, expect_ok=True):
+def msrun(args, log_dir, env=None, timeout=600):
+    """Launch 2 ranks of dist_worker.py ARGS -> (the finished process, the tails of its logs)."""
     cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
            f"--log_dir={log_dir}", "--join=True", "python", WORKER] + args
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE,
@@ -34,29 +37,71 @@ def msrun(args, log_dir, env=None, timeout=600, expect_ok=True):
     for name in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
         with open(os.path.join(log_dir, name), errors="replace") as f:
             logs += f"--- {name}\n" + f.read()[-3000:]
-    if proc.returncode != 0 and "Failed to" in (proc.stdout + proc.stderr + logs) and "cluster" in logs.lower():
-        pytest.skip(f"msrun could not start its cluster here: {logs[-500:]}")
-    if expect_ok:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
-    return logs if expect_ok else (proc, logs)
+    return proc, logs
 
 
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
-    """One msrun launch for several tests (dist_worker.msrun_cases): 3 fixed steps in float32, 3 in
-    float16 with 2 micro-batches per rank, one dropout step, then 2 steps in which rank 1's own overflow
-    check fails (DDPM_MS_FAULT_OVERFLOW_RANK=1 reaches only that last trainer); and the single-process
-    references of the same global batches."""
+    """One msrun launch for every test here (dist_worker.all_scenarios; each msrun launch costs a cluster
+    start-up and teardown and an import of MindSpore in 3 processes): a real 2-step run (2 micro-batches
+    per rank, a loss read every step, TensorBoard and an evaluation every step: both ranks sample, rank 0
+    scores and keeps the best) into OUT/run; 3 fixed steps in float32, 3 in float16 with 2 micro-batches
+    per rank, one dropout step, then 2 steps in which rank 1's own overflow check fails
+    (DDPM_MS_FAULT_OVERFLOW_RANK=1 reaches only that trainer); last, a --resume where rank 0's directory
+    OUT/resume/node0 holds a step-2 checkpoint and rank 1's none, which must fail on every rank. The
+    single-process references of the same global batches run meanwhile (msrun's start-up and teardown
+    leave the CPU idle for seconds). -> .out (OUT), .proc, .logs (msrun's), .references (that exit status),
+    .watch (whether the real run had TensorBoard and evaluations: tensorboardX installed)."""
+    from ddpm_ms.utils import checkpoint as ckpt
+    from ddpm_ms.config import load_config
+    from ddpm_ms.training.trainer import Trainer
+
     out = tmp_path_factory.mktemp("two_workers")
-    msrun(["cases", str(out)], str(out / "logs"), env={"DDPM_MS_FAULT_OVERFLOW_RANK": "1"})
+    data_dir = write_blob_dataset(out / "data")
+    cfg = load_config(TINY, ["max_steps=4", "batch_size=8"])
+    trainer = Trainer(cfg, "CPU", steps_per_epoch=4)
+    trainer.step = 2
+    trainer.save(ckpt.CheckpointManager(str(out / "resume" / "node0" / "checkpoints"), 3), 0, 2)
     env = dict(os.environ)
     env.pop("MS_WORKER_NUM", None)
-    subprocess.run([sys.executable, WORKER, "references", str(out)], check=True, env=env, timeout=300)
-    return out
+    with open(out / "references.log", "w") as log:
+        references = subprocess.Popen([sys.executable, WORKER, "references", str(out)], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT)
+        try:
+            watch = ["eval_every_steps=1", "eval_num=257", "log_tensorboard=true"] if tensorboard_installed() else []
+            proc, logs = msrun(["all", str(out), data_dir, "grad_accum_steps=2", "log_every=1", *watch],
+                               str(out / "logs"), env={"DDPM_MS_FAULT_OVERFLOW_RANK": "1",
+                                                       "DDPM_MS_CACHE": write_fixed_classifier(out / "cache")})
+            references.wait(timeout=600)
+        finally:
+            if references.poll() is None:
+                references.kill()
+                references.wait()
+    if not os.path.exists(out / "train.rank0.done") and "Failed to" in (proc.stdout + proc.stderr + logs) \
+            and "cluster" in logs.lower():
+        pytest.skip(f"msrun could not start its cluster here: {logs[-500:]}")
+    return types.SimpleNamespace(out=out, proc=proc, logs=logs, references=references.returncode, watch=bool(watch))
 
 
+def scenario_ran(two_workers, scenario):
+    """OUT once ``scenario`` ended normally on both ranks (else the test fails with the logs)."""
+    run = two_workers
+    for rank in (0, 1):
+        assert os.path.exists(run.out / f"{scenario}.rank{rank}.done"), \
+            f"{scenario} failed on rank {rank}:\n" + run.proc.stdout[-2000:] + run.proc.stderr[-2000:] + run.logs
+    return run.out
+
+
+def references_ran(two_workers):
+    """OUT once the single-process references ended normally (else the test fails with their output)."""
+    with open(two_workers.out / "references.log", errors="replace") as f:
+        assert two_workers.references == 0, f.read()[-4000:]
+    return scenario_ran(two_workers, "cases")
+
+
+@functools.lru_cache(maxsize=None)
 def initial_weights():
-    """The seeded initial weights of the tiny config, built in this process."""
+    """The seeded initial weights of the tiny config, built in this process (once: the tests only read them)."""
     from ddpm_ms.utils import checkpoint as ckpt
     from ddpm_ms.config import load_config
     from ddpm_ms.training.trainer import Trainer
@@ -96,32 +141,30 @@ def compare_with_single_process(out, tag, loss_rtol, update_rtol, weight_atol, m
 
 def test_two_workers_match_single_process_on_the_same_global_batch(two_workers):
     # measured: relative update difference 3e-5, at most 0.1% of the weights outside 1e-4/1e-5
-    compare_with_single_process(two_workers, "f32", loss_rtol=1e-5, update_rtol=1e-3, weight_atol=0.02 * LR,
-                                max_off=1e-3)
+    compare_with_single_process(references_ran(two_workers), "f32", loss_rtol=1e-5, update_rtol=1e-3,
+                                weight_atol=0.02 * LR, max_off=1e-3)
 
 
 def test_float16_with_accumulation_on_two_workers_matches_single_process_float16(two_workers):
     """The Ascend default (float16 compute, loss scaling) data parallel, each rank in 2 micro-batches:
     ranks bit-identical, loss and weights equal to one float16 process on the whole batch within
     float16 rounding (measured: loss within 2e-4, relative update difference 1.5-2.3%)."""
-    compare_with_single_process(two_workers, "f16", loss_rtol=1e-3, update_rtol=0.05, weight_atol=2 * 3 * LR,
-                                max_off=None)
+    compare_with_single_process(references_ran(two_workers), "f16", loss_rtol=1e-3, update_rtol=0.05,
+                                weight_atol=2 * 3 * LR, max_off=None)
 
 
 def test_dropout_masks_differ_between_ranks(two_workers):
     """The same batch on both ranks: the ranks' own losses differ only through their dropout masks."""
-    r0, r1 = (np.load(two_workers / f"dropout_rank{r}.npz")["rank_loss"] for r in (0, 1))
+    out = scenario_ran(two_workers, "cases")
+    r0, r1 = (np.load(out / f"dropout_rank{r}.npz")["rank_loss"] for r in (0, 1))
     assert r0 != r1
 
 
-def test_only_rank_zero_writes_files(tmp_path):
+def test_only_rank_zero_writes_files(two_workers):
     """A real run with 2 micro-batches per rank, a loss read every step (log_every=1), TensorBoard and an
     evaluation every step (both ranks sample, rank 0 scores and keeps the best)."""
-    data_dir = write_blob_dataset(tmp_path / "data")
-    out = tmp_path / "run"
-    watch = ["eval_every_steps=1", "eval_num=257", "log_tensorboard=true"] if tensorboard_installed() else []
-    msrun(["train", str(out), data_dir, "grad_accum_steps=2", "log_every=1", *watch], str(tmp_path / "logs"),
-          env={"DDPM_MS_CACHE": write_fixed_classifier(tmp_path / "cache")})
+    out = scenario_ran(two_workers, "train") / "run"
+    watch = two_workers.watch
     expected = ["checkpoints", "config.yaml", "denoising.gif", "loss.csv", "loss_curve.png", "samples.npy",
                 "samples.png"]
     assert sorted(os.listdir(out)) == sorted(expected + (["quality.csv", "tensorboard"] if watch else []))
@@ -147,31 +190,24 @@ def test_an_overflow_seen_by_one_rank_skips_the_step_on_both(two_workers):
     """Rank 1's own overflow check fails after the gradient AllReduce (as Ascend's per-card overflow
     status can, while the averaged gradients are finite): the finite flag is reduced over the ranks,
     so both skip, keep identical weights and still advance Adam's step (the LR schedule)."""
-    r0, r1 = (np.load(two_workers / f"overflow_rank{r}.npz") for r in (0, 1))
+    out = scenario_ran(two_workers, "cases")
+    r0, r1 = (np.load(out / f"overflow_rank{r}.npz") for r in (0, 1))
     assert r0["finite"].tolist() == r1["finite"].tolist() == [False, False]
     assert r0["global_step"].tolist() == r1["global_step"].tolist() == [2]
     for name, value in initial_weights().items():
         assert np.array_equal(r0[name], value) and np.array_equal(r1[name], value), name
 
 
-def test_resume_where_one_rank_lacks_the_checkpoint_fails_on_every_rank(tmp_path):
+def test_resume_where_one_rank_lacks_the_checkpoint_fails_on_every_rank(two_workers):
     """Rank 0's directory holds a step-2 checkpoint, rank 1's (another node, no shared filesystem)
     none: every rank exits 2 with the same one-line error instead of hanging in an AllReduce."""
-    from ddpm_ms.utils import checkpoint as ckpt
-    from ddpm_ms.config import load_config
-    from ddpm_ms.training.trainer import Trainer
-
-    data_dir = write_blob_dataset(tmp_path / "data")
-    cfg = load_config(TINY, ["max_steps=4", "batch_size=8"])
-    trainer = Trainer(cfg, "CPU", steps_per_epoch=4)
-    trainer.step = 2
-    trainer.save(ckpt.CheckpointManager(str(tmp_path / "run" / "node0" / "checkpoints"), 3), 0, 2)
-    proc, logs = msrun(["resume", str(tmp_path / "run"), data_dir], str(tmp_path / "logs"), timeout=240,
-                       expect_ok=False)
+    out = scenario_ran(two_workers, "cases")  # the scenario before it ended on both ranks
+    proc, logs = two_workers.proc, two_workers.logs
     assert proc.returncode != 0
     for rank in (0, 1):
-        with open(tmp_path / "logs" / f"worker_{rank}.log", errors="replace") as f:
+        assert not os.path.exists(out / f"resume.rank{rank}.done"), logs
+        with open(out / "logs" / f"worker_{rank}.log", errors="replace") as f:
             errors = [line for line in f if line.startswith("error: ")]
         assert len(errors) == 1, logs
         assert "rank 0: step 2, rank 1: no checkpoint" in errors[0] and f"this is rank {rank}" in errors[0]
-    assert not os.path.exists(tmp_path / "run" / "node0" / "checkpoints" / "ckpt_step00000004.ckpt")
+    assert not os.path.exists(out / "resume" / "node0" / "checkpoints" / "ckpt_step00000004.ckpt")

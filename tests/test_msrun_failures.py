@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -46,45 +47,110 @@ print(f"exit status {code}", flush=True)
 """
 
 
-def msrun_train(args, tmp_path, timeout=300, env=None):
-    """msrun with 2 workers running ``python -m ddpm_ms.train ARGS`` -> {log name: text}."""
-    log_dir, pids = tmp_path / "logs", tmp_path / "pids"
-    pids.mkdir()
-    cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}", f"--log_dir={log_dir}",
-           "--join=True", "python", "-c", WRAPPER] + args
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path),
-                            env=dict(env_without_msrun(), PIDS=str(pids), **(env or {})), start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+class MsrunJob:
+    """msrun with 2 workers running ``python -m ddpm_ms.train ARGS``, started in the background."""
+
+    def __init__(self, args, tmp_path, timeout=300, env=None):
+        self.log_dir, self.pids = tmp_path / "logs", tmp_path / "pids"
+        self.pids.mkdir()
+        cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
+               f"--log_dir={self.log_dir}", "--join=True", "python", "-c", WRAPPER] + args
+        self.deadline = time.monotonic() + timeout
+        self.output = tmp_path / "msrun.out"  # a file, not a pipe: nothing reads it while the job runs
+        with open(self.output, "w") as output:
+            self.proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, cwd=str(tmp_path),
+                                         env=dict(env_without_msrun(), PIDS=str(self.pids), **(env or {})),
+                                         start_new_session=True)
+
+    def kill(self):
         # msrun and its scheduler share a process group; each worker leads its own (msrun setsid()s them)
-        groups = [proc.pid] + [int(f.read_text()) for f in pids.iterdir() if f.name.startswith("MS_WORKER")]
+        groups = [self.proc.pid] + [int(f.read_text()) for f in self.pids.iterdir() if f.name.startswith("MS_WORKER")]
         for group in groups:
             try:
                 os.killpg(group, signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
-        proc.communicate()
-        raise
-    logs = {}
-    for name in sorted(os.listdir(log_dir)) if log_dir.is_dir() else []:
-        logs[name] = (log_dir / name).read_text(errors="replace")
-    assert logs, out[-3000:]
-    return logs
+        self.proc.wait()
+
+    def logs(self):
+        """Wait for the job (until its timeout, counted from its start) -> {log name: text}."""
+        try:
+            self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        logs = {}
+        for name in sorted(os.listdir(self.log_dir)) if self.log_dir.is_dir() else []:
+            logs[name] = (self.log_dir / name).read_text(errors="replace")
+        assert logs, self.output.read_text(errors="replace")[-3000:]
+        return logs
 
 
-@pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun (MindSpore's launcher) not found")
-def test_a_missing_device_under_msrun_stops_every_rank_with_one_error(tmp_path):
-    """--device GPU on a machine without one: a single process falls back to CPU with a warning;
-    under msrun each rank exits 2 with one `error:` line in its log, and nothing is written."""
+def gpu_missing(tmp_path):
+    """The missing-device job; None where a GPU is available (its test skips)."""
     from ddpm_ms.utils.device import backend_available
 
     if backend_available("GPU"):
-        pytest.skip("a GPU is available here")
+        return None
+    data_dir = write_blob_dataset(tmp_path / "data")
+    return MsrunJob(["--config", TINY, "--device", "GPU", "--no-progress", "--output-dir", str(tmp_path / "run"),
+                     "--data-dir", data_dir], tmp_path)
+
+
+def output_dir_holding_another_run(tmp_path):
     data_dir = write_blob_dataset(tmp_path / "data")
     out = tmp_path / "run"
-    logs = msrun_train(["--config", TINY, "--device", "GPU", "--no-progress", "--output-dir", str(out),
-                        "--data-dir", data_dir], tmp_path)
+    out.mkdir()
+    (out / "config.yaml").write_text("{}\n")
+    return MsrunJob(["--config", TINY, "--device", "CPU", "--no-progress", "--output-dir", str(out),
+                     "--data-dir", data_dir], tmp_path)
+
+
+def checkpoint_rank_zero_cannot_write(tmp_path):
+    from ddpm_ms.utils import fileio
+
+    data_dir = write_blob_dataset(tmp_path / "data")
+    return MsrunJob(["--config", TINY, "--device", "CPU", "--no-progress", "--output-dir", str(tmp_path / "run"),
+                     "--data-dir", data_dir, "max_steps=4", "save_every_steps=2",
+                     "dim_mults=[1]", "mid_attn=false"],  # tiny.yaml's network, one level: compiles in half the time
+                    tmp_path,
+                    env={fileio.FAIL_ENV: "ckpt_step00000002.ckpt"})
+
+
+# {test: the function that starts its msrun job in a directory of its own}
+JOBS = {
+    "test_a_missing_device_under_msrun_stops_every_rank_with_one_error": gpu_missing,
+    "test_an_output_dir_holding_another_run_stops_both_ranks": output_dir_holding_another_run,
+    "test_a_checkpoint_rank_zero_cannot_write_stops_both_ranks": checkpoint_rank_zero_cannot_write,
+}
+
+
+@pytest.fixture(scope="module")
+def msrun_jobs(request, tmp_path_factory):
+    """{test name: (its MsrunJob or None, its directory)} for the msrun tests selected in this session, all jobs
+    started at once: a job spends much of its time waiting (msrun's start-up, its cluster forming and tearing
+    down, msrun's once-a-second poll), which the other jobs' work fills. Each test checks its own job."""
+    selected = {item.name for item in request.session.items if item.module is request.module}
+    jobs = {}
+    for name, start in JOBS.items():
+        if name in selected:
+            directory = tmp_path_factory.mktemp(name[len("test_"):][:30])
+            jobs[name] = (start(directory), directory)
+    yield jobs
+    for job, _ in jobs.values():
+        if job is not None and job.proc.poll() is None:
+            job.kill()
+
+
+@pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun (MindSpore's launcher) not found")
+def test_a_missing_device_under_msrun_stops_every_rank_with_one_error(msrun_jobs, request):
+    """--device GPU on a machine without one: a single process falls back to CPU with a warning;
+    under msrun each rank exits 2 with one `error:` line in its log, and nothing is written."""
+    job, tmp_path = msrun_jobs[request.node.name]
+    if job is None:
+        pytest.skip("a GPU is available here")
+    out = tmp_path / "run"
+    logs = job.logs()
     everything = "".join(f"--- {name}\n{text[-3000:]}" for name, text in logs.items())
     # msrun runs the command in its scheduler too, with MS_WORKER_NUM set: it stops the same way
     for name in ("worker_0.log", "worker_1.log", "scheduler.log"):
@@ -111,16 +177,12 @@ def rank_errors(logs):
 
 
 @pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun (MindSpore's launcher) not found")
-def test_an_output_dir_holding_another_run_stops_both_ranks(tmp_path):
+def test_an_output_dir_holding_another_run_stops_both_ranks(msrun_jobs, request):
     """Only rank 0 prepares the output directory; its refusal reaches rank 1 through one AllReduce,
     so both exit 2 with the same line instead of rank 1 waiting in the first gradient AllReduce."""
-    data_dir = write_blob_dataset(tmp_path / "data")
+    job, tmp_path = msrun_jobs[request.node.name]
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.yaml").write_text("{}\n")
-    logs = msrun_train(["--config", TINY, "--device", "CPU", "--no-progress", "--output-dir", str(out),
-                        "--data-dir", data_dir], tmp_path)
-    found = rank_errors(logs)
+    found = rank_errors(job.logs())
     assert found["worker_0.log"] == found["worker_1.log"], found
     line, status = found["worker_0.log"]
     assert line.startswith(f"error: output_dir {out} already holds a run;") and status == "exit status 2", found
@@ -128,17 +190,12 @@ def test_an_output_dir_holding_another_run_stops_both_ranks(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun (MindSpore's launcher) not found")
-def test_a_checkpoint_rank_zero_cannot_write_stops_both_ranks(tmp_path):
+def test_a_checkpoint_rank_zero_cannot_write_stops_both_ranks(msrun_jobs, request):
     """The step-2 checkpoint write fails on rank 0 (DDPM_MS_FAIL_WRITE): both ranks exit 4 with the
     same line naming the file, and the run can continue with --resume (no checkpoint yet)."""
-    from ddpm_ms.utils import fileio
-
-    data_dir = write_blob_dataset(tmp_path / "data")
+    job, tmp_path = msrun_jobs[request.node.name]
     out = tmp_path / "run"
-    logs = msrun_train(["--config", TINY, "--device", "CPU", "--no-progress", "--output-dir", str(out),
-                        "--data-dir", data_dir, "max_steps=4", "save_every_steps=2"], tmp_path,
-                       env={fileio.FAIL_ENV: "ckpt_step00000002.ckpt"})
-    found = rank_errors(logs)
+    found = rank_errors(job.logs())
     assert found["worker_0.log"] == found["worker_1.log"], found
     line, status = found["worker_0.log"]
     assert line.startswith("error: could not write checkpoint") and "ckpt_step00000002.ckpt" in line, found

@@ -24,9 +24,25 @@ from ddpm_ms.utils.visualize import make_grid
 TENSORBOARD_HINT = 'pip install "ddpm_ms[tensorboard]" (tensorboardX and the tensorboard viewer)'
 
 
+def _tensorboardx():
+    """The tensorboardX module, imported without PyTorch when this process has not imported it: tensorboardX
+    2.x imports torch (if installed) only to accept torch tensors, which ddpm_ms never passes, and that import
+    costs a training process as much time as MindSpore's (2-3 s of CPU) and hundreds of MB. Raises ImportError."""
+    if "torch" in sys.modules:
+        import tensorboardX
+        return tensorboardX
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX catches
+    try:
+        import tensorboardX
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return tensorboardX
+
+
 def tensorboard_available():
     try:
-        import tensorboardX  # noqa: F401
+        _tensorboardx()
     except ImportError:
         return False
     return True
@@ -76,9 +92,7 @@ class Board:
     def __init__(self, log_dir, enabled, purge_step=None):
         self.writer = None
         if enabled:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir, purge_step=purge_step, flush_secs=30)
+            self.writer = _tensorboardx().SummaryWriter(log_dir, purge_step=purge_step, flush_secs=30)
 
     def scalars(self, step, values, prefix=""):
         """Add ``{name: number or None}`` at ``step`` (None values are left out)."""
