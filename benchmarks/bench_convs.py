@@ -41,9 +41,11 @@ def dense_layers(cfg):
         if not isinstance(cell, (nn.Conv2d, nn.Conv2dTranspose)) or cell.group != 1:
             continue
         part = name.split(".")
-        if part[0] == "downs":
+        if part[0] in ("downs", "down_blocks"):  # tutorial / ResNet U-Net, the paper's U-Net (arch: ddpm)
             res = res0 >> int(part[1])
-        elif part[0] == "ups":
+        elif part[0] == "up_blocks" and part[2] == "upsamplers":  # nearest x2, then this conv
+            res = res0 >> (levels - 2 - int(part[1]))
+        elif part[0] in ("ups", "up_blocks"):
             res = res0 >> (levels - 1 - int(part[1]))
         elif part[0].startswith("mid"):
             res = res0 >> (levels - 1)

@@ -458,7 +458,12 @@ def _conv_transpose64(x, w, s, p):
     # >= 8 channels: the direct kernels (all passes when Co <= Ci, else the filter gradient),
     # channel counts that fill 1, 2 and 3 vectors partly, pixel counts that fill tiles partly
     ("same", (3, 40, 5, 9), 35, 3), ("same", (2, 9, 3, 2), 20, 7), ("same", (5, 20, 7, 7), 19, 5),
+    # images >= 12 wide: the forward and input-gradient passes take the row-ordered tiles (widening
+    # layers too), with the padding columns between rows computed and dropped; one vector exactly
+    ("same", (2, 12, 13, 14), 20, 3), ("same", (2, 24, 12, 17), 16, 5),
     ("down", (2, 3, 8, 6), 5, 4), ("down", (1, 4, 2, 4), 3, 4),
+    # >= 8 channels: the strided forward and filter gradient on the direct kernels (K = 4 and 3)
+    ("down", (2, 9, 14, 12), 12, 4), ("down", (3, 10, 6, 10), 17, 3),
 ])
 def test_dense_conv_forward_and_gradients(kind, shape, cout, k):
     rng = _rng(8)
@@ -477,14 +482,16 @@ def test_dense_conv_forward_and_gradients(kind, shape, cout, k):
 
 
 @needs_conv
-def test_transposed_conv_forward_and_gradients():
+@pytest.mark.parametrize("xshape,cout", [((2, 3, 4, 5), 2),
+                                         ((2, 9, 7, 6), 12)])  # >= 8 channels: direct kernels (its input gradient)
+def test_transposed_conv_forward_and_gradients(xshape, cout):
     rng = _rng(9)
-    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
-    w = rng.standard_normal((3, 2, 4, 4)).astype(np.float32)  # [Cin, Cout, K, K]
+    x = rng.standard_normal(xshape).astype(np.float32)
+    w = rng.standard_normal((xshape[1], cout, 4, 4)).astype(np.float32)  # [Cin, Cout, K, K]
     op = kernels.ops().conv_up
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     ref = _conv_transpose64(x64, w64, 2, 1)
-    assert ref.shape == (2, 2, 8, 10)
+    assert ref.shape == (xshape[0], cout, 2 * xshape[2], 2 * xshape[3])
     _close(_Call(op)(Tensor(x), Tensor(w)).asnumpy(), ref, atol_frac=1e-6)
     # the transposed conv is the adjoint of the strided conv: its x-gradient is that conv,
     # and its w-gradient is the strided conv's w-gradient with the roles of x and dy swapped

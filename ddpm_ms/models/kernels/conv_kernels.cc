@@ -1,6 +1,7 @@
 // Dense 2-D convolutions for ddpm_ms on CPU (MindSpore "aot" custom operators): im2col +
 // single-precision GEMM from OpenBLAS (the scipy-openblas32 wheel), and direct kernels for the
-// odd-K stride-1 passes where those are faster (see "Direct convolution" and use_direct below).
+// odd-K stride-1 and the stride-2 passes where those are faster (see "Direct convolution" and
+// use_direct below).
 //
 // Why: MindSpore 2.10 must cap oneDNN at AVX2 on AVX-512 CPUs (its AVX-512 fp32 NCHW
 // convolution falls to a reference path, see ddpm_ms/__init__.py), so its convolutions and
@@ -254,7 +255,8 @@ void backward_filter(const float *dy, const float *x, float *dw, const Geo &g) {
 }
 
 // ----------------------------------------------------------------------------------------
-// Direct convolution for odd K > 1, stride 1, "same" padding (the U-Net's 3x3 and 7x7 convs).
+// Direct convolution for odd K > 1, stride 1, "same" padding (the U-Net's 3x3 and 7x7 convs),
+// and for stride 2, padding 1 (the 4x4 and 3x3 down-sampling convs, the 4x4 transposed conv).
 //
 // im2col + GEMM copies every input pixel K*K times and OpenBLAS then packs those copies again;
 // with the U-Net's few channels (28..224) that memory traffic, not the multiplies, set the
@@ -271,6 +273,8 @@ void backward_filter(const float *dy, const float *x, float *dw, const Geo &g) {
 //                    "same" conv with the kernel flipped and the channel roles swapped)
 //   backward filter: dw[co, ci, t] = sum over pixels of dy[co, p] * xpad[ci, p + offset(t)],
 //                    with the output-channel vectors loaded from a pixel-major copy of dy
+// At stride 2 a pixel's offset is that of padded pixel (2 oh, 2 ow); the input gradient is four
+// stride-1 convs over the padded dy, one per output phase (direct_backward_input_strided).
 #ifdef __AVX512F__
 const int kV = 16;    // floats per vector
 const int kAcc = 24;  // accumulators per tile (of 32 vector registers)
@@ -299,14 +303,17 @@ inline void storev(float *p, vecf v) { std::memcpy(p, &v, sizeof v); }
 // Vectors of output channels per register tile: 2, or 1 for the last one of an odd count.
 const int kCV = 2;
 
-// One "same" conv as seen by the direct kernels: C input channels in planes of H x W, O
-// output channels, odd K.
+// One conv as seen by the direct kernels: C input channels in planes of H x W, zero-padded by P
+// on every side (planes of Hp x Wp), O output channels in planes of Ho x Wo, a K x K kernel at
+// stride S. Output pixel (oh, ow) reads padded pixel (S * oh + ky, S * ow + kx) at tap (ky, kx).
 struct Direct {
-  int64_t C, O, H, W, K, P, Hp, Wp, plane, HW, KK, nvec, opad;
+  int64_t C, O, H, W, K, P, S, Ho, Wo, Hp, Wp, plane, HW, HWo, KK, nvec, opad;
   int64_t koff[64];  // tap t = ky * K + kx -> offset ky * Wp + kx in a padded plane
-  Direct(int64_t c, int64_t o, int64_t h, int64_t w, int64_t k)
-      : C(c), O(o), H(h), W(w), K(k), P(k / 2), Hp(h + k - 1), Wp(w + k - 1), plane(Hp * Wp),
-        HW(h * w), KK(k * k), nvec((o + kV - 1) / kV), opad(nvec * kV) {
+  // "same" conv: stride 1, odd K, padding K / 2
+  Direct(int64_t c, int64_t o, int64_t h, int64_t w, int64_t k) : Direct(c, o, h, w, k, 1, k / 2, h, w) {}
+  Direct(int64_t c, int64_t o, int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t ho, int64_t wo)
+      : C(c), O(o), H(h), W(w), K(k), P(p), S(s), Ho(ho), Wo(wo), Hp(h + 2 * p), Wp(w + 2 * p), plane(Hp * Wp),
+        HW(h * w), HWo(ho * wo), KK(k * k), nvec((o + kV - 1) / kV), opad(nvec * kV) {
     for (int64_t t = 0; t < KK; ++t) koff[t] = (t / K) * Wp + t % K;
   }
 };
@@ -316,7 +323,7 @@ struct Direct {
 template <class F>
 void over_groups(const Direct &d, int64_t N, F fn) {
   const int64_t per_worker = (N + num_threads() - 1) / num_threads();
-  const int64_t nb = std::max<int64_t>(1, std::min(per_worker, (1023 + d.HW) / d.HW));
+  const int64_t nb = std::max<int64_t>(1, std::min(per_worker, (1023 + d.HWo) / d.HWo));
   Geo split{};
   split.N = N;
   over_chunks(split, nb, [&](int t, int64_t lo, int64_t hi) { fn(t, lo, hi, nb); });
@@ -324,14 +331,24 @@ void over_groups(const Direct &d, int64_t N, F fn) {
 
 enum Pass { kForward = 0, kBackwardInput = 1, kBackwardFilter = 2 };
 
+// Images at least this wide take the forward and input-gradient passes on direct_tile_rows (below).
+const int64_t kRowsMinWidth = 12;
+const int64_t kSlack = 64;  // floats past the padded planes that direct_tile_rows may read
+
 // Direct or im2col + GEMM, per pass. Measured per layer of the tutorial U-Net at batch 16
 // (2-core AVX-512 Xeon): the direct kernels are faster for the filter gradient of every layer
 // and, for the forward and input-gradient passes, when the layer narrows (Co <= Ci: the GEMM
-// then has a short side of Co); widening layers are as fast or faster with the GEMM. Fewer
-// than 8 channels (the 1-channel input conv) would leave most vector lanes idle.
+// then has a short side of Co); widening layers were as fast or faster with the GEMM until the
+// row-ordered tiles (direct_tile_rows), which beat it for images >= 12 wide (quick.yaml's 32->64
+// conv at 14x14, batch 64: 3.5 vs 4.7 ms forward, 3.0 vs 4.6 ms input gradient). The stride-2
+// convs (4x4 and 3x3) are direct in every pass (about 2x the GEMM's speed forward and for the
+// filter gradient; the input gradient by phases, below). Fewer than 8 channels (the 1-channel
+// input conv) would leave most vector lanes idle.
 bool use_direct(const Geo &g, int pass) {
-  if (g.S != 1 || g.K < 3 || g.K % 2 == 0 || g.K * g.K > 64 || g.Ci < 8 || g.Co < 8) return false;
-  return pass == kBackwardFilter || g.Co <= g.Ci;
+  if (g.K < 3 || g.K * g.K > 64 || g.Ci < 8 || g.Co < 8) return false;
+  if (g.S == 2) return true;
+  if (g.K % 2 == 0) return false;
+  return pass == kBackwardFilter || g.Co <= g.Ci || g.W >= kRowsMinWidth;
 }
 
 // Zero-padded planes of images n0 .. n0+nb-1 of t [N, C, H, W]: buf [nb, C, Hp, Wp].
@@ -348,13 +365,13 @@ void pad_planes(const float *t, const Direct &d, int64_t n0, int64_t nb, float *
 // Pixel q < nb*HW of a group: its offset in the padded planes (channel 0, tap 0) and in an
 // [nb, O, HW] output (channel 0); the list is padded to a multiple of `tile` with pixel 0.
 void pixel_lists(const Direct &d, int64_t nb, int64_t tile, std::vector<int64_t> *in, std::vector<int64_t> *out) {
-  const int64_t nq = nb * d.HW, padded = (nq + tile - 1) / tile * tile;
+  const int64_t nq = nb * d.HWo, padded = (nq + tile - 1) / tile * tile;
   in->resize(padded);
   out->resize(padded);
   for (int64_t q = 0; q < padded; ++q) {
-    const int64_t r = q < nq ? q : 0, j = r / d.HW, p = r % d.HW;
-    (*in)[q] = j * d.C * d.plane + (p / d.W) * d.Wp + p % d.W;
-    (*out)[q] = q < nq ? j * d.O * d.HW + p : -1;
+    const int64_t r = q < nq ? q : 0, j = r / d.HWo, p = r % d.HWo;
+    (*in)[q] = j * d.C * d.plane + d.S * ((p / d.Wo) * d.Wp + p % d.Wo);
+    (*out)[q] = q < nq ? j * d.O * d.HWo + p : -1;
   }
 }
 
@@ -374,7 +391,41 @@ std::vector<float> pack_weights(const Direct &d, F wsrc) {
   return wt;
 }
 
-// out[pix_out[q] + o * HW] = sum_{c, t} w[o, c, t] * xp[pix_in[q] + c * plane + koff[t]] for the
+// The register tile of the direct kernels: acc[i][j] = sum_{c, t} (weight vector i of channel c,
+// tap t) * x[c * plane + koff[t] + px(j)] for the PX = kAcc / CV pixels j of the tile, px(j) their
+// offsets from x. wt: the tile's packed weights ([C, KK, CV * kV], see pack_weights).
+template <int CV, class Px>
+inline void tile_sums(const Direct &d, const float *wt, const float *x, Px px, vecf (&acc)[CV][kAcc / CV]) {
+  constexpr int PX = kAcc / CV;
+  for (int c = 0; c < CV; ++c)
+    for (int j = 0; j < PX; ++j) acc[c][j] = vecf{};
+  const float *w = wt;
+  for (int64_t c = 0; c < d.C; ++c, x += d.plane) {
+    for (int64_t t = 0; t < d.KK; ++t, w += CV * kV) {
+      vecf wv[CV];
+#pragma GCC unroll 4
+      for (int i = 0; i < CV; ++i) wv[i] = loadv(w + i * kV);
+      const float *xt = x + d.koff[t];
+#pragma GCC unroll 32
+      for (int j = 0; j < PX; ++j) {
+        const vecf xv = splat(xt[px(j)]);
+#pragma GCC unroll 4
+        for (int i = 0; i < CV; ++i) acc[i][j] += wv[i] * xv;
+      }
+    }
+  }
+}
+
+// Pixel j of a tile to o[(o0 + l) * HWo] for its output channels o0 + l < O (o0 = v0 * kV).
+template <int CV>
+inline void store_pixel(const Direct &d, const vecf (&acc)[CV][kAcc / CV], int j, int64_t v0, float *o) {
+  float lanes[CV * kV];
+  for (int i = 0; i < CV; ++i) storev(lanes + i * kV, acc[i][j]);
+  const int64_t o0 = v0 * kV, n = std::min<int64_t>(CV * kV, d.O - o0);
+  for (int64_t l = 0; l < n; ++l) o[(o0 + l) * d.HWo] = lanes[l];
+}
+
+// out[pix_out[q] + o * HWo] = sum_{c, t} w[o, c, t] * xp[pix_in[q] + c * plane + koff[t]] for the
 // CV * kV output channels o of the tile at vector v0 and all (padded) pixels q < nq.
 template <int CV>
 void direct_tile(const Direct &d, const float *wt, int64_t v0, const float *xp, const int64_t *pix_in,
@@ -382,32 +433,29 @@ void direct_tile(const Direct &d, const float *wt, int64_t v0, const float *xp, 
   constexpr int PX = kAcc / CV;
   for (int64_t q0 = 0; q0 < nq; q0 += PX) {
     vecf acc[CV][PX];
-    for (int c = 0; c < CV; ++c)
-      for (int j = 0; j < PX; ++j) acc[c][j] = vecf{};
     const int64_t *b = pix_in + q0;
-    const float *w = wt;
-    for (int64_t c = 0; c < d.C; ++c) {
-      const float *x = xp + c * d.plane;
-      for (int64_t t = 0; t < d.KK; ++t, w += CV * kV) {
-        vecf wv[CV];
-#pragma GCC unroll 4
-        for (int i = 0; i < CV; ++i) wv[i] = loadv(w + i * kV);
-        const float *xt = x + d.koff[t];
-#pragma GCC unroll 32
-        for (int j = 0; j < PX; ++j) {
-          const vecf xv = splat(xt[b[j]]);
-#pragma GCC unroll 4
-          for (int i = 0; i < CV; ++i) acc[i][j] += wv[i] * xv;
-        }
-      }
-    }
+    tile_sums<CV>(d, wt, xp, [b](int j) { return b[j]; }, acc);
+    for (int j = 0; j < PX; ++j)
+      if (pix_out[q0 + j] >= 0) store_pixel<CV>(d, acc, j, v0, out + pix_out[q0 + j]);
+  }
+}
+
+// As direct_tile, for the pixels of one image taken in the order of its padded planes: pixel u
+// (u = row * Wp + column, u < nu = (H - 1) * Wp + W) reads xb[u + c * plane + koff[t]], so the PX
+// pixels of a tile are PX consecutive floats of every (channel, tap) row: one base pointer
+// and fixed displacements, no per-pixel offsets to load and add (1.1-1.2x the speed at 28x28).
+// The columns u % Wp >= W (the padding between rows) are computed and dropped (2/Wp of the work
+// for K = 3); the last tile reads up to PX - 1 floats past the last plane (the buffer has kSlack
+// floats more).
+template <int CV>
+void direct_tile_rows(const Direct &d, const float *wt, int64_t v0, const float *xb, int64_t nu, float *out) {
+  constexpr int PX = kAcc / CV;
+  for (int64_t u0 = 0; u0 < nu; u0 += PX) {
+    vecf acc[CV][PX];
+    tile_sums<CV>(d, wt, xb + u0, [](int j) { return j; }, acc);
     for (int j = 0; j < PX; ++j) {
-      if (pix_out[q0 + j] < 0) continue;
-      float lanes[CV * kV];
-      for (int i = 0; i < CV; ++i) storev(lanes + i * kV, acc[i][j]);
-      float *o = out + pix_out[q0 + j];
-      const int64_t o0 = v0 * kV, n = std::min<int64_t>(CV * kV, d.O - o0);
-      for (int64_t l = 0; l < n; ++l) o[(o0 + l) * d.HW] = lanes[l];
+      const int64_t u = u0 + j, col = u % d.Wp;
+      if (u < nu && col < d.W) store_pixel<CV>(d, acc, j, v0, out + (u / d.Wp) * d.W + col);
     }
   }
 }
@@ -415,13 +463,29 @@ void direct_tile(const Direct &d, const float *wt, int64_t v0, const float *xp, 
 // out [N, O, H, W] = conv(in [N, C, H, W]) with the packed weights wt.
 void direct_conv(const Direct &d, int64_t N, const float *in, const std::vector<float> &wt, float *out) {
   over_groups(d, N, [&](int, int64_t lo, int64_t hi, int64_t nb_max) {
-    std::unique_ptr<float[]> xp(new float[nb_max * d.C * d.plane]);  // pad_planes fills it
+    std::unique_ptr<float[]> xp(new float[nb_max * d.C * d.plane + kSlack]);  // pad_planes fills it
+    std::fill(xp.get() + nb_max * d.C * d.plane, xp.get() + nb_max * d.C * d.plane + kSlack, 0.0f);
     std::vector<int64_t> pin, pout;
     for (int64_t n0 = lo; n0 < hi; n0 += nb_max) {
       const int64_t nb = std::min(nb_max, hi - n0);
       pad_planes(in, d, n0, nb, xp.get());
+      if (d.S == 1 && d.W >= kRowsMinWidth) {
+        const int64_t nu = (d.H - 1) * d.Wp + d.W;
+        for (int64_t j = 0; j < nb; ++j) {
+          const float *xb = xp.get() + j * d.C * d.plane;
+          float *o = out + (n0 + j) * d.O * d.HWo;
+          for (int64_t v0 = 0; v0 < d.nvec; v0 += kCV) {
+            const float *w = wt.data() + v0 * kV * d.C * d.KK;
+            if (d.nvec - v0 >= 2)
+              direct_tile_rows<2>(d, w, v0, xb, nu, o);
+            else
+              direct_tile_rows<1>(d, w, v0, xb, nu, o);
+          }
+        }
+        continue;
+      }
       pixel_lists(d, nb, kAcc, &pin, &pout);
-      float *o = out + n0 * d.O * d.HW;
+      float *o = out + n0 * d.O * d.HWo;
       for (int64_t v0 = 0; v0 < d.nvec; v0 += kCV) {
         const float *w = wt.data() + v0 * kV * d.C * d.KK;
         if (d.nvec - v0 >= 2)
@@ -434,7 +498,7 @@ void direct_conv(const Direct &d, int64_t N, const float *in, const std::vector<
 }
 
 void direct_forward(const float *x, const float *w, float *y, const Geo &g) {
-  const Direct d(g.Ci, g.Co, g.H, g.W, g.K);
+  const Direct d(g.Ci, g.Co, g.H, g.W, g.K, g.S, g.P, g.Ho, g.Wo);
   const int64_t KK = d.KK;
   direct_conv(d, g.N, x, pack_weights(d, [&](int64_t o, int64_t c, int64_t t) { return w[(o * g.Ci + c) * KK + t]; }), y);
 }
@@ -445,6 +509,68 @@ void direct_backward_input(const float *dy, const float *w, float *dx, const Geo
   direct_conv(d, g.N, dy, pack_weights(d, [&](int64_t o, int64_t c, int64_t t) {
     return w[(c * g.Ci + o) * KK + KK - 1 - t];
   }), dx);
+}
+
+// The input gradient of a stride-2 conv (and so the forward pass of the transposed conv) as four
+// small stride-1 convs, one per phase (a, b) = ((ih + P) % 2, (iw + P) % 2) of the dx pixels:
+// pixel (ih, iw) of phase (a, b), with m = (ih + P - a) / 2 and n = (iw + P - b) / 2, takes only the
+// taps ky = a + 2e, kx = b + 2f (e, f >= 0, inside the kernel), each reading dy[m - e, n - f]:
+//   dx[ci, ih, iw] = sum_{co, e, f} w[co, ci, a + 2e, b + 2f] * dy[co, m - e, n - f].
+// dy is zero-padded by Q on every side (enough for every e, f and the last m, n); the direct tile
+// reads it through per-pixel offsets as the forward pass does, with the taps of the phase.
+void direct_backward_input_strided(const float *dy, const float *w, float *dx, const Geo &g) {
+  const int64_t Q = std::max<int64_t>({(g.K - 1) / 2, (g.H - 1 + g.P) / 2 - (g.Ho - 1),
+                                       (g.W - 1 + g.P) / 2 - (g.Wo - 1), 0});
+  // planes of dy (Co channels, Ho x Wo, padded by Q), outputs dx (Ci channels, H x W)
+  const Direct base(g.Co, g.Ci, g.Ho, g.Wo, 1, 1, Q, g.H, g.W);
+  struct Phase {
+    Direct d;
+    int64_t a, b, ne, nf;
+    std::vector<float> wt;
+  };
+  std::vector<Phase> phases;
+  for (int64_t a = 0; a < 2; ++a)
+    for (int64_t b = 0; b < 2; ++b) {
+      Phase ph{base, a, b, (g.K - a + 1) / 2, (g.K - b + 1) / 2, {}};
+      ph.d.KK = ph.ne * ph.nf;
+      for (int64_t t = 0; t < ph.d.KK; ++t) ph.d.koff[t] = (ph.ne - 1 - t / ph.nf) * base.Wp + (ph.nf - 1 - t % ph.nf);
+      ph.wt = pack_weights(ph.d, [&](int64_t o, int64_t c, int64_t t) {
+        return w[((c * g.Ci + o) * g.K + a + 2 * (t / ph.nf)) * g.K + b + 2 * (t % ph.nf)];
+      });
+      phases.push_back(std::move(ph));
+    }
+  over_groups(base, g.N, [&](int, int64_t lo, int64_t hi, int64_t nb_max) {
+    std::unique_ptr<float[]> xp(new float[nb_max * base.C * base.plane]);  // pad_planes fills it
+    std::vector<int64_t> pin, pout;
+    for (int64_t n0 = lo; n0 < hi; n0 += nb_max) {
+      const int64_t nb = std::min(nb_max, hi - n0);
+      pad_planes(dy, base, n0, nb, xp.get());
+      for (const Phase &ph : phases) {
+        pin.clear();
+        pout.clear();
+        for (int64_t j = 0; j < nb; ++j)
+          for (int64_t ih = (ph.a + 2 - g.P % 2) % 2; ih < g.H; ih += 2)
+            for (int64_t iw = (ph.b + 2 - g.P % 2) % 2; iw < g.W; iw += 2) {
+              const int64_t m = (ih + g.P - ph.a) / 2, n = (iw + g.P - ph.b) / 2;
+              pin.push_back(j * base.C * base.plane + (m - (ph.ne - 1) + Q) * base.Wp + n - (ph.nf - 1) + Q);
+              pout.push_back(j * base.O * base.HWo + ih * g.W + iw);
+            }
+        if (pin.empty()) continue;
+        while (pin.size() % kAcc) {  // pad to whole tiles with copies of the first pixel, dropped
+          pin.push_back(pin[0]);
+          pout.push_back(-1);
+        }
+        float *o = dx + n0 * base.O * base.HWo;
+        for (int64_t v0 = 0; v0 < base.nvec; v0 += kCV) {
+          const float *wv = ph.wt.data() + v0 * kV * base.C * ph.d.KK;
+          if (base.nvec - v0 >= 2)
+            direct_tile<2>(ph.d, wv, v0, xp.get(), pin.data(), pout.data(), int64_t(pin.size()), o);
+          else
+            direct_tile<1>(ph.d, wv, v0, xp.get(), pin.data(), pout.data(), int64_t(pin.size()), o);
+        }
+      }
+    }
+  });
 }
 
 // acc[r, i * kV + l] += sum_q dyt[q, o0 + i * kV + l] * xp[pix_in[q] + roff[r]] for r < R, i < CV.
@@ -474,7 +600,7 @@ void filter_tile(const float *dyt, int64_t opad, int64_t o0, const float *xp, co
 }
 
 void direct_backward_filter(const float *dy, const float *x, float *dw, const Geo &g) {
-  const Direct d(g.Ci, g.Co, g.H, g.W, g.K);  // planes of x (Ci channels), lanes over Co
+  const Direct d(g.Ci, g.Co, g.H, g.W, g.K, g.S, g.P, g.Ho, g.Wo);  // planes of x (Ci channels), lanes over Co
   constexpr int R = kAcc / kCV;  // (input channel, tap) pairs per tile
   const int64_t rows = d.C * d.KK, rpad = (rows + R - 1) / R * R;
   std::vector<int64_t> roff(rpad, 0);  // padded rows read plane offset 0 and are dropped
@@ -489,15 +615,15 @@ void direct_backward_filter(const float *dy, const float *x, float *dw, const Ge
     std::vector<float> dyt;
     std::vector<int64_t> pin, pout;
     for (int64_t n0 = lo; n0 < hi; n0 += nb_max) {
-      const int64_t nb = std::min(nb_max, hi - n0), nq = nb * d.HW;
+      const int64_t nb = std::min(nb_max, hi - n0), nq = nb * d.HWo;
       pad_planes(x, d, n0, nb, xp.get());
       pixel_lists(d, nb, 1, &pin, &pout);
       dyt.assign(nq * d.opad, 0.0f);  // pixel-major dy, zero in the padded channels
       for (int64_t j = 0; j < nb; ++j)
         for (int64_t o = 0; o < d.O; ++o) {
-          const float *src = dy + ((n0 + j) * d.O + o) * d.HW;
-          float *dst = dyt.data() + j * d.HW * d.opad + o;
-          for (int64_t p = 0; p < d.HW; ++p) dst[p * d.opad] = src[p];
+          const float *src = dy + ((n0 + j) * d.O + o) * d.HWo;
+          float *dst = dyt.data() + j * d.HWo * d.opad + o;
+          for (int64_t p = 0; p < d.HWo; ++p) dst[p * d.opad] = src[p];
         }
       for (int64_t q0 = 0; q0 < nq; q0 += qchunk) {
         const int64_t nqc = std::min(qchunk, nq - q0);
@@ -547,7 +673,8 @@ int run(Pass pass, int nparam, void **params, int *ndims, int64_t **shapes, cons
   }
   const bool direct = use_direct(g, pass);
   if (pass == kForward) (direct ? direct_forward : forward)(a, b, out, g);
-  if (pass == kBackwardInput) (direct ? direct_backward_input : backward_input)(a, b, out, g);
+  if (pass == kBackwardInput)
+    (direct ? (g.S == 1 ? direct_backward_input : direct_backward_input_strided) : backward_input)(a, b, out, g);
   if (pass == kBackwardFilter) (direct ? direct_backward_filter : backward_filter)(a, b, out, g);
   return 0;
 }
