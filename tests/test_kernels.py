@@ -460,7 +460,10 @@ def _conv_transpose64(x, w, s, p):
     ("same", (3, 40, 5, 9), 35, 3), ("same", (2, 9, 3, 2), 20, 7), ("same", (5, 20, 7, 7), 19, 5),
     # images >= 12 wide: the forward and input-gradient passes take the row-ordered tiles (widening
     # layers too), with the padding columns between rows computed and dropped; one vector exactly
-    ("same", (2, 12, 13, 14), 20, 3), ("same", (2, 24, 12, 17), 16, 5),
+    ("same", (2, 24, 12, 17), 16, 5),
+    # ... and for K = 3 Winograd F(2x2, 3x3): odd heights and widths (half tiles), output channels
+    # past a whole register tile of 8, a row of more tiles than one vector holds (W = 34: 17 tiles)
+    ("same", (2, 12, 13, 14), 20, 3), ("same", (1, 16, 12, 19), 33, 3), ("same", (1, 9, 4, 34), 8, 3),
     ("down", (2, 3, 8, 6), 5, 4), ("down", (1, 4, 2, 4), 3, 4),
     # >= 8 channels: the strided forward and filter gradient on the direct kernels (K = 4 and 3)
     ("down", (2, 9, 14, 12), 12, 4), ("down", (3, 10, 6, 10), 17, 3),
@@ -753,8 +756,8 @@ def test_avx2_code_paths_on_an_avx512_machine(tmp_path, mode):
     import subprocess
     import sys
     env = dict(os.environ, DDPM_MS_KERNEL_MARCH="haswell", DDPM_MS_KERNEL_CACHE=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "dense_conv or fused_attention or group_norm or depthwise or gelu or silu or ema"],
+    tests = "dense_conv or transposed_conv or fused_attention or group_norm or depthwise or gelu or silu or ema"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     built = os.listdir(tmp_path)  # built here, for haswell, with no temporary file left beside it

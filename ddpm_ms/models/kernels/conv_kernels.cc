@@ -497,18 +497,260 @@ void direct_conv(const Direct &d, int64_t N, const float *in, const std::vector<
   });
 }
 
+// ----------------------------------------------------------------------------------------
+// Winograd F(2x2, 3x3) (Lavin and Gray 2016) for the 3x3 "same" convs: every 2x2 block of output
+// pixels (a "tile") is Y = A^T [U (.) V] A, with V = B^T d B of the 4x4 padded input patch d under
+// it and U = G g G^T of each 3x3 kernel g: 16 multiplies per tile and channel pair instead of 36.
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
+//   A^T = [1 1 1 0; 0 1 -1 -1].
+// Tiles are the vector lanes throughout. Per block of tile rows (sized for L2): V[xi][c][t] for
+// the 16 positions xi, one row of tiles at a time (vector ops over the tiles of the row); for
+// every xi the product M[xi][o][t] = sum_c U[xi][o][c] V[xi][c][t] on a register tile of OB output
+// channels (broadcast weights) x TV vectors of tiles; then Y per vector of tiles and output
+// channel, scattered to the 2x2 pixels. Sums are taken in another order than the direct
+// kernels' (results differ in the last bits; tests/test_kernels.py compares both with float64).
+const int kWinoTV = 3;                // vectors of tiles per register tile
+const int kWinoOB = kAcc / kWinoTV;   // output channels per register tile (8; 4 for AVX2)
+const int64_t kWinoCols = kWinoTV * kV;
+
+typedef int veci __attribute__((vector_size(kV * sizeof(int))));
+
+struct Winograd {
+  int64_t C, O, H, W, TH, TW, TWV;  // tiles TH x TW; TWV vectors of tiles per tile row
+  Winograd(int64_t c, int64_t o, int64_t h, int64_t w)
+      : C(c), O(o), H(h), W(w), TH((h + 1) / 2), TW((w + 1) / 2), TWV((TW + kV - 1) / kV) {}
+  int64_t tiles() const { return TH * TW; }
+};
+
+// Loads of kV floats of an image row from column x, the lanes outside [0, W) zero and not read
+// (masked loads: x may be -1 or reach past W).
+struct RowLoad {
+  int64_t x;
+#ifdef __AVX512F__
+  __mmask16 m;
+  RowLoad(int64_t x0, int64_t W) : x(x0) {
+    const int64_t lo = std::max<int64_t>(0, -x0), hi = std::max<int64_t>(lo, std::min<int64_t>(kV, W - x0));
+    m = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+  }
+  vecf operator()(const float *row) const { return (vecf)_mm512_maskz_loadu_ps(m, row + x); }
+#else
+  __m256i m;
+  RowLoad(int64_t x0, int64_t W) : x(x0) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), col = _mm256_add_epi32(lane, _mm256_set1_epi32(int(x0)));
+    m = _mm256_and_si256(_mm256_cmpgt_epi32(col, _mm256_set1_epi32(-1)), _mm256_cmpgt_epi32(_mm256_set1_epi32(int(W)), col));
+  }
+  vecf operator()(const float *row) const { return (vecf)_mm256_maskload_ps(row + x, m); }
+#endif
+};
+
+// V[(xi * C + c) * ld + (r - r0) * TW + tx] for the tile rows r0 .. r0+nr-1 of the images from n0
+// of in [N, C, H, W] (tile row r: image n0 + r / TH, input rows 2 (r % TH) - 1 .. + 2), kV tiles at
+// a time straight from the input (padded column x is input column x - 1): per input row, d B
+// (columns 2 tx .. 2 tx + 3 from its even and odd columns), then B^T (d B) over the 4 rows. Each
+// row of tiles is written as whole vectors: the lanes past TW land in the next row's place
+// (written after) or in the slack after the block (ld >= nr TW + TWV kV).
+void winograd_input(const Winograd &g, const float *in, int64_t n0, int64_t r0, int64_t nr, int64_t ld, float *v) {
+  veci even, odd;
+  for (int l = 0; l < kV; ++l) {
+    even[l] = 2 * l;
+    odd[l] = 2 * l + 1;
+  }
+  // tiles kV q ..: padded columns 2 kV q .. as (A, B) from 2 kV q and (A2, B2) from 2 kV q + 2
+  std::vector<RowLoad> loads;
+  for (int64_t q = 0; q < g.TWV; ++q)
+    for (int64_t off : {-1, kV - 1, 1, kV + 1}) loads.emplace_back(2 * kV * q + off, g.W);
+  const int64_t xs = g.C * ld;
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t r = r0; r < r0 + nr; ++r) {
+      const int64_t ty = r % g.TH;
+      const float *plane = in + ((n0 + r / g.TH) * g.C + c) * g.H * g.W;
+      float *const vrow = v + c * ld + (r - r0) * g.TW;
+      for (int64_t q = 0; q < g.TWV; ++q) {
+        const RowLoad *ld4 = loads.data() + 4 * q;
+        vecf col[4][4];  // d B of the 4 input rows
+        for (int k = 0; k < 4; ++k) {
+          const int64_t h = 2 * ty - 1 + k;
+          if (h < 0 || h >= g.H) {
+            for (int l = 0; l < 4; ++l) col[k][l] = vecf{};
+            continue;
+          }
+          const float *row = plane + h * g.W;
+          const vecf a = ld4[0](row), b = ld4[1](row), a2 = ld4[2](row), b2 = ld4[3](row);
+          const vecf e0 = __builtin_shuffle(a, b, even), d0 = __builtin_shuffle(a, b, odd);
+          const vecf e1 = __builtin_shuffle(a2, b2, even), d1 = __builtin_shuffle(a2, b2, odd);
+          col[k][0] = e0 - e1;
+          col[k][1] = d0 + e1;
+          col[k][2] = e1 - d0;
+          col[k][3] = d0 - d1;
+        }
+        float *vq = vrow + q * kV;
+        for (int l = 0; l < 4; ++l) {  // B^T (d B): position xi = 4 k + l
+          storev(vq + l * xs, col[0][l] - col[2][l]);
+          storev(vq + (4 + l) * xs, col[1][l] + col[2][l]);
+          storev(vq + (8 + l) * xs, col[2][l] - col[1][l]);
+          storev(vq + (12 + l) * xs, col[1][l] - col[3][l]);
+        }
+      }
+    }
+}
+
+// M[o][t] = sum_c U[o][c] V[c][t] for OB output channels from packed u ([C][kWinoOB]) and the
+// kWinoCols tiles from v (rows of ld floats); m: rows of ld floats.
+template <int OB>
+inline void winograd_product(const float *u, const float *v, int64_t C, int64_t ld, float *m) {
+  vecf acc[OB][kWinoTV];
+  for (int i = 0; i < OB; ++i)
+    for (int j = 0; j < kWinoTV; ++j) acc[i][j] = vecf{};
+  for (int64_t c = 0; c < C; ++c, v += ld, u += kWinoOB) {
+    vecf x[kWinoTV];
+#pragma GCC unroll 4
+    for (int j = 0; j < kWinoTV; ++j) x[j] = loadv(v + j * kV);
+#pragma GCC unroll 8
+    for (int i = 0; i < OB; ++i) {
+      const vecf w = splat(u[i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < kWinoTV; ++j) acc[i][j] += w * x[j];
+    }
+  }
+  for (int i = 0; i < OB; ++i)
+    for (int j = 0; j < kWinoTV; ++j) storev(m + i * ld + j * kV, acc[i][j]);
+}
+
+template <int OB = kWinoOB>
+void winograd_product_n(int ob, const float *u, const float *v, int64_t C, int64_t ld, float *m) {
+  if constexpr (OB > 1) {
+    if (ob < OB) return winograd_product_n<OB - 1>(ob, u, v, C, ld, m);
+  }
+  winograd_product<OB>(u, v, C, ld, m);
+}
+
+// out [N, O, H, W] = the 3x3 "same" conv of in [N, C, H, W] with weights wsrc(o, c, t).
+template <class F>
+void winograd_conv(const Winograd &g, int64_t N, const float *in, F wsrc, float *out) {
+  const int64_t nob = (g.O + kWinoOB - 1) / kWinoOB;
+  // U[xi][o block][c][kWinoOB] = G g G^T, computed in float64; zero past O
+  std::vector<float> U(16 * nob * g.C * kWinoOB, 0.0f);
+  for (int64_t o = 0; o < g.O; ++o)
+    for (int64_t c = 0; c < g.C; ++c) {
+      double k[3][3], gk[4][3];
+      for (int t = 0; t < 9; ++t) k[t / 3][t % 3] = wsrc(o, c, t);
+      for (int col = 0; col < 3; ++col) {
+        gk[0][col] = k[0][col];
+        gk[1][col] = 0.5 * (k[0][col] + k[1][col] + k[2][col]);
+        gk[2][col] = 0.5 * (k[0][col] - k[1][col] + k[2][col]);
+        gk[3][col] = k[2][col];
+      }
+      for (int r = 0; r < 4; ++r) {
+        const double row[4] = {gk[r][0], 0.5 * (gk[r][0] + gk[r][1] + gk[r][2]), 0.5 * (gk[r][0] - gk[r][1] + gk[r][2]),
+                               gk[r][2]};
+        for (int q = 0; q < 4; ++q)
+          U[(((r * 4 + q) * nob + o / kWinoOB) * g.C + c) * kWinoOB + o % kWinoOB] = float(row[q]);
+      }
+    }
+  // Tile rows per block: V (16 C ld floats) and M (16 O ld floats) of a block stay in L2 (about
+  // 768 KB), and the block's tiles fill the register tiles' kWinoCols columns well.
+  const int64_t budget = std::max<int64_t>(kWinoCols, 12288 / (g.C + g.O));
+  int64_t rows_per_block = 1;
+  double best = 0.0;
+  for (int64_t rows = std::max<int64_t>(1, budget / g.TW); rows >= 1 && rows * 2 * g.TW >= budget; --rows) {
+    const int64_t nt = rows * g.TW;
+    const double fill = double(nt) / double((nt + kWinoCols - 1) / kWinoCols * kWinoCols);
+    if (fill > best + 1e-9) {
+      best = fill;
+      rows_per_block = rows;
+    }
+  }
+  const int64_t ld = (rows_per_block * g.TW + kWinoCols - 1) / kWinoCols * kWinoCols + g.TWV * kV;
+  Direct split(g.C, g.O, g.H, g.W, 3);  // images per group as for the direct kernels
+  over_groups(split, N, [&](int, int64_t lo, int64_t hi, int64_t nb_max) {
+    std::unique_ptr<float[]> v(new float[16 * g.C * ld]), m(new float[16 * g.O * ld + kWinoOB * ld]);
+    std::vector<int64_t> pos(ld);
+    std::vector<unsigned char> part(ld);
+    std::fill(v.get(), v.get() + 16 * g.C * ld, 0.0f);  // lanes past a block's tiles stay finite
+    for (int64_t n0 = lo; n0 < hi; n0 += nb_max) {
+      const int64_t nb = std::min(nb_max, hi - n0);
+      for (int64_t r0 = 0; r0 < nb * g.TH; r0 += rows_per_block) {
+        const int64_t nr = std::min(rows_per_block, nb * g.TH - r0), nt = nr * g.TW;
+        winograd_input(g, in, n0, r0, nr, ld, v.get());
+        for (int xi = 0; xi < 16; ++xi)
+          for (int64_t ob = 0; ob < nob; ++ob) {
+            const float *u = U.data() + (xi * nob + ob) * g.C * kWinoOB;
+            const int n = int(std::min<int64_t>(kWinoOB, g.O - ob * kWinoOB));
+            for (int64_t t0 = 0; t0 < nt; t0 += kWinoCols)
+              winograd_product_n(n, u, v.get() + xi * g.C * ld + t0, g.C, ld,
+                                 m.get() + (xi * g.O + ob * kWinoOB) * ld + t0);
+          }
+        // Y = A^T M A for kV tiles at a time, scattered to their 2x2 pixels
+        for (int64_t t = 0; t < nt; ++t) {  // where each tile's pixels go; bit 0: a right column, 1: a row below
+          const int64_t r = r0 + t / g.TW, ty = r % g.TH, tx = t % g.TW;
+          pos[t] = (n0 + r / g.TH) * g.O * g.H * g.W + 2 * ty * g.W + 2 * tx;
+          part[t] = (2 * tx + 1 < g.W ? 1 : 0) | (2 * ty + 1 < g.H ? 2 : 0);
+        }
+        const int64_t HW = g.H * g.W, xs = g.O * ld;
+        for (int64_t o = 0; o < g.O; ++o)
+          for (int64_t t0 = 0; t0 < nt; t0 += kV) {
+            const float *mo = m.get() + o * ld + t0;
+            vecf s0[4], s1[4];
+            for (int q = 0; q < 4; ++q) {
+              const vecf a0 = loadv(mo + q * xs), a1 = loadv(mo + (4 + q) * xs), a2 = loadv(mo + (8 + q) * xs),
+                         a3 = loadv(mo + (12 + q) * xs);
+              s0[q] = a0 + a1 + a2;
+              s1[q] = a1 - a2 - a3;
+            }
+            float y[4][kV];
+            storev(y[0], s0[0] + s0[1] + s0[2]);
+            storev(y[1], s0[1] - s0[2] - s0[3]);
+            storev(y[2], s1[0] + s1[1] + s1[2]);
+            storev(y[3], s1[1] - s1[2] - s1[3]);
+            const int64_t n = std::min<int64_t>(kV, nt - t0);
+            for (int64_t l = 0; l < n; ++l) {
+              float *p = out + pos[t0 + l] + o * HW;
+              p[0] = y[0][l];
+              if (part[t0 + l] == 3) {
+                p[1] = y[1][l];
+                p[g.W] = y[2][l];
+                p[g.W + 1] = y[3][l];
+              } else {
+                if (part[t0 + l] & 1) p[1] = y[1][l];
+                if (part[t0 + l] & 2) p[g.W] = y[2][l];
+              }
+            }
+          }
+      }
+    }
+  });
+}
+
+// Winograd for the 3x3 stride-1 convs of images at least this wide. Measured against the direct
+// kernels (python benchmarks/bench_convs.py --config configs/quick.yaml --batch 64, interleaved;
+// 2-core Intel Xeon VM): 1.3-1.4x as fast at 28x28 and 14x14 (32 and 64 channels), as fast for
+// 128 -> 32 channels at 14x14, 0.75-0.8x at 7x7 (16 tiles of 2x2 for 49 pixels, and rows of 4 tiles
+// in vectors of 16 lanes in the input transform).
+const int64_t kWinogradMinWidth = 12;
+
+// The stride-1 "same" conv of in with weights wsrc(o, c, t): Winograd or the direct tiles.
+template <class F>
+void same_conv(const Direct &d, int64_t N, const float *in, F wsrc, float *out) {
+  if (d.K == 3 && d.W >= kWinogradMinWidth)
+    winograd_conv(Winograd(d.C, d.O, d.H, d.W), N, in, wsrc, out);
+  else
+    direct_conv(d, N, in, pack_weights(d, wsrc), out);
+}
+
 void direct_forward(const float *x, const float *w, float *y, const Geo &g) {
   const Direct d(g.Ci, g.Co, g.H, g.W, g.K, g.S, g.P, g.Ho, g.Wo);
   const int64_t KK = d.KK;
-  direct_conv(d, g.N, x, pack_weights(d, [&](int64_t o, int64_t c, int64_t t) { return w[(o * g.Ci + c) * KK + t]; }), y);
+  auto wsrc = [&](int64_t o, int64_t c, int64_t t) { return w[(o * g.Ci + c) * KK + t]; };
+  if (g.S == 1)
+    same_conv(d, g.N, x, wsrc, y);
+  else
+    direct_conv(d, g.N, x, pack_weights(d, wsrc), y);
 }
 
 void direct_backward_input(const float *dy, const float *w, float *dx, const Geo &g) {
   const Direct d(g.Co, g.Ci, g.H, g.W, g.K);  // reads dy's Co channels, writes dx's Ci
   const int64_t KK = d.KK;
-  direct_conv(d, g.N, dy, pack_weights(d, [&](int64_t o, int64_t c, int64_t t) {
-    return w[(c * g.Ci + o) * KK + KK - 1 - t];
-  }), dx);
+  same_conv(d, g.N, dy, [&](int64_t o, int64_t c, int64_t t) { return w[(c * g.Ci + o) * KK + KK - 1 - t]; }, dx);
 }
 
 // The input gradient of a stride-2 conv (and so the forward pass of the transposed conv) as four
