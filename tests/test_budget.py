@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ddpm_ms.training.budget import TimeBudget, left_text
+from ddpm_ms.training.budget import SLOWDOWN, TimeBudget, left_text
 from idx_files import write_blob_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,10 +32,12 @@ def test_the_budget_fixes_the_steps_from_the_probe_and_counts_compilation():
     assert budget.observe(1) is None
     clock.now += 20 * 0.25  # 20 steps of 0.25 s
     total = budget.observe(21)
-    # 60 s - 20 s spent = 40 s left = 160 steps of 0.25 s after step 21
-    assert total == budget.total == 21 + 160
-    assert not budget.wants_sync(21) and budget.seconds_left(21) == pytest.approx(40.0)
-    assert "181 steps" in budget.describe() and left_text(75.4) == "1:15"
+    # 60 s - 20 s spent = 40 s left = 145 steps of 0.25 s planned at SLOWDOWN x 0.25 = 0.275 s after step 21
+    assert SLOWDOWN == pytest.approx(1.1)
+    assert total == budget.total == 21 + 145
+    assert not budget.wants_sync(21) and budget.seconds_left(21) == pytest.approx(145 * 0.275)
+    assert "250 ms per step" in budget.describe() and "planned at 275 -> 166 steps" in budget.describe()
+    assert left_text(75.4) == "1:15"
 
 
 def test_the_budget_stops_at_the_cap_and_never_before_the_steps_done():
