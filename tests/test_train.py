@@ -269,8 +269,10 @@ def test_gradient_accumulation_gives_the_update_of_one_batch():
             off = total = 0
             for key in ref:
                 # Adam's first steps move weights by ~lr * sign(g): a weight whose gradient is ~0 (summed in
-                # another order) may move differently; allow a few such weights, by a small amount
-                np.testing.assert_allclose(state[key], ref[key], rtol=1e-4, atol=0.02 * 0.003, err_msg=str(key))
+                # another order) may move differently; allow a few such weights (counted below), by at most a
+                # tenth of a step (measured: 0.023 lr for one of 2304 weights of a 3x3 conv with the Winograd
+                # convolutions, whose sums round differently from the direct kernels')
+                np.testing.assert_allclose(state[key], ref[key], rtol=1e-4, atol=0.1 * 0.003, err_msg=str(key))
                 off += (~np.isclose(state[key], ref[key], rtol=1e-4, atol=1e-5)).sum()
                 total += ref[key].size
             assert off <= 1e-3 * total, (off, total)
