@@ -543,22 +543,28 @@ struct RowLoad {
 #endif
 };
 
+// The row loads of winograd_input, 4 per vector q of tiles: padded columns 2 kV q .. as (A, B) from
+// 2 kV q and (A2, B2) from 2 kV q + 2 (input columns one less).
+std::vector<RowLoad> winograd_row_loads(const Winograd &g) {
+  std::vector<RowLoad> loads;
+  for (int64_t q = 0; q < g.TWV; ++q)
+    for (int64_t off : {-1, kV - 1, 1, kV + 1}) loads.emplace_back(2 * kV * q + off, g.W);
+  return loads;
+}
+
 // V[(xi * C + c) * ld + (r - r0) * TW + tx] for the tile rows r0 .. r0+nr-1 of the images from n0
 // of in [N, C, H, W] (tile row r: image n0 + r / TH, input rows 2 (r % TH) - 1 .. + 2), kV tiles at
 // a time straight from the input (padded column x is input column x - 1): per input row, d B
 // (columns 2 tx .. 2 tx + 3 from its even and odd columns), then B^T (d B) over the 4 rows. Each
 // row of tiles is written as whole vectors: the lanes past TW land in the next row's place
-// (written after) or in the slack after the block (ld >= nr TW + TWV kV).
-void winograd_input(const Winograd &g, const float *in, int64_t n0, int64_t r0, int64_t nr, int64_t ld, float *v) {
+// (written after) or in the slack after the block (ld >= nr TW + TWV kV). loads: winograd_row_loads(g).
+void winograd_input(const Winograd &g, const std::vector<RowLoad> &loads, const float *in, int64_t n0, int64_t r0,
+                    int64_t nr, int64_t ld, float *v) {
   veci even, odd;
   for (int l = 0; l < kV; ++l) {
     even[l] = 2 * l;
     odd[l] = 2 * l + 1;
   }
-  // tiles kV q ..: padded columns 2 kV q .. as (A, B) from 2 kV q and (A2, B2) from 2 kV q + 2
-  std::vector<RowLoad> loads;
-  for (int64_t q = 0; q < g.TWV; ++q)
-    for (int64_t off : {-1, kV - 1, 1, kV + 1}) loads.emplace_back(2 * kV * q + off, g.W);
   const int64_t xs = g.C * ld;
   for (int64_t c = 0; c < g.C; ++c)
     for (int64_t r = r0; r < r0 + nr; ++r) {
@@ -661,6 +667,7 @@ void winograd_conv(const Winograd &g, int64_t N, const float *in, F wsrc, float 
     }
   }
   const int64_t ld = (rows_per_block * g.TW + kWinoCols - 1) / kWinoCols * kWinoCols + g.TWV * kV;
+  const std::vector<RowLoad> loads = winograd_row_loads(g);
   Direct split(g.C, g.O, g.H, g.W, 3);  // images per group as for the direct kernels
   over_groups(split, N, [&](int, int64_t lo, int64_t hi, int64_t nb_max) {
     std::unique_ptr<float[]> v(new float[16 * g.C * ld]), m(new float[16 * g.O * ld + kWinoOB * ld]);
@@ -671,7 +678,7 @@ void winograd_conv(const Winograd &g, int64_t N, const float *in, F wsrc, float 
       const int64_t nb = std::min(nb_max, hi - n0);
       for (int64_t r0 = 0; r0 < nb * g.TH; r0 += rows_per_block) {
         const int64_t nr = std::min(rows_per_block, nb * g.TH - r0), nt = nr * g.TW;
-        winograd_input(g, in, n0, r0, nr, ld, v.get());
+        winograd_input(g, loads, in, n0, r0, nr, ld, v.get());
         for (int xi = 0; xi < 16; ++xi)
           for (int64_t ob = 0; ob < nob; ++ob) {
             const float *u = U.data() + (xi * nob + ob) * g.C * kWinoOB;
