@@ -9,6 +9,8 @@ the runs from slowing each other. A run without xdist is left as it is.
 
 import os
 
+import pytest
+
 
 def pytest_configure(config):
     workerinput = getattr(config, "workerinput", None)  # set in xdist workers only
@@ -37,3 +39,15 @@ def pytest_collection_modifyitems(config, items):
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order within a file, and of the other files, is kept
+
+
+@pytest.fixture(scope="module")
+def graph_mode_module():
+    """MindSpore's graph mode for a whole test module (``pytestmark = pytest.mark.usefixtures(...)``),
+    the previous mode restored after it."""
+    import ddpm_ms  # noqa: F401  (before mindspore: sets ONEDNN_MAX_CPU_ISA)
+    import mindspore as ms
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    yield
+    ms.set_context(mode=mode)

@@ -61,12 +61,7 @@ def needs_runtime(fmt):
         pytest.skip(ORT_MISSING)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=mode)
+pytestmark = pytest.mark.usefixtures("graph_mode_module")
 
 
 def save_random_checkpoint(path, cfg, seed):

@@ -52,12 +52,7 @@ TODAY = {"tutorial": (86, "0039d8c05d6261b2"), "ddpm": (144, "2e75b99c0990101a")
          "convnext": (108, "903c5b00bee2a81a")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=mode)
+pytestmark = pytest.mark.usefixtures("graph_mode_module")
 
 
 @pytest.fixture(scope="module")
