@@ -21,7 +21,7 @@ from ddpm_ms import data
 from ddpm_ms.command_line import add_device_args, run_cli
 from ddpm_ms.config import load_config, parse_overrides, save_config
 from ddpm_ms.utils.device import setup_device
-from ddpm_ms.training.budget import TimeBudget, left_text
+from ddpm_ms.training.budget import TimeBudget, left_text, probe_length
 from ddpm_ms.training.distributed import (
     check_same_resume_step,
     device_batch_size,
@@ -215,7 +215,8 @@ def _train(cfg, run, resume, overwrite, progress, eval_explicit):
 
     budget = None
     if cfg["train_minutes"] and not cfg["max_steps"]:
-        budget = TimeBudget(cfg["train_minutes"], trainer.step, trainer.total_steps)
+        budget = TimeBudget(cfg["train_minutes"], trainer.step, trainer.total_steps,
+                            probe_steps=probe_length(cfg["warmup_steps"]))
     elif cfg["train_minutes"] and not budget_steps and main_process:
         print(f"note: max_steps={cfg['max_steps']} is set, so train_minutes={cfg['train_minutes']:g} is not used "
               "(max_steps wins)", file=sys.stderr)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ddpm_ms.training.budget import SLOWDOWN, TimeBudget, left_text
+from ddpm_ms.training.budget import PROBE_STEPS, SLOWDOWN, TimeBudget, left_text, probe_length
 from idx_files import write_blob_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +40,18 @@ def test_the_budget_fixes_the_steps_from_the_probe_and_counts_compilation():
     assert left_text(75.4) == "1:15"
 
 
+def test_the_probe_is_half_the_warm_up_and_ends_inside_it():
+    """Longer probes average more of a shared machine's noise; they stay in the warm-up, whose rates
+    do not depend on the run's length (the decision comes after step 1 + probe)."""
+    assert PROBE_STEPS == 20 and probe_length(0) == probe_length(25) == 20  # short warm-ups: 20 steps
+    assert probe_length(50) == 25 and probe_length(200) == 100  # quick.yaml, fashion_mnist_20min.yaml
+    assert all(1 + probe_length(w) < w for w in range(42, 1000))
+    clock = FakeClock()
+    budget = TimeBudget(1.0, first_step=0, cap=10_000, probe_steps=probe_length(200), clock=clock)
+    budget.started()
+    assert [s for s in range(300) if budget.wants_sync(s)] == [1, 101]
+
+
 def test_the_budget_stops_at_the_cap_and_never_before_the_steps_done():
     clock = FakeClock()
     capped = TimeBudget(60.0, 0, cap=50, probe_steps=5, clock=clock)
@@ -68,7 +80,8 @@ def test_set_total_steps_rewrites_the_schedule_of_the_compiled_step():
     from ddpm_ms.training.trainer import Trainer
 
     setup_device("CPU", "graph", quiet=True)
-    common = ["image_size=8", "batch_size=2", "warmup_steps=2", "lr=0.01", "epochs=4"]
+    common = ["image_size=8", "batch_size=2", "warmup_steps=2", "lr=0.01", "epochs=4",
+              "dim_mults=[1]", "mid_attn=false"]
     fixed = Trainer(load_config(TINY, common + ["max_steps=20"]), "CPU", steps_per_epoch=10)
     budget = Trainer(load_config(TINY, common + ["max_steps=null", "train_minutes=1"]), "CPU", steps_per_epoch=10)
     assert budget.total_steps == 40 and budget.lrs[5] != fixed.lrs[5]
@@ -96,7 +109,9 @@ def run_train(out, data_dir, *extra, kill_at=None, resume=False):
         env["DDPM_MS_KILL_AT"] = kill_at
     cmd = [sys.executable, "-m", "ddpm_ms.train", "--config", TINY, "--output-dir", str(out), "--data-dir", data_dir,
            "--no-progress", "max_steps=null", "warmup_steps=25", "save_every_steps=1", "keep_checkpoints=2",
-           "log_every=1", "num_samples=2", "sample_steps=2", "gif_frames=2", "sample_every=0", *extra]
+           "log_every=1", "num_samples=2", "sample_steps=2", "gif_frames=2", "sample_every=0",
+           "dim_mults=[1]", "mid_attn=false",  # one level, no attention: compiles in about half the time (as the
+           *extra]                              # crash-resume tests; the budget does not depend on the network)
     return subprocess.run(cmd + (["--resume"] if resume else []), env=env, capture_output=True, text=True,
                           timeout=300)
 

@@ -2,8 +2,10 @@
 
 A budget run starts with a provisional length, the cap ``epochs * steps_per_epoch`` (the LR table
 and the progress bar are sized for it). The clock starts at the first step, so graph compilation
-is spent from the budget. After the first step (which compiles) the next ``PROBE_STEPS`` steps
-are timed between two host reads; then
+is spent from the budget. After the first step (which compiles) the next ``probe_length(warmup)``
+steps are timed between two host reads (half the warm-up, at least ``PROBE_STEPS``: a longer probe
+averages over more of a shared machine's ups and downs, and inside the warm-up it changes nothing
+else); then
 
     total = steps done + floor((budget - time spent) / (SLOWDOWN x seconds per probe step)),
 
@@ -18,15 +20,20 @@ measuring again, so a resumed run continues the same schedule exactly.
 What the budget does not count: sampling inside the run after the decision (``eval_every_steps``,
 per-epoch grids) and the final samples and GIF. The steps taken before the decision used the
 provisional schedule; with ``warmup_steps`` > ``PROBE_STEPS`` + 1 (both shipped budget configs)
-those are warm-up steps, whose rates do not depend on the length, so the run equals a
-``max_steps = total`` run bit for bit.
+the probe ends inside the warm-up, so those are warm-up steps, whose rates do not depend on the
+length, so the run equals a ``max_steps = total`` run bit for bit.
 """
 
 import math
 import time
 
-PROBE_STEPS = 20  # steps timed after the compiling first step
+PROBE_STEPS = 20  # the fewest steps timed after the compiling first step
 SLOWDOWN = 1.1  # a whole run's mean step time over the probe's (measured, see above)
+
+
+def probe_length(warmup_steps):
+    """Steps to time: half the warm-up (it ends inside it), at least PROBE_STEPS."""
+    return max(PROBE_STEPS, int(warmup_steps) // 2)
 
 
 class TimeBudget:
