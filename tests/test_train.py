@@ -81,15 +81,17 @@ def _state_np(tr):
 def test_float32_training_is_the_same_with_and_without_loss_scaling(objective):
     """Scaling by 2^16 and unscaling is exact in float32: skipping it (the float32 default)
     gives bit-identical losses, weights, EMA and Adam state; with it the scale halves on overflow
-    (for every prediction objective)."""
+    (for every prediction objective). On tiny.yaml's network with one level and no attention: exactness
+    does not depend on the layers, and it compiles in about half the time."""
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
-        cfg = load_config(TINY, ["lr=0.003", "batch_size=4", "ema_decay=0.9"] + OBJECTIVES.get(objective, []))
+        cfg = load_config(TINY, ["lr=0.003", "batch_size=4", "ema_decay=0.9", "dim_mults=[1]", "mid_attn=false"]
+                          + OBJECTIVES.get(objective, []))
         scaled, plain = (Trainer(cfg, "CPU", steps_per_epoch=10, scale_loss=s) for s in (True, False))
         assert scaled.scale_loss and not plain.scale_loss
-        # the default: scale only float16 compute
-        assert not Trainer(cfg, "CPU", steps_per_epoch=10).scale_loss
-        assert Trainer(load_config(TINY, ["dtype=float16"]), "CPU", steps_per_epoch=10).scale_loss
+        if objective == "eps":  # the default (whatever the objective): scale only float16 compute
+            assert not Trainer(cfg, "CPU", steps_per_epoch=10).scale_loss
+            assert Trainer(load_config(TINY, ["dtype=float16"]), "CPU", steps_per_epoch=10).scale_loss
         rng = np.random.default_rng(5)
         batches = [Tensor(rng.uniform(-1, 1, (4, 1, 28, 28)).astype(np.float32)) for _ in range(4)]
         assert [scaled.train_step(x) for x in batches] == [plain.train_step(x) for x in batches]
