@@ -10,6 +10,7 @@ import yaml
 
 from ddpm_ms.training.budget import PROBE_STEPS, SLOWDOWN, TimeBudget, left_text, probe_length
 from idx_files import write_blob_dataset
+from tiny_config import FLAT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
@@ -80,8 +81,7 @@ def test_set_total_steps_rewrites_the_schedule_of_the_compiled_step():
     from ddpm_ms.training.trainer import Trainer
 
     setup_device("CPU", "graph", quiet=True)
-    common = ["image_size=8", "batch_size=2", "warmup_steps=2", "lr=0.01", "epochs=4",
-              "dim_mults=[1]", "mid_attn=false"]
+    common = ["image_size=8", "batch_size=2", "warmup_steps=2", "lr=0.01", "epochs=4", *FLAT]
     fixed = Trainer(load_config(TINY, common + ["max_steps=20"]), "CPU", steps_per_epoch=10)
     budget = Trainer(load_config(TINY, common + ["max_steps=null", "train_minutes=1"]), "CPU", steps_per_epoch=10)
     assert budget.total_steps == 40 and budget.lrs[5] != fixed.lrs[5]
@@ -109,9 +109,7 @@ def run_train(out, data_dir, *extra, kill_at=None, resume=False):
         env["DDPM_MS_KILL_AT"] = kill_at
     cmd = [sys.executable, "-m", "ddpm_ms.train", "--config", TINY, "--output-dir", str(out), "--data-dir", data_dir,
            "--no-progress", "max_steps=null", "warmup_steps=25", "save_every_steps=1", "keep_checkpoints=2",
-           "log_every=1", "num_samples=2", "sample_steps=2", "gif_frames=2", "sample_every=0",
-           "dim_mults=[1]", "mid_attn=false",  # one level, no attention: compiles in about half the time (as the
-           *extra]                              # crash-resume tests; the budget does not depend on the network)
+           "log_every=1", "num_samples=2", "sample_steps=2", "gif_frames=2", "sample_every=0", *FLAT, *extra]
     return subprocess.run(cmd + (["--resume"] if resume else []), env=env, capture_output=True, text=True,
                           timeout=300)
 

@@ -10,14 +10,12 @@ import pytest
 from PIL import Image
 
 from idx_files import write_blob_dataset
+from tiny_config import FLAT  # the commands' outputs and errors do not depend on the network
 
 from ddpm_ms.utils.visualize import LABEL_HEIGHT, PANEL_GAP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
-# tiny.yaml's network with one level and no attention (no down- or up-sampling) for the trainings here: the
-# commands' outputs and errors do not depend on the network, and it compiles in about half the time
-FLAT = ["dim_mults=[1]", "mid_attn=false"]
 
 
 def run(args, **kw):

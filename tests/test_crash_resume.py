@@ -12,15 +12,13 @@ import pytest
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms.utils import fileio
 from idx_files import write_blob_dataset
+from tiny_config import FLAT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
-# tiny.yaml's network with one level and no attention (no down- or up-sampling): what is checked here (a resume
-# bit for bit, the files a kill or a failed write leaves) does not depend on the network, and this one compiles its
-# train step and sampling graph in about half the time, in each of the 16 training processes here
-# (tests/test_train.py resumes tiny.yaml's whole network bit for bit). The float16 test keeps tiny.yaml's network:
-# it checks that its loss scale never overflowed, which was measured on that network.
-FLAT = ["dim_mults=[1]", "mid_attn=false"]
+# The trainings here use FLAT (tiny.yaml on one level, in each of the 16 training processes; tests/test_train.py
+# resumes tiny.yaml's whole network bit for bit). The float16 test keeps tiny.yaml's network: it checks that its
+# loss scale never overflowed, which was measured on that network.
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from ddpm_ms.training.lr_schedule import learning_rates
 from ddpm_ms.train import train
 from ddpm_ms.training.trainer import Trainer, read_stats
 from idx_files import write_blob_dataset
+from tiny_config import FLAT
 
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
 # the other prediction objectives (eps is the default), each with min-SNR weighting; v also with zero terminal SNR
@@ -85,8 +86,7 @@ def test_float32_training_is_the_same_with_and_without_loss_scaling(objective):
     does not depend on the layers, and it compiles in about half the time."""
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
-        cfg = load_config(TINY, ["lr=0.003", "batch_size=4", "ema_decay=0.9", "dim_mults=[1]", "mid_attn=false"]
-                          + OBJECTIVES.get(objective, []))
+        cfg = load_config(TINY, ["lr=0.003", "batch_size=4", "ema_decay=0.9", *FLAT] + OBJECTIVES.get(objective, []))
         scaled, plain = (Trainer(cfg, "CPU", steps_per_epoch=10, scale_loss=s) for s in (True, False))
         assert scaled.scale_loss and not plain.scale_loss
         if objective == "eps":  # the default (whatever the objective): scale only float16 compute
