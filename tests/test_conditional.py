@@ -16,8 +16,8 @@ from ddpm_ms.diffusion.generation import class_labels, guided_eps_fn
 from ddpm_ms.train import train
 from ddpm_ms.training.step import drop_labels
 from idx_files import write_blob_dataset
+from tiny_config import FLAT, TINY
 
-TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
 NULL = 10
 
 
@@ -86,7 +86,7 @@ def test_conditional_training_run_and_guided_sampling(tmp_path, objective):
     # network, and this one compiles its train step and sampling graphs in about half the time
     cfg = load_config(TINY, [f"data_dir={data_dir}", f"output_dir={out}", "num_classes=10", "max_steps=3",
                              "label_dropout=0.5", "num_samples=10", "sample_steps=2", "gif_frames=2",
-                             "guidance=2.0", "dim_mults=[1]", "mid_attn=false"] + objective)
+                             "guidance=2.0"] + FLAT + objective)
     train(cfg, progress=False)
     path = ckpt.CheckpointManager(os.path.join(out, "checkpoints")).list()[-1]
     model, sched, cfg2 = load(path)[:3]

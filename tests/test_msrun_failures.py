@@ -13,10 +13,10 @@ import time
 import pytest
 
 from idx_files import write_blob_dataset
+from tiny_config import FLAT, TINY
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-TINY = os.path.join(HERE, "configs", "tiny.yaml")
 RUN_TRAIN = os.path.join(REPO, "run_train.sh")
 
 
@@ -111,8 +111,7 @@ def checkpoint_rank_zero_cannot_write(tmp_path):
 
     data_dir = write_blob_dataset(tmp_path / "data")
     return MsrunJob(["--config", TINY, "--device", "CPU", "--no-progress", "--output-dir", str(tmp_path / "run"),
-                     "--data-dir", data_dir, "max_steps=4", "save_every_steps=2",
-                     "dim_mults=[1]", "mid_attn=false"],  # tiny.yaml's network, one level: compiles in half the time
+                     "--data-dir", data_dir, "max_steps=4", "save_every_steps=2"] + FLAT,
                     tmp_path,
                     env={fileio.FAIL_ENV: "ckpt_step00000002.ckpt"})
 

@@ -14,9 +14,9 @@ import pytest
 from ddpm_ms.utils.errors import UserError
 from ddpm_ms.training.rundir import LOCK_NAME, RunDir, RunLock
 from idx_files import write_blob_dataset
+from tiny_config import FLAT, TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 
 
@@ -157,8 +157,7 @@ def test_two_trainings_on_one_directory(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "ddpm_ms.train", "--config", TINY, "--output-dir", str(out), "--data-dir", data_dir,
            "--no-progress", "max_steps=5", "save_every_steps=1", "keep_checkpoints=2", "num_samples=2",
-           "sample_steps=2", "gif_frames=2",
-           "dim_mults=[1]", "mid_attn=false"]  # tiny.yaml's network on one level, no attention: half the compile time
+           "sample_steps=2", "gif_frames=2"] + FLAT
     a = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 600

@@ -12,12 +12,12 @@ import pytest
 from cli_checks import one_line_error
 from ddpm_ms.utils import checkpoint as ckpt
 from idx_files import write_blob_dataset, write_fixed_classifier
+from tiny_config import FLAT, TINY
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 pytest.importorskip("tensorboardX")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
 EVAL_NUM = 257  # just above the classifier's 256 features
 # evaluations at 2, 4, 6, 8, checkpoints at 4 and 8 (one kept): a kill at step 7 leaves an evaluation (6) logged
 # after the newest checkpoint, which the resumed run must replace, not repeat
@@ -25,7 +25,7 @@ EVAL_NUM = 257  # just above the classifier's 256 features
 # best checkpoint do not depend on the network, and it compiles and samples in about half the time
 WATCHED = ["epochs=2", "max_steps=8", "save_every_steps=4", "keep_checkpoints=1", "eval_every_steps=2",
            f"eval_num={EVAL_NUM}", "log_tensorboard=true", "log_every=1", "num_samples=2", "sample_steps=2",
-           "gif_frames=2", "lr=0.003", "dim_mults=[1]", "mid_attn=false"]
+           "gif_frames=2", "lr=0.003"] + FLAT
 
 
 @pytest.fixture(scope="module")
