@@ -10,10 +10,9 @@ import yaml
 
 from ddpm_ms.training.budget import PROBE_STEPS, SLOWDOWN, TimeBudget, left_text, probe_length
 from idx_files import write_blob_dataset
-from tiny_config import FLAT
+from tiny_config import FLAT, TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
 
 
 class FakeClock:

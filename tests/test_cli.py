@@ -10,12 +10,11 @@ import pytest
 from PIL import Image
 
 from idx_files import write_blob_dataset
-from tiny_config import FLAT  # the commands' outputs and errors do not depend on the network
+from tiny_config import FLAT, TINY  # the commands' outputs and errors do not depend on the network
 
 from ddpm_ms.utils.visualize import LABEL_HEIGHT, PANEL_GAP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
 
 
 def run(args, **kw):

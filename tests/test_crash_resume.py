@@ -12,10 +12,9 @@ import pytest
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms.utils import fileio
 from idx_files import write_blob_dataset
-from tiny_config import FLAT
+from tiny_config import FLAT, TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
 # The trainings here use FLAT (tiny.yaml on one level, in each of the 16 training processes; tests/test_train.py
 # resumes tiny.yaml's whole network bit for bit). The float16 test keeps tiny.yaml's network: it checks that its
 # loss scale never overflowed, which was measured on that network.

@@ -26,6 +26,7 @@ from ddpm_ms.utils.errors import UserError
 from ddpm_ms.factory import create_model, create_schedule
 from ddpm_ms.diffusion.generation import generate
 from ddpm_ms.pipeline import load
+from tiny_config import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR10 = os.path.join(ROOT, "configs", "ddpm_cifar10.yaml")
@@ -297,7 +298,7 @@ def test_architecture_overrides_are_refused(tiny_diffusers_dir, tmp_path):
 
 
 def test_tutorial_checkpoints_do_not_go_to_diffusers(tmp_path):
-    cfg = load_config(os.path.join(ROOT, "tests", "configs", "tiny.yaml"))
+    cfg = load_config(TINY)
     path = str(tmp_path / "t.ckpt")
     ckpt.save(path, {"model": {}}, {"config": cfg, "step": 0})
     with pytest.raises(UserError, match="only arch: ddpm"):
@@ -319,7 +320,7 @@ def test_invalid_ddpm_arch_values_are_user_errors(values, message):
 
 def test_checkpoints_without_the_new_keys_still_match_their_config():
     """A checkpoint written before `arch` existed compares as the default (tutorial) architecture."""
-    cfg = load_config(os.path.join(ROOT, "tests", "configs", "tiny.yaml"))
+    cfg = load_config(TINY)
     old = {k: v for k, v in cfg.items() if k not in ("arch", "layers_per_block", "norm_eps", "freq_shift")}
     saved = {"config": saved_config({"config": old})}  # as the trainer and the loader read a checkpoint
     ckpt.check_compatible(saved, cfg, ("arch", "dim", "layers_per_block", "freq_shift"), "old.ckpt")

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from idx_files import write_blob_dataset, write_fixed_classifier
+from tiny_config import TINY
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "dist_worker.py")
-TINY = os.path.join(HERE, "configs", "tiny.yaml")
 LR = 0.003  # the learning rate dist_worker.py trains with
 
 pytestmark = pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun (MindSpore's launcher) not found")

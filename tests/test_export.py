@@ -32,9 +32,9 @@ from ddpm_ms.interop.onnx_forms import ExportGELU, erf
 from ddpm_ms.factory import create_model
 from ddpm_ms.diffusion.generation import generate, guided_eps_fn, make_eps_fn
 from ddpm_ms.pipeline import load
+from tiny_config import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
 BATCH = 4
 GUIDANCE = 2.5
 MODELS = {

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from idx_files import write_blob_dataset
+from tiny_config import TINY
 from mindspore import Tensor
 
 from ddpm_ms.utils import checkpoint as ckpt
@@ -24,7 +25,6 @@ from ddpm_ms.train import train
 from ddpm_ms.training.trainer import Trainer
 from ddpm_ms.models.tutorial_unet import SinusoidalPositionEmbeddings
 
-TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
 
 
 @pytest.fixture(autouse=True)

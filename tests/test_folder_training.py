@@ -12,9 +12,9 @@ from PIL import Image
 import ddpm_ms  # noqa: F401
 from ddpm_ms.config import load_config
 from ddpm_ms.data import check_config, dataset_spec
+from tiny_config import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
 CLASSES = ("blue", "red")
 
 try:

@@ -2,7 +2,6 @@
 
 import ddpm_ms  # noqa: F401
 
-import os
 
 import numpy as np
 import pytest
@@ -15,8 +14,8 @@ from ddpm_ms.training.ema import EMA
 from ddpm_ms.utils.errors import UserError
 from ddpm_ms.factory import create_model, create_schedule
 from ddpm_ms.training.step import STATS, LossAndGrads, TrainStep, Update
+from tiny_config import TINY
 
-TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
 LR = 0.5
 
 

@@ -608,11 +608,11 @@ def test_fast_kernels_argument_builds_a_builtin_model_with_the_same_outputs(arch
         pytest.skip("mode independent: the choice is made when the cells are built")
     from ddpm_ms.config import load_config
     from ddpm_ms.factory import create_model
-    tiny = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
+    from tiny_config import TINY
     over = {"block_type": "convnext", "act": "gelu", "attn_levels": [1], "num_classes": 2}
     if arch == "ddpm":
         over = {"arch": "ddpm", "layers_per_block": 1, "attn_levels": [1], "num_classes": 2, "norm_eps": 1e-6}
-    cfg = load_config(tiny, over)
+    cfg = load_config(TINY, over)
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")  # the argument, not the user's default, decides
     ms.set_seed(3)
     fast = create_model(cfg, fast_kernels=True)

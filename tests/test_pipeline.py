@@ -23,8 +23,8 @@ from ddpm_ms.training.trainer import Trainer
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms.utils.errors import UserError
 from ddpm_ms.utils.visualize import to_uint8
+from tiny_config import TINY
 
-TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
 
 try:
     from cli_checks import one_line_error

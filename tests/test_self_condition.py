@@ -11,7 +11,6 @@ import ddpm_ms  # noqa: F401  (before mindspore: sets ONEDNN_MAX_CPU_ISA)
 
 import hashlib
 import json
-import os
 
 import mindspore as ms
 import numpy as np
@@ -32,13 +31,13 @@ from ddpm_ms.training.step import LossAndGrads
 from ddpm_ms.training.trainer import Trainer, read_stats
 from ddpm_ms.utils import checkpoint as ckpt
 from ddpm_ms.utils.errors import UserError
+from tiny_config import TINY
 
 try:
     from cli_checks import one_line_error
 except ImportError:  # tests/ imported as a package
     from tests.cli_checks import one_line_error
 
-TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
 SIZE, BATCH = 8, 2
 BASE = [f"image_size={SIZE}", f"batch_size={BATCH}", "max_steps=100"]
 SC = BASE + ["self_condition=true", "prediction_type=v", "lr=0.003", "ema_decay=0.5", "ema_warmup=false"]

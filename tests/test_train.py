@@ -19,9 +19,8 @@ from ddpm_ms.training.lr_schedule import learning_rates
 from ddpm_ms.train import train
 from ddpm_ms.training.trainer import Trainer, read_stats
 from idx_files import write_blob_dataset
-from tiny_config import FLAT
+from tiny_config import FLAT, TINY
 
-TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
 # the other prediction objectives (eps is the default), each with min-SNR weighting; v also with zero terminal SNR
 OBJECTIVES = {"x0": ["prediction_type=x0", "loss_weighting=min_snr"],
               "v": ["prediction_type=v", "loss_weighting=min_snr", "zero_terminal_snr=true"]}
