@@ -951,19 +951,21 @@ void winograd_backward_filter(const float *dy, const float *x, float *dw, const 
   for (int64_t r = 0; r < C; ++r) roff[r] = r;
   const int64_t ablock = opad * rpad;  // accumulators per position xi, laid out as in direct_backward_filter
   std::vector<std::vector<float>> part(num_threads());
-  // images per group: the group's transformed tiles (16 nt (cpad + opad) floats) stay in L2 (about 1 MB)
+  // tiles per pass: their transforms (16 tq (cpad + opad) floats) stay in L2 (about 1 MB); images
+  // per group: as many as fill a pass (at least one, whose tiles then take several passes)
+  const int64_t budget = std::max<int64_t>(4 * kAcc, 16384 / (cpad + opad));
   const int64_t per_worker = (g.N + num_threads() - 1) / num_threads();
-  const int64_t nb_max = std::max<int64_t>(1, std::min(per_worker, 16384 / (cpad + opad) / tiles));
+  const int64_t nb_max = std::max<int64_t>(1, std::min(per_worker, budget / tiles));
+  const int64_t tq = std::min(nb_max * tiles, budget);
   Geo split{};
   split.N = g.N;
   over_chunks(split, nb_max, [&](int t, int64_t lo, int64_t hi) {
     std::vector<float> &acc = part[t];
     acc.assign(16 * ablock, 0.0f);
-    const int64_t nt_max = nb_max * tiles;
     std::vector<float> xh(nb_max * Hp * Wp * cpad), dh(nb_max * 4 * tiles * opad);
-    std::vector<float> V(16 * nt_max * cpad), U(16 * nt_max * opad);
-    std::vector<int64_t> pin(nt_max);
-    for (int64_t q = 0; q < nt_max; ++q) pin[q] = q * cpad;
+    std::vector<float> V(16 * tq * cpad), U(16 * tq * opad);
+    std::vector<int64_t> pin(tq);
+    for (int64_t q = 0; q < tq; ++q) pin[q] = q * cpad;
     for (int64_t n0 = lo; n0 < hi; n0 += nb_max) {
       const int64_t nb = std::min(nb_max, hi - n0), nt = nb * tiles;
       std::fill(xh.begin(), xh.end(), 0.0f);
@@ -972,54 +974,57 @@ void winograd_backward_filter(const float *dy, const float *x, float *dw, const 
         to_channel_vectors(x + (n0 + j) * C * H * W, C, H, W, Wp, cpad, xh.data() + ((j * Hp + 1) * Wp + 1) * cpad);
         to_channel_vectors(dy + (n0 + j) * O * H * W, O, H, W, 2 * TW, opad, dh.data() + j * 4 * tiles * opad);
       }
-      // V[xi][q][c] = B^T d B and U[xi][q][o] = G g G^T for tile q = (image j, row ty, column tx)
-      for (int64_t q = 0; q < nt; ++q) {
-        const int64_t j = q / tiles, ty = (q % tiles) / TW, tx = q % TW;
-        const float *d0 = xh.data() + ((j * Hp + 2 * ty) * Wp + 2 * tx) * cpad;
-        for (int64_t c = 0; c < cpad; c += kV) {
-          vecf e[4][4];  // B^T d over the rows, then (B^T d) B over the columns
-          for (int l = 0; l < 4; ++l) {
-            const float *p = d0 + l * cpad + c;
-            const vecf r0 = loadv(p), r1 = loadv(p + Wp * cpad), r2 = loadv(p + 2 * Wp * cpad), r3 = loadv(p + 3 * Wp * cpad);
-            e[0][l] = r0 - r2;
-            e[1][l] = r1 + r2;
-            e[2][l] = r2 - r1;
-            e[3][l] = r3 - r1;
+      for (int64_t q0 = 0; q0 < nt; q0 += tq) {
+        const int64_t nq = std::min(tq, nt - q0);
+        // V[xi][q][c] = B^T d B and U[xi][q][o] = G g G^T for tile q0 + q = (image j, row ty, column tx)
+        for (int64_t q = 0; q < nq; ++q) {
+          const int64_t j = (q0 + q) / tiles, ty = ((q0 + q) % tiles) / TW, tx = (q0 + q) % TW;
+          const float *d0 = xh.data() + ((j * Hp + 2 * ty) * Wp + 2 * tx) * cpad;
+          for (int64_t c = 0; c < cpad; c += kV) {
+            vecf e[4][4];  // B^T d over the rows, then (B^T d) B over the columns
+            for (int l = 0; l < 4; ++l) {
+              const float *p = d0 + l * cpad + c;
+              const vecf r0 = loadv(p), r1 = loadv(p + Wp * cpad), r2 = loadv(p + 2 * Wp * cpad), r3 = loadv(p + 3 * Wp * cpad);
+              e[0][l] = r0 - r2;
+              e[1][l] = r1 + r2;
+              e[2][l] = r2 - r1;
+              e[3][l] = r3 - r1;
+            }
+            for (int k = 0; k < 4; ++k) {
+              float *v = V.data() + ((4 * k) * tq + q) * cpad + c;
+              const int64_t xs = tq * cpad;
+              storev(v, e[k][0] - e[k][2]);
+              storev(v + xs, e[k][1] + e[k][2]);
+              storev(v + 2 * xs, e[k][2] - e[k][1]);
+              storev(v + 3 * xs, e[k][3] - e[k][1]);
+            }
           }
-          for (int k = 0; k < 4; ++k) {
-            float *v = V.data() + ((4 * k) * nt_max + q) * cpad + c;
-            const int64_t xs = nt_max * cpad;
-            storev(v, e[k][0] - e[k][2]);
-            storev(v + xs, e[k][1] + e[k][2]);
-            storev(v + 2 * xs, e[k][2] - e[k][1]);
-            storev(v + 3 * xs, e[k][3] - e[k][1]);
+          const float *g0 = dh.data() + ((j * 2 * TH + 2 * ty) * 2 * TW + 2 * tx) * opad;
+          const vecf half = splat(0.5f);
+          for (int64_t o = 0; o < opad; o += kV) {
+            const vecf a = loadv(g0 + o), b = loadv(g0 + opad + o), c2 = loadv(g0 + 2 * TW * opad + o),
+                       d2 = loadv(g0 + (2 * TW + 1) * opad + o);
+            const vecf rows[4][2] = {{a, b}, {(a + c2) * half, (b + d2) * half}, {(a - c2) * half, (b - d2) * half}, {c2, d2}};
+            const int64_t xs = tq * opad;
+            for (int k = 0; k < 4; ++k) {
+              float *u = U.data() + ((4 * k) * tq + q) * opad + o;
+              storev(u, rows[k][0]);
+              storev(u + xs, (rows[k][0] + rows[k][1]) * half);
+              storev(u + 2 * xs, (rows[k][0] - rows[k][1]) * half);
+              storev(u + 3 * xs, rows[k][1]);
+            }
           }
         }
-        const float *g0 = dh.data() + ((j * 2 * TH + 2 * ty) * 2 * TW + 2 * tx) * opad;
-        const vecf half = splat(0.5f);
-        for (int64_t o = 0; o < opad; o += kV) {
-          const vecf a = loadv(g0 + o), b = loadv(g0 + opad + o), c2 = loadv(g0 + 2 * TW * opad + o),
-                     d2 = loadv(g0 + (2 * TW + 1) * opad + o);
-          const vecf rows[4][2] = {{a, b}, {(a + c2) * half, (b + d2) * half}, {(a - c2) * half, (b - d2) * half}, {c2, d2}};
-          const int64_t xs = nt_max * opad;
-          for (int k = 0; k < 4; ++k) {
-            float *u = U.data() + ((4 * k) * nt_max + q) * opad + o;
-            storev(u, rows[k][0]);
-            storev(u + xs, (rows[k][0] + rows[k][1]) * half);
-            storev(u + 2 * xs, (rows[k][0] - rows[k][1]) * half);
-            storev(u + 3 * xs, rows[k][1]);
-          }
-        }
-      }
-      for (int xi = 0; xi < 16; ++xi) {
-        const float *u = U.data() + xi * nt_max * opad, *v = V.data() + xi * nt_max * cpad;
-        for (int64_t v0 = 0; v0 < nvec; v0 += kCV) {
-          float *a = acc.data() + xi * ablock + v0 * kV * rpad;
-          for (int64_t r0 = 0; r0 < rpad; r0 += R) {
-            if (nvec - v0 >= 2)
-              filter_tile<kCV, R>(u, opad, v0 * kV, v, pin.data(), nt, roff.data() + r0, a + r0 * kCV * kV);
-            else
-              filter_tile<1, R>(u, opad, v0 * kV, v, pin.data(), nt, roff.data() + r0, a + r0 * kV);
+        for (int xi = 0; xi < 16; ++xi) {
+          const float *u = U.data() + xi * tq * opad, *v = V.data() + xi * tq * cpad;
+          for (int64_t v0 = 0; v0 < nvec; v0 += kCV) {
+            float *a = acc.data() + xi * ablock + v0 * kV * rpad;
+            for (int64_t r0 = 0; r0 < rpad; r0 += R) {
+              if (nvec - v0 >= 2)
+                filter_tile<kCV, R>(u, opad, v0 * kV, v, pin.data(), nq, roff.data() + r0, a + r0 * kCV * kV);
+              else
+                filter_tile<1, R>(u, opad, v0 * kV, v, pin.data(), nq, roff.data() + r0, a + r0 * kV);
+            }
           }
         }
       }
