@@ -466,7 +466,8 @@ def _conv_transpose64(x, w, s, p):
     # the filter gradient of every K = 3 case with >= 8 channels on Winograd F(3x3, 2x2): odd sizes
     # (dy tiles half outside), channel counts that fill vectors and rows of 12 channels partly, and an
     # image whose 240 tiles take two passes (170 at a time for 48 + 48 padded channels)
-    ("same", (3, 40, 30, 32), 40, 3), ("same", (2, 12, 13, 14), 20, 3), ("same", (1, 16, 12, 19), 33, 3), ("same", (1, 9, 4, 34), 8, 3),
+    ("same", (3, 40, 30, 32), 40, 3),
+    ("same", (2, 12, 13, 14), 20, 3), ("same", (1, 16, 12, 19), 33, 3), ("same", (1, 9, 4, 34), 8, 3),
     ("down", (2, 3, 8, 6), 5, 4), ("down", (1, 4, 2, 4), 3, 4),
     # >= 8 channels: the strided forward and filter gradient on the direct kernels (K = 4 and 3)
     ("down", (2, 9, 14, 12), 12, 4), ("down", (3, 10, 6, 10), 17, 3),
