@@ -496,3 +496,24 @@ def test_real_fashion_mnist(tmp_path):
     test_images, test_labels = idx.load_arrays(got, "test")
     np.testing.assert_allclose(img[:, 0], test_images[:64] / 255.0 * 2 - 1, atol=1e-6)
     np.testing.assert_array_equal(lab, test_labels[:64])
+
+
+def test_orientation_script_measures_which_way_a_class_faces():
+    """scripts/orientation.py (the evidence for random_flip: false on Fashion-MNIST): a class drawn
+    only in its left half is 0% right-heavy with mirror asymmetry 1, its mirror 100% and 1, a
+    symmetric class 0% (equal halves are not right-heavy) and 0, an even mix of both 50% and 0."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "orientation.py")
+    spec = importlib.util.spec_from_file_location("orientation", path)
+    orientation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(orientation)
+    rng = np.random.default_rng(0)
+    left = np.zeros((8, 3, 6, 10), np.uint8)
+    left[:, :, :, :4] = rng.integers(1, 256, (8, 3, 6, 4))
+    mirrored = left[..., ::-1]
+    symmetric = np.zeros_like(left)
+    symmetric[:, :, :, 4:6] = 200
+    images = np.concatenate([left, mirrored, symmetric, left[:4], mirrored[:4]])
+    labels = np.repeat([0, 1, 2, 3, 3], [8, 8, 8, 4, 4])
+    rows = orientation.orientation(images, labels, 4)
+    np.testing.assert_allclose(rows, [(0.0, 1.0), (1.0, 1.0), (0.0, 0.0), (0.5, 0.0)], atol=1e-12)
