@@ -19,6 +19,7 @@ from ddpm_ms import data
 from ddpm_ms.data import idx, mnist
 from ddpm_ms.utils.errors import UserError
 from idx_files import idx_bytes, write_idx  # noqa: F401
+from script_modules import load_script
 
 N_TRAIN, N_TEST = 40, 16
 REAL_DIR = "/usr/share/datasets/fashion-mnist"
@@ -502,11 +503,7 @@ def test_orientation_script_measures_which_way_a_class_faces():
     """scripts/orientation.py (the evidence for random_flip: false on Fashion-MNIST): a class drawn
     only in its left half is 0% right-heavy with mirror asymmetry 1, its mirror 100% and 1, a
     symmetric class 0% (equal halves are not right-heavy) and 0, an even mix of both 50% and 0."""
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "orientation.py")
-    spec = importlib.util.spec_from_file_location("orientation", path)
-    orientation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(orientation)
+    orientation = load_script("orientation")
     rng = np.random.default_rng(0)
     left = np.zeros((8, 3, 6, 10), np.uint8)
     left[:, :, :, :4] = rng.integers(1, 256, (8, 3, 6, 4))

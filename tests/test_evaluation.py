@@ -16,6 +16,7 @@ from ddpm_ms.evaluation import metrics as E
 from ddpm_ms.command_line import run_cli
 from ddpm_ms.utils.errors import UserError
 from idx_files import write_blob_dataset
+from script_modules import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -365,13 +366,7 @@ def test_cli_needs_exactly_one_source(capsys):
 
 @pytest.fixture(scope="module")
 def qvs():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quality_vs_steps", os.path.join(ROOT, "scripts",
-                                                                                    "quality_vs_steps.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("quality_vs_steps")
 
 
 def test_quality_vs_steps_settings_table_and_plot(qvs, tmp_path):

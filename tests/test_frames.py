@@ -6,9 +6,7 @@ the picture forms as in a trained model's chain, late and suddenly with the line
 """
 
 import functools
-import importlib.util
 import inspect
-import os
 
 import ddpm_ms  # noqa: F401  (before mindspore: sets ONEDNN_MAX_CPU_ISA)
 import numpy as np
@@ -22,6 +20,7 @@ from ddpm_ms.diffusion.frames import (AUTO_STATES_PER_FRAME, FrameRecorder, auto
 from ddpm_ms.diffusion.generation import generate
 from ddpm_ms.diffusion.samplers import SAMPLERS, initial_noise, sample
 from ddpm_ms.utils.visualize import LABEL_HEIGHT, PANEL_GAP, frame_grid, make_grid, save_gif
+from script_modules import load_script
 
 N, H = 6, 12
 yy, xx = np.mgrid[:H, :H]
@@ -66,11 +65,7 @@ def still_noise_share(frames):
 
 def load_gif_pace():
     """scripts/gif_pace.py as a module (the script that measures a GIF file)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "gif_pace.py")
-    spec = importlib.util.spec_from_file_location("gif_pace", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gif_pace")
 
 
 @pytest.mark.parametrize("sampler,steps,T", [(s, n, 1000) for s in SAMPLERS for n in (1, 2, 10, 100)]
